@@ -1,0 +1,38 @@
+# Two entry points (README): `make run` (main job) and `make test` (whole suite).
+# Both create the project-local environment .venv/ first; everything is installed from
+# the package registry by pinned version, so a fresh machine needs nothing by hand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.14.1 is the CUDA 13.0 build: it runs on the CPU and lets nvcc compile the
+# CUDA kernels even on a machine without a GPU.
+REQUIREMENTS := torch==2.14.1 "triton~=3.8" numpy pytest hypothesis ninja ruff "setuptools>=64" wheel
+# nvcc lives here on our machines; torch would otherwise guess /usr/local and fail to link.
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: env build test run lint bench clean
+
+$(VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(REQUIREMENTS)
+	touch $@
+
+env: $(VENV)/.installed build
+
+# Builds elra_fused/_C in place (C++ always; CUDA when nvcc is found, unless
+# ELRA_SKIP_CUDA_BUILD=1). ninja makes rebuilds incremental.
+build: $(VENV)/.installed
+	$(PY) setup.py build_ext --inplace
+
+test: env
+	$(PY) -c "import elra_fused.ops as o; print('extension:', o.cpp_extension_status())"
+	$(PY) -m pytest -q python_tests
+
+run: env
+	$(PY) benchmarks/paper_2d.py --json benchmarks/results/paper_2d.json
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check elra_fused python_tests benchmarks setup.py
+
+clean:
+	rm -rf build elra_fused/*.so

@@ -1,0 +1,342 @@
+"""The ELRA control law: the scalar per-step logic of paper sections 3.1, 3.2 and 3.5.
+
+Everything here is a pure function over a packed float64 state vector and 0-d tensors,
+written with ``torch.where`` instead of Python branches on tensor values. It therefore
+runs on the parameters' device, never reads a value back to the host, and can be
+captured in a CUDA graph. This is the one implementation of the law: every backend
+(reference, triton, cpp) calls it between its ``dots`` and ``update`` passes.
+
+Notation (paper numbering): x_t parameters, G_t gradient, f_t loss, alpha_t step size,
+``Ga = ||G_{t-1}||^2``, ``S = <G_{t-1}, G_t>``.
+
+* first step:  x_1 = wd * x_0 - alpha_0 * G_0 ; f_0 remembered.
+* accept step (eq. 4):
+      alpha_t = alpha_{t-1} * min(Ga / (Ga - S) * kappa(alpha_{t-1}), gamma_max),
+      kappa(a) = 1 + k / (1 + a^2),
+  where ``Ga - S <= 0`` (the gradient did not turn: keep accelerating) uses gamma_max,
+  then optional warm-up floor alpha_t >= m / ||G_t|| (footnote 5), optional step
+  cropping alpha_t <= c / ||G_t|| (section 3.5), bounds [alpha_min, alpha_max];
+  x_{t+1} = wd * x_t - alpha_t * G_t.
+* retrace (section 3.2) when f_t or G_t is not finite, f_t > mean + 5 sigma of the last
+  closed control cycle, or (before the first cycle closes) f_t > f_0 + 0.1 |f_0|:
+      alpha_t = alpha_{t-1} * 1/2 * alpha_{t-1} Ga / (f_t - f_{t-1} + alpha_{t-1} Ga),
+  the minimiser of the parabola through f_{t-1} with slope -Ga and through f_t (the
+  paper prints ||G_{t-1}|| where the derivation needs Ga = ||G_{t-1}||^2). A non-finite
+  or non-positive result falls back to alpha_{t-1} / 100, and the result never exceeds
+  alpha_{t-1} / 2 (the paper's "at least by the factor 0.5").
+  x_{t+1} = x_t + (alpha_{t-1} - alpha_t) * G_{t-1}: back on the line of the previous
+  step, no extra weight decay. G_t is discarded; G_{t-1}, Ga and f_{t-1} stay.
+
+The ``f_0 + 0.1 |f_0|`` form of the initial rule equals the paper's ``1.1 f_0`` for a
+positive f_0 and stays a "10 % worse" test when f_0 is negative (e.g. the saddle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+
+# ---------------------------------------------------------------------------------------
+# Paper constants (defaults of the constructor arguments).
+# ---------------------------------------------------------------------------------------
+#: Initial step size alpha_0 (section 3.1: "We chose alpha_0 = 1e-3").
+ALPHA0 = 1e-3
+#: Gain k of the noise correction kappa(a) = 1 + k / (1 + a^2) (section 3.1).
+KAPPA_GAIN = 0.15
+#: Cap of the growth ratio alpha_t / alpha_{t-1} (section 3.1, footnote 4: "for neural
+#: networks gamma_max = 10 is probably sufficient").
+GAMMA_MAX = 10.0
+#: Hard bounds 1e-8 < alpha < 1e6 (section 3.1).
+ALPHA_MIN = 1e-8
+ALPHA_MAX = 1e6
+#: Step cropping constant c in alpha_t * ||G_t|| <= c (section 3.5, "we use c = 2").
+STEP_CROP = 2.0
+#: Warm-up floor m in alpha_t * ||G_t|| >= m (section 3.1, footnote 5).
+WARMUP_MIN_STEP = 0.1
+#: Retrace when f_t > mean + 5 sigma of the last control cycle (section 3.2).
+RETRACE_SIGMAS = 5.0
+#: Before the first cycle closes: retrace when f_t > 1.1 f_0 (section 3.2).
+INITIAL_RETRACE_FACTOR = 1.1
+#: A retrace reduces alpha at least by this factor (section 3.2).
+RETRACE_MAX_SHRINK = 0.5
+#: Fallback shrink when the parabola formula gives no usable step (issue spec: alpha/100).
+RETRACE_FALLBACK_SHRINK = 0.01
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Constants of the control law; every default is the paper's value.
+
+    ``step_crop`` and ``warmup_steps`` are off by default (the paper enables them per
+    problem); ``initial_retrace_factor=None`` drops the ``f_t > 1.1 f_0`` rule, as the
+    paper suggests for pre-trained starting points.
+    """
+
+    alpha0: float = ALPHA0
+    kappa_gain: float = KAPPA_GAIN
+    gamma_max: float = GAMMA_MAX
+    alpha_min: float = ALPHA_MIN
+    alpha_max: float = ALPHA_MAX
+    step_crop: float | None = None
+    warmup_steps: int = 0
+    warmup_min_step: float = WARMUP_MIN_STEP
+    retrace_sigmas: float = RETRACE_SIGMAS
+    initial_retrace_factor: float | None = INITIAL_RETRACE_FACTOR
+
+    def __post_init__(self) -> None:
+        positive = {
+            "alpha0": self.alpha0,
+            "gamma_max": self.gamma_max,
+            "alpha_min": self.alpha_min,
+            "alpha_max": self.alpha_max,
+            "warmup_min_step": self.warmup_min_step,
+            "retrace_sigmas": self.retrace_sigmas,
+        }
+        for name, value in positive.items():
+            if not (isinstance(value, (int, float)) and value > 0 and value != float("inf")):
+                raise ValueError(f"ELRA: {name} must be a finite positive number, got {value!r}")
+        if not self.alpha_min < self.alpha_max:
+            raise ValueError(
+                f"ELRA: need alpha_min < alpha_max, got {self.alpha_min} and {self.alpha_max}"
+            )
+        if not self.alpha_min <= self.alpha0 <= self.alpha_max:
+            raise ValueError(
+                f"ELRA: alpha0={self.alpha0} lies outside [alpha_min, alpha_max] = "
+                f"[{self.alpha_min}, {self.alpha_max}]"
+            )
+        if not (isinstance(self.kappa_gain, (int, float)) and self.kappa_gain >= 0):
+            raise ValueError(f"ELRA: kappa_gain must be >= 0, got {self.kappa_gain!r}")
+        if self.step_crop is not None and not self.step_crop > 0:
+            raise ValueError(f"ELRA: step_crop must be > 0 or None, got {self.step_crop!r}")
+        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise ValueError(f"ELRA: warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.initial_retrace_factor is not None and not self.initial_retrace_factor >= 1:
+            raise ValueError(
+                "ELRA: initial_retrace_factor must be >= 1 or None, "
+                f"got {self.initial_retrace_factor!r}"
+            )
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Packed control state: one float64 vector on the parameters' device. One tensor means
+# one in-place write per step (graph-capturable) and one entry in the state_dict.
+# ---------------------------------------------------------------------------------------
+ALPHA = 0  # alpha of the last step taken (alpha_{t-1} when step t starts)
+GRAD_PREV_SQ = 1  # Ga = ||G_{t-1}||^2
+LOSS_PREV = 2  # f_{t-1}
+LOSS_FIRST = 3  # f_0
+ACCEPTED = 4  # number of accepted steps (first step included)
+RETRACES = 5  # number of retraced (or skipped first) steps
+LAST_RETRACED = 6  # 1.0 if the last step() retraced
+CYCLE_COUNT = 7  # accepted losses seen in the current control cycle
+CYCLE_SUM = 8  # their sum
+CYCLE_SUMSQ = 9  # their sum of squares
+CYCLE_MEAN = 10  # mean of f over the last closed cycle
+CYCLE_STD = 11  # its standard deviation sigma
+CYCLE_CLOSED = 12  # 1.0 once a cycle with at least one loss has closed
+STATE_SIZE = 13
+
+
+def initial_state(config: ControlConfig, device: torch.device | str) -> torch.Tensor:
+    """Control state before the first step: alpha = alpha_0, everything else zero."""
+    state = torch.zeros(STATE_SIZE, dtype=torch.float64, device=device)
+    state[ALPHA] = config.alpha0
+    return state
+
+
+class Decision(NamedTuple):
+    """What the kernels need from one control step (0-d float64 tensors).
+
+    accept: 1.0 for an accepted step (x <- wd x - alpha G), 0.0 for a retrace or a
+        skipped first step (x <- x + back * G_{t-1}).
+    alpha: the new alpha_t (the step length of an accepted step).
+    back: alpha_{t-1} - alpha_t on a retrace, 0.0 otherwise.
+    """
+
+    accept: torch.Tensor
+    alpha: torch.Tensor
+    back: torch.Tensor
+
+
+def kappa(alpha: torch.Tensor, gain: float) -> torch.Tensor:
+    """kappa(a) = 1 + k / (1 + a^2), the paper's empirical noise correction (3.1)."""
+    return 1.0 + gain / (1.0 + alpha * alpha)
+
+
+def accept_alpha(
+    alpha_prev: torch.Tensor,
+    grad_prev_sq: torch.Tensor,
+    grad_dot_prev: torch.Tensor,
+    config: ControlConfig,
+) -> torch.Tensor:
+    """Eq. (4): alpha_t = alpha_{t-1} * min(Ga / (Ga - S) * kappa, gamma_max).
+
+    ``Ga - S <= 0`` means the gradient did not turn against the last step: the parabola
+    ansatz has no minimum ahead, so the growth is the cap. ``Ga == 0`` (the last gradient
+    was zero) carries no information about the landscape: alpha is kept.
+    """
+    denom = grad_prev_sq - grad_dot_prev
+    safe_denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    ratio = torch.where(
+        denom > 0, grad_prev_sq / safe_denom, torch.full_like(denom, config.gamma_max)
+    )
+    growth = torch.clamp(ratio * kappa(alpha_prev, config.kappa_gain), max=config.gamma_max)
+    growth = torch.where(grad_prev_sq > 0, growth, torch.ones_like(growth))
+    return alpha_prev * growth
+
+
+def limit_alpha(
+    alpha: torch.Tensor, grad_sq: torch.Tensor, step_index: torch.Tensor, config: ControlConfig
+) -> torch.Tensor:
+    """Warm-up floor, step cropping and the hard bounds, in that order.
+
+    The floor alpha >= m / ||G|| (footnote 5) holds while ``step_index < warmup_steps``;
+    cropping alpha <= c / ||G|| (section 3.5) is a safety bound and wins over the floor;
+    the bounds [alpha_min, alpha_max] (section 3.1) are final. A zero gradient gives no
+    floor and no crop (m/0 and c/0 would be infinite).
+    """
+    grad_norm = torch.sqrt(grad_sq)
+    has_norm = grad_norm > 0
+    safe_norm = torch.where(has_norm, grad_norm, torch.ones_like(grad_norm))
+    if config.warmup_steps > 0:
+        in_warmup = step_index < config.warmup_steps
+        floor = config.warmup_min_step / safe_norm
+        alpha = torch.where(in_warmup & has_norm, torch.maximum(alpha, floor), alpha)
+    if config.step_crop is not None:
+        crop = config.step_crop / safe_norm
+        alpha = torch.where(has_norm, torch.minimum(alpha, crop), alpha)
+    return torch.clamp(alpha, min=config.alpha_min, max=config.alpha_max)
+
+
+def retrace_alpha(
+    alpha_prev: torch.Tensor,
+    grad_prev_sq: torch.Tensor,
+    loss: torch.Tensor,
+    loss_prev: torch.Tensor,
+    config: ControlConfig,
+) -> torch.Tensor:
+    """Soft restart (3.2): minimiser of the parabola h(s) = f(x_{t-1} - s G_{t-1}).
+
+    h(0) = f_{t-1}, h'(0) = -Ga, h(alpha_{t-1}) = f_t give
+    s* = alpha_{t-1} * 0.5 * alpha_{t-1} Ga / (f_t - f_{t-1} + alpha_{t-1} Ga).
+    Non-finite or non-positive s* (f_t not finite, or a concave fit) falls back to
+    alpha_{t-1} / 100; s* is capped at alpha_{t-1} / 2 and floored at alpha_min.
+    """
+    linear_drop = alpha_prev * grad_prev_sq
+    denom = loss - loss_prev + linear_drop
+    candidate = alpha_prev * 0.5 * linear_drop / denom
+    usable = torch.isfinite(candidate) & (candidate > 0)
+    fallback = alpha_prev * RETRACE_FALLBACK_SHRINK
+    alpha = torch.where(usable, candidate, fallback)
+    alpha = torch.minimum(alpha, alpha_prev * RETRACE_MAX_SHRINK)
+    return torch.clamp(alpha, min=config.alpha_min, max=config.alpha_max)
+
+
+def needs_retrace(
+    state: torch.Tensor,
+    loss: torch.Tensor,
+    grad_sq: torch.Tensor,
+    grad_dot_prev: torch.Tensor,
+    config: ControlConfig,
+) -> torch.Tensor:
+    """Bool 0-d tensor: should step t retrace (section 3.2)?"""
+    not_finite = ~(torch.isfinite(loss) & torch.isfinite(grad_sq) & torch.isfinite(grad_dot_prev))
+    cycle_closed = state[CYCLE_CLOSED] > 0
+    threshold = state[CYCLE_MEAN] + config.retrace_sigmas * state[CYCLE_STD]
+    spike = cycle_closed & (loss > threshold)
+    if config.initial_retrace_factor is not None:
+        first = state[LOSS_FIRST]
+        initial_limit = first + (config.initial_retrace_factor - 1.0) * first.abs()
+        spike = spike | (~cycle_closed & (loss > initial_limit))
+    return not_finite | spike
+
+
+def control_step(
+    state: torch.Tensor,
+    loss: torch.Tensor,
+    grad_sq: torch.Tensor,
+    grad_dot_prev: torch.Tensor,
+    config: ControlConfig,
+) -> tuple[torch.Tensor, Decision]:
+    """One step of the law. Returns the new packed state and the kernels' decision.
+
+    Args:
+        state: packed float64 control state (see the index constants).
+        loss: f_t, 0-d float64 on the state's device.
+        grad_sq: <G_t, G_t>.
+        grad_dot_prev: <G_{t-1}, G_t> (ignored on the first step).
+    """
+    alpha_prev = state[ALPHA]
+    grad_prev_sq = state[GRAD_PREV_SQ]
+    loss_prev = state[LOSS_PREV]
+    has_prev = state[ACCEPTED] > 0
+    step_index = state[ACCEPTED] + state[RETRACES]
+    finite_now = torch.isfinite(loss) & torch.isfinite(grad_sq)
+
+    # First step: x_1 = wd x_0 - alpha_0 G_0; a non-finite start is skipped (no move).
+    first_alpha = limit_alpha(alpha_prev, grad_sq, step_index, config)
+
+    retrace = needs_retrace(state, loss, grad_sq, grad_dot_prev, config)
+    later_accept_alpha = limit_alpha(
+        accept_alpha(alpha_prev, grad_prev_sq, grad_dot_prev, config), grad_sq, step_index, config
+    )
+    later_retrace_alpha = retrace_alpha(alpha_prev, grad_prev_sq, loss, loss_prev, config)
+
+    accept = torch.where(has_prev, ~retrace, finite_now)
+    moved_back = has_prev & retrace
+    alpha_new = torch.where(
+        has_prev,
+        torch.where(retrace, later_retrace_alpha, later_accept_alpha),
+        torch.where(finite_now, first_alpha, alpha_prev),
+    )
+    back = torch.where(moved_back, alpha_prev - alpha_new, torch.zeros_like(alpha_new))
+
+    accept_f = accept.to(torch.float64)
+    reject_f = 1.0 - accept_f
+    first_accept = accept & ~has_prev
+    # Only finite, accepted losses enter the cycle statistics: a retraced spike is the
+    # outlier the statistics exist to detect.
+    safe_loss = torch.where(accept, loss, torch.zeros_like(loss))
+    new_state = torch.stack(
+        [
+            alpha_new,
+            torch.where(accept, grad_sq, grad_prev_sq),
+            torch.where(accept, loss, loss_prev),
+            torch.where(first_accept, loss, state[LOSS_FIRST]),
+            state[ACCEPTED] + accept_f,
+            state[RETRACES] + reject_f,
+            reject_f,
+            state[CYCLE_COUNT] + accept_f,
+            state[CYCLE_SUM] + safe_loss,
+            state[CYCLE_SUMSQ] + safe_loss * safe_loss,
+            state[CYCLE_MEAN],
+            state[CYCLE_STD],
+            state[CYCLE_CLOSED],
+        ]
+    )
+    return new_state, Decision(accept_f, alpha_new, back)
+
+
+def close_cycle(state: torch.Tensor) -> torch.Tensor:
+    """End a control cycle: its mean and sigma become the retrace reference (3.2, 3.3).
+
+    A cycle that saw no accepted loss leaves the previous statistics in place.
+    """
+    count = state[CYCLE_COUNT]
+    has_losses = count > 0
+    safe_count = torch.where(has_losses, count, torch.ones_like(count))
+    mean = state[CYCLE_SUM] / safe_count
+    variance = torch.clamp(state[CYCLE_SUMSQ] / safe_count - mean * mean, min=0.0)
+    new_state = state.clone()
+    new_state[CYCLE_MEAN] = torch.where(has_losses, mean, state[CYCLE_MEAN])
+    new_state[CYCLE_STD] = torch.where(has_losses, torch.sqrt(variance), state[CYCLE_STD])
+    new_state[CYCLE_CLOSED] = torch.where(has_losses, torch.ones_like(count), state[CYCLE_CLOSED])
+    new_state[CYCLE_COUNT] = 0.0
+    new_state[CYCLE_SUM] = 0.0
+    new_state[CYCLE_SUMSQ] = 0.0
+    return new_state

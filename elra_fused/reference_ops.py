@@ -1,0 +1,96 @@
+"""Plain-torch reference kernels: the oracle every fused backend is checked against.
+
+The optimizer's per-step work is two vector passes over the parameters (DESIGN.md,
+"Kernels"). These functions define those passes exactly, in float64 math, for one
+(flat or not) tensor at a time. Fused backends (``cpp``, ``triton``) implement the same
+four functions with the same arguments and must agree with these to dtype tolerance.
+
+Coefficient tensors are small float64 device tensors so that no Python float ever has
+to be read back from the device (the control law writes them, the kernels read them).
+
+``update`` coefficients, ``coeffs = [accept, decay, step, back]``:
+
+* standard mode (``grad_prev`` kept):
+    accept != 0:  x <- decay * x - step * grad ;  grad_prev <- grad
+    accept == 0:  x <- x + back * grad_prev     ;  grad_prev unchanged
+* recover mode (``x_prev`` kept instead of ``grad_prev``, paper section 3.6):
+    accept != 0:  x_prev <- x ;  x <- decay * x - step * grad
+    accept == 0:  x <- x + back * (decay * x_prev - x) ;  x_prev unchanged
+
+On a retrace (accept == 0) ``grad`` is never read, so a non-finite gradient cannot leak
+into the weights.
+
+``dots_recover`` coefficients, ``coeffs = [decay, inv_alpha_prev]``: the previous
+gradient is recovered per element as ``G_prev_i = (decay * x_prev_i - x_i) * inv_alpha_prev``
+(paper section 3.6) -- never as a difference of two large dot products, which cancels
+catastrophically in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Indices into the ``update`` coefficient vector.
+COEF_ACCEPT, COEF_DECAY, COEF_STEP, COEF_BACK = 0, 1, 2, 3
+UPDATE_COEFFS_LEN = 4
+#: Indices into the ``dots_recover`` coefficient vector.
+RCOEF_DECAY, RCOEF_INV_ALPHA_PREV = 0, 1
+RECOVER_COEFFS_LEN = 2
+
+
+def dots(grad: torch.Tensor, grad_prev: torch.Tensor) -> torch.Tensor:
+    """Return float64 ``[<G, G>, <G_prev, G>]`` computed in float64."""
+    g = grad.detach().reshape(-1).double()
+    gp = grad_prev.detach().reshape(-1).double()
+    return torch.stack([torch.dot(g, g), torch.dot(gp, g)])
+
+
+def dots_recover(
+    x_prev: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, coeffs: torch.Tensor
+) -> torch.Tensor:
+    """Return float64 ``[<G, G>, <G_prev, G>]`` with ``G_prev`` recovered from points.
+
+    ``G_prev_i = (coeffs[0] * x_prev_i - x_i) * coeffs[1]``.
+    """
+    c = coeffs.double()
+    g = grad.detach().reshape(-1).double()
+    gp = c[RCOEF_DECAY] * x_prev.detach().reshape(-1).double() - x.detach().reshape(-1).double()
+    gp = gp * c[RCOEF_INV_ALPHA_PREV]
+    return torch.stack([torch.dot(g, g), torch.dot(gp, g)])
+
+
+def update_(
+    x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
+) -> None:
+    """In place: accept step or retrace, standard mode (see module docstring)."""
+    c = coeffs.double()
+    accept = c[COEF_ACCEPT] != 0
+    xd = x.detach().double()
+    gd = grad.detach().double()
+    gpd = grad_prev.detach().double()
+    # torch.where keeps the unselected branch out of the result, so a NaN gradient on a
+    # retrace never reaches x; both branches are computed (no host sync to choose one).
+    new_x = torch.where(accept, c[COEF_DECAY] * xd - c[COEF_STEP] * gd, xd + c[COEF_BACK] * gpd)
+    new_gp = torch.where(accept, gd, gpd)
+    with torch.no_grad():
+        x.copy_(new_x)
+        grad_prev.copy_(new_gp)
+
+
+def update_recover_(
+    x: torch.Tensor, grad: torch.Tensor, x_prev: torch.Tensor, coeffs: torch.Tensor
+) -> None:
+    """In place: accept step or retrace, recover mode (see module docstring)."""
+    c = coeffs.double()
+    accept = c[COEF_ACCEPT] != 0
+    xd = x.detach().double()
+    gd = grad.detach().double()
+    xpd = x_prev.detach().double()
+    decay = c[COEF_DECAY]
+    new_x = torch.where(
+        accept, decay * xd - c[COEF_STEP] * gd, xd + c[COEF_BACK] * (decay * xpd - xd)
+    )
+    new_xp = torch.where(accept, xd, xpd)
+    with torch.no_grad():
+        x.copy_(new_x)
+        x_prev.copy_(new_xp)

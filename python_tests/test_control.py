@@ -1,0 +1,222 @@
+"""The control law against hand-computed values (paper sections 3.1, 3.2, 3.5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from elra_fused import control
+from elra_fused.control import ControlConfig
+
+F64 = torch.float64
+
+
+def t(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=F64)
+
+
+def running_state(
+    alpha: float = 0.5, grad_prev_sq: float = 4.0, loss_prev: float = 1.0, loss_first: float = 2.0
+) -> torch.Tensor:
+    """A state after some accepted steps: alpha_{t-1}, Ga, f_{t-1}, f_0."""
+    state = control.initial_state(ControlConfig(), "cpu")
+    state[control.ALPHA] = alpha
+    state[control.GRAD_PREV_SQ] = grad_prev_sq
+    state[control.LOSS_PREV] = loss_prev
+    state[control.LOSS_FIRST] = loss_first
+    state[control.ACCEPTED] = 3
+    return state
+
+
+def step(state, loss, grad_sq, dot, **config):
+    return control.control_step(state, t(loss), t(grad_sq), t(dot), ControlConfig(**config))
+
+
+def test_kappa_matches_paper_formula() -> None:
+    for a in (0.0, 0.3, 1.0, 7.0):
+        assert control.kappa(t(a), 0.15).item() == pytest.approx(1 + 0.15 / (1 + a * a))
+
+
+def test_accept_alpha_hand_computed() -> None:
+    # alpha = 0.5 * Ga / (Ga - S) * kappa(0.5) = 0.5 * 4/3 * (1 + 0.15/1.25)
+    new_state, decision = step(running_state(), loss=0.9, grad_sq=9.0, dot=1.0)
+    expected = 0.5 * 4.0 / 3.0 * (1 + 0.15 / 1.25)
+    assert decision.accept.item() == 1.0
+    assert decision.alpha.item() == pytest.approx(expected, rel=1e-15)
+    assert decision.back.item() == 0.0
+    assert new_state[control.ALPHA].item() == pytest.approx(expected, rel=1e-15)
+    # G_t becomes G_{t-1}: Ga <- <G_t, G_t>, f_{t-1} <- f_t.
+    assert new_state[control.GRAD_PREV_SQ].item() == 9.0
+    assert new_state[control.LOSS_PREV].item() == 0.9
+    assert new_state[control.ACCEPTED].item() == 4
+    assert new_state[control.LAST_RETRACED].item() == 0.0
+
+
+def test_negative_dot_shrinks_alpha() -> None:
+    # Zig-zag (S < 0) must decelerate: ratio 4 / (4 + 4) = 0.5, no kappa.
+    _, decision = step(running_state(), loss=0.9, grad_sq=4.0, dot=-4.0, kappa_gain=0.0)
+    assert decision.alpha.item() == pytest.approx(0.25, rel=1e-15)
+
+
+def test_growth_is_capped_by_gamma_max() -> None:
+    # Ga / (Ga - S) = 4 / 0.1 = 40 > gamma_max = 10.
+    _, decision = step(running_state(), loss=0.9, grad_sq=4.0, dot=3.9)
+    assert decision.alpha.item() == pytest.approx(0.5 * 10.0)
+    # S >= Ga: the parabola has no minimum ahead, keep accelerating at the cap.
+    _, decision = step(running_state(), loss=0.9, grad_sq=4.0, dot=5.0, gamma_max=3.0)
+    assert decision.alpha.item() == pytest.approx(0.5 * 3.0)
+
+
+def test_alpha_bounds() -> None:
+    _, decision = step(running_state(alpha=1e-8), loss=0.9, grad_sq=4.0, dot=-1e6)
+    assert decision.alpha.item() == pytest.approx(1e-8)
+    _, decision = step(running_state(alpha=9e5), loss=0.9, grad_sq=4.0, dot=5.0)
+    assert decision.alpha.item() == pytest.approx(1e6)
+
+
+def test_step_crop_and_warmup_floor() -> None:
+    # ||G|| = 10: cropping alpha <= 2/10 = 0.2.
+    _, decision = step(running_state(), loss=0.9, grad_sq=100.0, dot=1.0, step_crop=2.0)
+    assert decision.alpha.item() == pytest.approx(0.2)
+    # floor alpha >= 0.1/||G|| = 0.1 with ||G|| = 1 while in warm-up.
+    small = running_state(alpha=1e-4)
+    _, decision = step(small, loss=0.9, grad_sq=1.0, dot=0.0, kappa_gain=0.0, warmup_steps=10)
+    assert decision.alpha.item() == pytest.approx(0.1)
+    # after the warm-up (step index 3 >= 2) no floor.
+    _, decision = step(small, loss=0.9, grad_sq=1.0, dot=0.0, kappa_gain=0.0, warmup_steps=2)
+    assert decision.alpha.item() == pytest.approx(1e-4)
+
+
+def test_retrace_alpha_hand_computed() -> None:
+    # alpha = 0.5 * 0.5 * (0.5 * 4) / (3 - 1 + 0.5 * 4) = 0.125
+    new_state, decision = step(running_state(), loss=3.0, grad_sq=9.0, dot=1.0)
+    assert decision.accept.item() == 0.0
+    assert decision.alpha.item() == pytest.approx(0.125, rel=1e-15)
+    assert decision.back.item() == pytest.approx(0.5 - 0.125, rel=1e-15)
+    # G_{t-1}, Ga and f_{t-1} stay; the retrace is counted.
+    assert new_state[control.GRAD_PREV_SQ].item() == 4.0
+    assert new_state[control.LOSS_PREV].item() == 1.0
+    assert new_state[control.ACCEPTED].item() == 3
+    assert new_state[control.RETRACES].item() == 1
+    assert new_state[control.LAST_RETRACED].item() == 1.0
+
+
+def test_retrace_shrinks_at_least_by_half() -> None:
+    # A NaN gradient with a lower loss: the parabola gives 0.5*0.5*2/1.5 = 1/3 > 0.25.
+    _, decision = step(running_state(), loss=0.5, grad_sq=math.nan, dot=math.nan)
+    assert decision.accept.item() == 0.0
+    assert decision.alpha.item() == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("loss", [math.nan, math.inf])
+def test_retrace_with_non_finite_loss_falls_back_to_alpha_over_100(loss: float) -> None:
+    _, decision = step(running_state(), loss=loss, grad_sq=9.0, dot=1.0)
+    assert decision.accept.item() == 0.0
+    assert decision.alpha.item() == pytest.approx(0.005)
+    assert math.isfinite(decision.back.item())
+
+
+@pytest.mark.parametrize(
+    ("grad_sq", "dot"), [(math.nan, 1.0), (math.inf, 1.0), (9.0, math.nan), (9.0, -math.inf)]
+)
+def test_non_finite_gradient_triggers_retrace(grad_sq: float, dot: float) -> None:
+    _, decision = step(running_state(), loss=0.9, grad_sq=grad_sq, dot=dot)
+    assert decision.accept.item() == 0.0
+
+
+def test_initial_rule_uses_f0() -> None:
+    # f_0 = 2: f_t = 2.19 < 2.2 accepted, 2.21 > 2.2 retraced.
+    _, decision = step(running_state(), loss=2.19, grad_sq=9.0, dot=1.0)
+    assert decision.accept.item() == 1.0
+    _, decision = step(running_state(), loss=2.21, grad_sq=9.0, dot=1.0)
+    assert decision.accept.item() == 0.0
+    _, decision = step(
+        running_state(), loss=2.21, grad_sq=9.0, dot=1.0, initial_retrace_factor=None
+    )
+    assert decision.accept.item() == 1.0
+    # A negative f_0 (e.g. the saddle) still means "10 % worse": -2 -> -1.8.
+    negative = running_state(loss_first=-2.0)
+    assert step(negative, loss=-1.81, grad_sq=9.0, dot=1.0)[1].accept.item() == 1.0
+    assert step(negative, loss=-1.79, grad_sq=9.0, dot=1.0)[1].accept.item() == 0.0
+
+
+def test_cycle_statistics_and_five_sigma_rule() -> None:
+    state = running_state(loss_first=0.1)
+    losses = [1.0, 2.0, 3.0, 4.0]
+    for loss in losses:
+        state, decision = step(state, loss=loss, grad_sq=4.0, dot=0.0, initial_retrace_factor=None)
+        assert decision.accept.item() == 1.0
+    state = control.close_cycle(state)
+    mean = sum(losses) / 4
+    sigma = math.sqrt(sum((v - mean) ** 2 for v in losses) / 4)
+    assert state[control.CYCLE_MEAN].item() == pytest.approx(mean)
+    assert state[control.CYCLE_STD].item() == pytest.approx(sigma)
+    assert state[control.CYCLE_CLOSED].item() == 1.0
+    assert state[control.CYCLE_COUNT].item() == 0.0
+    limit = mean + 5 * sigma
+    # Once a cycle closed, the initial f_0 rule (0.1 * 1.1 here) no longer applies.
+    assert step(state, loss=limit - 1e-9, grad_sq=4.0, dot=0.0)[1].accept.item() == 1.0
+    assert step(state, loss=limit + 1e-9, grad_sq=4.0, dot=0.0)[1].accept.item() == 0.0
+
+
+def test_retraced_losses_stay_out_of_cycle_statistics() -> None:
+    state, _ = step(running_state(), loss=1.0, grad_sq=4.0, dot=0.0)
+    state, decision = step(state, loss=50.0, grad_sq=4.0, dot=0.0)
+    assert decision.accept.item() == 0.0
+    assert state[control.CYCLE_COUNT].item() == 1.0
+    assert state[control.CYCLE_SUM].item() == 1.0
+
+
+def test_empty_cycle_keeps_previous_statistics() -> None:
+    state = running_state()
+    state[control.CYCLE_MEAN] = 3.0
+    state[control.CYCLE_STD] = 0.5
+    state[control.CYCLE_CLOSED] = 1.0
+    closed = control.close_cycle(state)
+    assert closed[control.CYCLE_MEAN].item() == 3.0
+    assert closed[control.CYCLE_STD].item() == 0.5
+
+
+def test_first_step_accepts_with_alpha0_and_remembers_f0() -> None:
+    state = control.initial_state(ControlConfig(alpha0=0.01), "cpu")
+    new_state, decision = control.control_step(state, t(5.0), t(4.0), t(123.0), ControlConfig())
+    assert decision.accept.item() == 1.0
+    assert decision.alpha.item() == 0.01
+    assert new_state[control.LOSS_FIRST].item() == 5.0
+    assert new_state[control.GRAD_PREV_SQ].item() == 4.0
+
+
+def test_first_step_with_nan_is_skipped_without_moving() -> None:
+    state = control.initial_state(ControlConfig(), "cpu")
+    new_state, decision = control.control_step(state, t(math.nan), t(4.0), t(0.0), ControlConfig())
+    assert decision.accept.item() == 0.0
+    assert decision.back.item() == 0.0
+    assert new_state[control.ACCEPTED].item() == 0
+    assert new_state[control.RETRACES].item() == 1
+    assert new_state[control.ALPHA].item() == ControlConfig().alpha0
+
+
+def test_zero_previous_gradient_keeps_alpha() -> None:
+    _, decision = step(running_state(grad_prev_sq=0.0), loss=0.9, grad_sq=4.0, dot=0.0)
+    assert decision.alpha.item() == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"alpha0": 0.0},
+        {"alpha0": -1.0},
+        {"gamma_max": 0.0},
+        {"alpha_min": 1.0, "alpha_max": 0.5},
+        {"kappa_gain": -0.1},
+        {"step_crop": 0.0},
+        {"warmup_steps": -1},
+        {"initial_retrace_factor": 0.9},
+        {"alpha0": float("nan")},
+    ],
+)
+def test_bad_config_raises(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="ELRA"):
+        ControlConfig(**kwargs)

@@ -1,0 +1,303 @@
+"""The reference ELRA optimizer: the algorithm end to end, user API and bad input."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from elra_fused import ELRA
+
+F64 = torch.float64
+
+
+def quartic(x: torch.Tensor) -> torch.Tensor:
+    """A non-quadratic, rotation-covariant test landscape: f(x) = sum c_i x_i^2 + |x|^4 / 4."""
+    weights = torch.arange(1, x.numel() + 1, dtype=x.dtype)
+    return (weights * x * x).sum() + 0.25 * (x * x).sum() ** 2
+
+
+def run(param: torch.nn.Parameter, objective, opt: ELRA, steps: int) -> list[torch.Tensor]:
+    iterates = [param.detach().clone()]
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = objective(param)
+        loss.backward()
+        opt.step(loss)
+        iterates.append(param.detach().clone())
+    return iterates
+
+
+def mlp_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    data = torch.randn(64, 6)
+    target = data[:, :1] * 2 - data[:, 1:2]
+    return model, data, target
+
+
+def mlp_step(model, data, target, opt: ELRA) -> torch.Tensor:
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(data), target)
+    loss.backward()
+    opt.step(loss)
+    return loss.detach()
+
+
+def test_second_step_lands_on_line_minimum_of_a_parabola() -> None:
+    # f = c |x|^2: the gradient line through x_1 is a parabola with its minimum at 0.
+    c = 3.5
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=F64))
+    opt = ELRA([param], alpha0=1e-3, kappa_gain=0.0, gamma_max=1e6)
+    iterates = run(param, lambda x: c * (x * x).sum(), opt, 2)
+    assert torch.linalg.vector_norm(iterates[1]) > 0.9
+    assert torch.linalg.vector_norm(iterates[2]) < 1e-12
+    assert opt.alpha == pytest.approx(1 / (2 * c), rel=1e-12)
+
+
+def test_accept_step_is_wd_x_minus_alpha_g() -> None:
+    param = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=F64))
+    opt = ELRA([param], alpha0=0.1, wd=0.9)
+    loss = (param * param).sum()
+    loss.backward()
+    opt.step(loss)
+    # x_1 = 0.9 x_0 - 0.1 * 2 x_0 = 0.7 x_0
+    torch.testing.assert_close(param.detach(), torch.tensor([0.7, 1.4], dtype=F64))
+
+
+def test_rotation_invariance() -> None:
+    torch.manual_seed(1)
+    dim = 5
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=F64))
+    x0 = torch.randn(dim, dtype=F64) * 2
+    plain = torch.nn.Parameter(x0.clone())
+    rotated = torch.nn.Parameter(q.T @ x0)
+    opt_plain = ELRA([plain])
+    opt_rotated = ELRA([rotated])
+    steps = 60
+    plain_iterates = run(plain, quartic, opt_plain, steps)
+    rotated_iterates = run(rotated, lambda y: quartic(q @ y), opt_rotated, steps)
+    assert opt_plain.retrace_count == opt_rotated.retrace_count
+    for x, y in zip(plain_iterates, rotated_iterates, strict=True):
+        torch.testing.assert_close(y, q.T @ x, rtol=0, atol=1e-10)
+
+
+def test_retrace_returns_to_the_previous_line() -> None:
+    param = torch.nn.Parameter(torch.tensor([1.0, -1.0, 2.0], dtype=F64))
+    opt = ELRA([param], alpha0=0.05)
+    objective = quartic
+    run(param, objective, opt, 3)
+    # Step t-1 (accepted): remember x_{t-1} and G_{t-1}.
+    opt.zero_grad()
+    loss = objective(param)
+    loss.backward()
+    x_prev = param.detach().clone()
+    grad_prev = param.grad.detach().clone()
+    opt.step(loss)
+    assert not opt.last_step_retraced
+    # Step t: a loss spike forces a retrace.
+    opt.zero_grad()
+    objective(param).backward()
+    opt.step(torch.tensor(1e9, dtype=F64))
+    assert opt.last_step_retraced
+    s = opt.alpha
+    torch.testing.assert_close(param.detach(), x_prev - s * grad_prev, rtol=0, atol=1e-12)
+
+
+def test_nan_gradient_retraces_and_keeps_weights_finite() -> None:
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters())
+    for _ in range(5):
+        mlp_step(model, data, target, opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(data), target)
+    loss.backward()
+    model[0].weight.grad[0, 0] = math.nan
+    opt.step(loss)
+    assert opt.last_step_retraced
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.isfinite(p).all()
+        assert not torch.equal(p, b) or p.grad is None  # moved back along G_{t-1}
+
+
+def test_zero_gradient_changes_nothing() -> None:
+    param = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    opt = ELRA([param])
+    for _ in range(3):
+        param.grad = torch.zeros_like(param)
+        opt.step(torch.tensor(1.0))
+    assert torch.equal(param.detach(), torch.tensor([1.0, 2.0, 3.0]))
+    assert math.isfinite(opt.alpha)
+    assert opt.retrace_count == 0
+
+
+def test_params_without_grad_are_skipped() -> None:
+    model, data, target = mlp_setup()
+    unused = torch.nn.Parameter(torch.ones(3))
+    frozen = torch.nn.Parameter(torch.full((2,), 5.0), requires_grad=False)
+    opt = ELRA([*model.parameters(), unused, frozen], wd=0.5)
+    for _ in range(4):
+        mlp_step(model, data, target, opt)
+    assert torch.equal(unused.detach(), torch.ones(3))
+    assert torch.equal(frozen.detach(), torch.full((2,), 5.0))
+
+
+def test_param_groups_have_their_own_wd() -> None:
+    a = torch.nn.Parameter(torch.tensor([1.0], dtype=F64))
+    b = torch.nn.Parameter(torch.tensor([1.0], dtype=F64))
+    opt = ELRA([{"params": [a], "wd": 0.5}, {"params": [b]}], alpha0=0.1)
+    a.grad = torch.zeros_like(a)
+    b.grad = torch.zeros_like(b)
+    opt.step(torch.tensor(1.0))
+    assert a.item() == 0.5
+    assert b.item() == 1.0
+
+
+def test_closure_and_float_loss() -> None:
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(data), target)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    assert isinstance(first, torch.Tensor)
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(data), target)
+    loss.backward()
+    value = float(loss.detach())
+    assert opt.step(value) == value
+
+
+def test_learns_a_small_regression() -> None:
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters(), cycle_steps=20)
+    losses = [mlp_step(model, data, target, opt).item() for _ in range(200)]
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_state_dict_round_trip_continues_bit_identically() -> None:
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters(), wd=0.999, cycle_steps=7)
+    for _ in range(10):
+        mlp_step(model, data, target, opt)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+
+    reference_losses = [mlp_step(model, data, target, opt) for _ in range(15)]
+    reference_params = [p.detach().clone() for p in model.parameters()]
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2, _, _ = mlp_setup(seed=123)
+    model2.load_state_dict(saved["model"])
+    opt2 = ELRA(model2.parameters(), wd=0.999, cycle_steps=7)
+    opt2.load_state_dict(saved["opt"])
+    losses = [mlp_step(model2, data, target, opt2) for _ in range(15)]
+    for a, b in zip(losses, reference_losses, strict=True):
+        assert torch.equal(a, b)
+    for p, r in zip(model2.parameters(), reference_params, strict=True):
+        assert torch.equal(p.detach(), r)
+    assert opt2.alpha == opt.alpha
+    assert opt2.retrace_count == opt.retrace_count
+
+
+def test_load_state_dict_of_another_optimizer_fails_clearly() -> None:
+    model, _, _ = mlp_setup()
+    adam = torch.optim.Adam(model.parameters())
+    opt = ELRA(model.parameters())
+    with pytest.raises(ValueError, match="no ELRA control state"):
+        opt.load_state_dict(adam.state_dict())
+
+
+def test_step_makes_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters(), cycle_steps=3)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(data), target)
+        loss.backward()
+        losses.append(loss)
+        opt.step(loss)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync in ELRA.step")
+
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(data), target)
+    loss.backward()
+    model[0].weight.grad[1, 1] = math.nan  # exercise the retrace branch as well
+    with monkeypatch.context() as patch:
+        for name in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"):
+            patch.setattr(torch.Tensor, name, forbidden)
+        opt.step(loss)
+        opt.step(loss * 1e6)
+        opt.end_cycle()
+    assert opt.retrace_count == 2
+
+
+def test_bad_loss_arguments() -> None:
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters())
+    torch.nn.functional.mse_loss(model(data), target).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="needs the loss"):
+        opt.step()
+    with pytest.raises(ValueError, match="scalar"):
+        opt.step(torch.ones(3))
+    with pytest.raises(TypeError, match="loss must be"):
+        opt.step("0.5")
+    with pytest.raises(TypeError, match="real"):
+        opt.step(torch.tensor(1.0 + 1.0j))
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+    assert opt.retrace_count == 0
+
+
+def test_sparse_gradient_is_rejected_and_weights_kept() -> None:
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    opt = ELRA(embedding.parameters())
+    before = embedding.weight.detach().clone()
+    loss = embedding(torch.tensor([1, 2])).sum()
+    loss.backward()
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 .*sparse"):
+        opt.step(loss)
+    assert torch.equal(embedding.weight.detach(), before)
+
+
+def test_complex_and_integer_params_rejected() -> None:
+    with pytest.raises(ValueError, match="complex"):
+        ELRA([torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="floating-point"):
+        ELRA([torch.ones(2, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="empty"):
+        ELRA([])
+
+
+@pytest.mark.parametrize("wd", [0.0, 1.5, -0.1, True])
+def test_bad_wd_rejected(wd: float) -> None:
+    with pytest.raises(ValueError, match="wd"):
+        ELRA([torch.nn.Parameter(torch.ones(2))], wd=wd)
+
+
+def test_unsupported_group_keys_rejected() -> None:
+    with pytest.raises(ValueError, match="only 'wd'"):
+        ELRA([{"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.1}])
+
+
+def test_cycle_steps_closes_cycles() -> None:
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters(), cycle_steps=4)
+    for _ in range(4):
+        mlp_step(model, data, target, opt)
+    from elra_fused import control
+
+    assert opt.control_state[control.CYCLE_CLOSED].item() == 1.0
+    assert opt.control_state[control.CYCLE_COUNT].item() == 0.0
