@@ -1,0 +1,329 @@
+// CPU kernels of the four ELRA vector passes (semantics: elra_fused/reference_ops.py),
+// their TORCH_LIBRARY_IMPL(CPU) registration and the `elra_fused._C` Python module.
+//
+// Determinism: the reductions split the vector into fixed-size chunks (kChunk elements,
+// independent of the thread count); each chunk writes its fp64 partial sums into its own
+// slot and the slots are summed in chunk order by one thread. Results are therefore
+// bit-identical across runs and across torch.set_num_threads(...) values. No atomics.
+//
+// Accuracy: fp32 math with kLanes independent fp32 accumulators (which also lets the
+// compiler vectorize the loop without -ffast-math reassociation), folded into fp64 every
+// kSubBlock elements so fp32 rounding never grows over more than a few dozen additions.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "elra_common.h"
+
+namespace elra {
+namespace {
+
+// Elements per OpenMP work item. Large enough that the per-chunk overhead (a few fp64
+// folds, one partial slot) is negligible, small enough that 2..64 threads stay balanced
+// on the sizes we care about (>= 1M elements).
+constexpr int64_t kChunk = int64_t{1} << 16;
+// Independent fp32 accumulators: 16 floats = four SSE / two AVX registers, enough to hide
+// the add latency. Each lane is a separate sum, so vectorizing needs no reassociation.
+constexpr int kLanes = 16;
+// Elements accumulated in fp32 before folding the lanes into fp64 (64 adds per lane).
+constexpr int64_t kSubBlock = 1024;
+static_assert(kChunk % kSubBlock == 0 && kSubBlock % kLanes == 0, "chunking must nest");
+
+// Below this many elements the OpenMP fork/join costs more than the work.
+constexpr int64_t kMinParallelElems = int64_t{1} << 15;
+
+int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+int num_threads_for(int64_t n) {
+  return n >= kMinParallelElems ? at::get_num_threads() : 1;
+}
+
+// Storage codec of the element loops: how a stored element becomes fp32 and back.
+// float32 and float16 use c10's conversions. (float16 on CPU stays scalar without F16C;
+// it is correct but well below memory bandwidth -- not a target dtype on CPU.)
+template <typename T>
+struct Codec {
+  using Raw = T;
+  static float load(Raw v) { return static_cast<float>(v); }
+  static Raw store(float f) { return static_cast<T>(f); }
+};
+
+// bfloat16 as raw uint16_t bits with the same rounding as c10::BFloat16 (round to nearest
+// even, NaN -> 0x7FC0), written branch-free: the c10 struct's per-element constructor
+// (an if on isnan) keeps GCC from vectorizing the update loops (measured: 16M-element
+// bf16 update 14 ms with it, 6.6 ms without, on 2 cores).
+template <>
+struct Codec<c10::BFloat16> {
+  using Raw = uint16_t;
+  static constexpr uint32_t kRoundBias = 0x7FFFu;
+  static constexpr uint16_t kQuietNaN = 0x7FC0u;
+  static float load(Raw v) {
+    const uint32_t u = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+  static Raw store(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    const auto rounded = static_cast<uint16_t>((u + kRoundBias + ((u >> 16) & 1u)) >> 16);
+    return f != f ? kQuietNaN : rounded;  // f != f: the NaN test, as a vectorizable compare
+  }
+};
+
+template <typename T>
+inline const typename Codec<T>::Raw* raw_ptr(const T* p) {
+  return reinterpret_cast<const typename Codec<T>::Raw*>(p);
+}
+
+// Per-element G_prev in recover mode. Written as (x_prev - x) + (decay - 1) * x_prev
+// instead of decay * x_prev - x: x_prev and x are close, so x_prev - x is exact in fp32
+// (Sterbenz) and the small (decay - 1) * x_prev term carries only a tiny absolute
+// rounding error, whereas rounding decay * x_prev to fp32 first would lose ~1e-7 * |x|
+// against a difference that may be only ~1e-4 * |x|.
+inline float recover_diff(float xp, float x, float decay_m1) {
+  return (xp - x) + decay_m1 * xp;
+}
+
+// ---------------------------------------------------------------------------------------
+// Reductions. `GPrev` maps an element index to G_prev_i (loaded or recovered).
+// ---------------------------------------------------------------------------------------
+template <typename T, typename GPrev>
+inline void dots_chunk(const T* g_typed, int64_t begin, int64_t end, GPrev gprev,
+                       double* __restrict slot) {
+  using C = Codec<T>;
+  const auto* __restrict g = raw_ptr(g_typed);
+  double s_gg = 0.0;
+  double s_gpg = 0.0;
+  for (int64_t b = begin; b < end; b += kSubBlock) {
+    const int64_t b_end = std::min(b + kSubBlock, end);
+    const int64_t v_end = b + (b_end - b) / kLanes * kLanes;
+    float a_gg[kLanes] = {};
+    float a_gpg[kLanes] = {};
+    for (int64_t i = b; i < v_end; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const float gi = C::load(g[i + l]);
+        a_gg[l] += gi * gi;
+        a_gpg[l] += gprev(i + l) * gi;
+      }
+    }
+    for (int64_t i = v_end; i < b_end; ++i) {  // scalar tail of the last sub-block
+      const float gi = C::load(g[i]);
+      a_gg[0] += gi * gi;
+      a_gpg[0] += gprev(i) * gi;
+    }
+    for (int l = 0; l < kLanes; ++l) {  // fixed fold order
+      s_gg += static_cast<double>(a_gg[l]);
+      s_gpg += static_cast<double>(a_gpg[l]);
+    }
+  }
+  slot[0] = s_gg;
+  slot[1] = s_gpg;
+}
+
+template <typename T, typename GPrev>
+void dots_driver(const T* g, int64_t n, GPrev gprev, double* out) {
+  const int64_t nchunks = num_chunks(n);
+  std::vector<double> partial(static_cast<size_t>(2 * std::max<int64_t>(nchunks, 1)), 0.0);
+  double* slots = partial.data();
+  const int nthreads = num_threads_for(n);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t begin = c * kChunk;
+    dots_chunk(g, begin, std::min(begin + kChunk, n), gprev, slots + 2 * c);
+  }
+  double gg = 0.0;
+  double gpg = 0.0;
+  for (int64_t c = 0; c < nchunks; ++c) {  // fixed order => deterministic
+    gg += slots[2 * c];
+    gpg += slots[2 * c + 1];
+  }
+  out[0] = gg;
+  out[1] = gpg;
+}
+
+// ---------------------------------------------------------------------------------------
+// Element-wise update. `accept` is read from the coefficient tensor here, on the tensor's
+// own device (the CPU), so no other device is synchronised. On a retrace the gradient
+// pointer is never dereferenced: a non-finite gradient cannot reach x.
+// ---------------------------------------------------------------------------------------
+struct UpdateCoeffs {
+  bool accept;
+  float decay;
+  float step;
+  float back;
+  float decay_m1;  // decay - 1, formed in fp64 (see recover_diff)
+};
+
+UpdateCoeffs load_update_coeffs(const at::Tensor& coeffs) {
+  const double* c = coeffs.const_data_ptr<double>();
+  return UpdateCoeffs{c[kCoefAccept] != 0.0, static_cast<float>(c[kCoefDecay]),
+                      static_cast<float>(c[kCoefStep]), static_cast<float>(c[kCoefBack]),
+                      static_cast<float>(c[kCoefDecay] - 1.0)};
+}
+
+// Runs body(begin, end) over fixed chunks in parallel (static schedule).
+template <typename Body>
+void parallel_chunks(int64_t n, const Body& body) {
+  const int64_t nchunks = num_chunks(n);
+  const int nthreads = num_threads_for(n);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t begin = c * kChunk;
+    body(begin, std::min(begin + kChunk, n));
+  }
+}
+
+// The element loops are free functions taking restrict pointers and scalar coefficients
+// by value: inside a lambda capturing by reference, the compiler must assume a store to
+// x may change a captured coefficient, which blocks vectorization.
+//
+// Accept. Standard mode: other = grad_prev <- grad. Recover mode: other = x_prev <- x.
+template <typename T, bool kRecover>
+void accept_range(T* __restrict x, const T* __restrict g, T* __restrict other, float decay,
+                  float step, int64_t begin, int64_t end) {
+  using C = Codec<T>;
+  using Raw = typename C::Raw;
+  auto* __restrict xr = reinterpret_cast<Raw*>(x);
+  const auto* __restrict gr = reinterpret_cast<const Raw*>(g);
+  auto* __restrict orw = reinterpret_cast<Raw*>(other);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const Raw xi = xr[i];
+    const Raw gi = gr[i];
+    orw[i] = kRecover ? xi : gi;  // bit copy
+    xr[i] = C::store(decay * C::load(xi) - step * C::load(gi));
+  }
+}
+
+// Retrace. The gradient is not an argument: it cannot be read.
+template <typename T, bool kRecover>
+void retrace_range(T* __restrict x, const T* __restrict other, float back, float decay_m1,
+                   int64_t begin, int64_t end) {
+  using C = Codec<T>;
+  using Raw = typename C::Raw;
+  auto* __restrict xr = reinterpret_cast<Raw*>(x);
+  const auto* __restrict orw = reinterpret_cast<const Raw*>(other);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const float xi = C::load(xr[i]);
+    const float oi = C::load(orw[i]);
+    const float dir = kRecover ? recover_diff(oi, xi, decay_m1) : oi;
+    xr[i] = C::store(xi + back * dir);
+  }
+}
+
+template <typename T, bool kRecover>
+void update_typed(T* x, const T* g, T* other, const UpdateCoeffs& k, int64_t n) {
+  const float decay = k.decay;
+  const float step = k.step;
+  const float back = k.back;
+  const float decay_m1 = k.decay_m1;
+  if (k.accept) {
+    parallel_chunks(n, [=](int64_t begin, int64_t end) {
+      accept_range<T, kRecover>(x, g, other, decay, step, begin, end);
+    });
+  } else {
+    parallel_chunks(n, [=](int64_t begin, int64_t end) {
+      retrace_range<T, kRecover>(x, other, back, decay_m1, begin, end);
+    });
+  }
+}
+
+at::Tensor dots_cpu(const at::Tensor& grad, const at::Tensor& grad_prev) {
+  check_dots(grad, grad_prev);
+  at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
+  const int64_t n = grad.numel();
+  ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots", [&] {
+    using C = Codec<scalar_t>;
+    const auto* gp = raw_ptr(grad_prev.const_data_ptr<scalar_t>());
+    dots_driver(
+        grad.const_data_ptr<scalar_t>(), n, [gp](int64_t i) { return C::load(gp[i]); },
+        out.data_ptr<double>());
+  });
+  return out;
+}
+
+at::Tensor dots_recover_cpu(const at::Tensor& x_prev, const at::Tensor& x,
+                            const at::Tensor& grad, const at::Tensor& coeffs) {
+  check_dots_recover(x_prev, x, grad, coeffs);
+  at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
+  const double* c = coeffs.const_data_ptr<double>();
+  const float decay_m1 = static_cast<float>(c[kRCoefDecay] - 1.0);
+  const float inv_alpha = static_cast<float>(c[kRCoefInvAlphaPrev]);
+  const int64_t n = grad.numel();
+  ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots_recover", [&] {
+    using C = Codec<scalar_t>;
+    const auto* xp = raw_ptr(x_prev.const_data_ptr<scalar_t>());
+    const auto* xc = raw_ptr(x.const_data_ptr<scalar_t>());
+    dots_driver(
+        grad.const_data_ptr<scalar_t>(), n,
+        [xp, xc, decay_m1, inv_alpha](int64_t i) {
+          return recover_diff(C::load(xp[i]), C::load(xc[i]), decay_m1) * inv_alpha;
+        },
+        out.data_ptr<double>());
+  });
+  return out;
+}
+
+void update_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& grad_prev,
+                const at::Tensor& coeffs) {
+  check_update("update_", x, grad, grad_prev, "grad_prev", coeffs);
+  const UpdateCoeffs k = load_update_coeffs(coeffs);
+  ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update_", [&] {
+    update_typed<scalar_t, false>(x.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                  grad_prev.data_ptr<scalar_t>(), k, x.numel());
+  });
+}
+
+void update_recover_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_prev,
+                        const at::Tensor& coeffs) {
+  check_update("update_recover_", x, grad, x_prev, "x_prev", coeffs);
+  const UpdateCoeffs k = load_update_coeffs(coeffs);
+  ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update_recover_", [&] {
+    update_typed<scalar_t, true>(x.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                 x_prev.data_ptr<scalar_t>(), k, x.numel());
+  });
+}
+
+}  // namespace
+}  // namespace elra
+
+// Schemas are defined in elra_fused/ops.py (the single documented place); loading this
+// library before or after that definition is fine: the dispatcher accepts an
+// implementation for a not-yet-defined operator and binds it once the schema appears.
+TORCH_LIBRARY_IMPL(elra_fused, CPU, m) {
+  m.impl("dots", &elra::dots_cpu);
+  m.impl("dots_recover", &elra::dots_recover_cpu);
+  m.impl("update_", &elra::update_cpu);
+  m.impl("update_recover_", &elra::update_recover_cpu);
+}
+
+namespace {
+// Set by setup.py when the CUDA translation unit (elra_ops_cuda.cu) is compiled in.
+#ifdef ELRA_WITH_CUDA
+constexpr bool kCudaCompiled = true;
+#else
+constexpr bool kCudaCompiled = false;
+#endif
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "elra_fused C++/CUDA kernels; importing registers the elra_fused ops.";
+  m.def("cuda_compiled", [] { return kCudaCompiled; },
+        "True when the CUDA kernels were compiled into this build.");
+  m.def("chunk_elems", [] { return elra::kChunk; },
+        "Fixed CPU reduction chunk (elements); results do not depend on thread count.");
+}

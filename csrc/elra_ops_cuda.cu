@@ -1,0 +1,341 @@
+// CUDA kernels of the four ELRA vector passes (semantics: elra_fused/reference_ops.py)
+// and their TORCH_LIBRARY_IMPL(CUDA) registration.
+//
+// Pattern (as in apex's multi_tensor_l2norm / fused LAMB): reductions write one fp64
+// partial per block into a fixed slot, then a single finishing block sums the slots in a
+// fixed order. The grid size depends only on n and the dtype (capped by kMaxReduceBlocks,
+// not by the device's SM count), so results are bit-identical across runs and devices.
+// No float atomics. Coefficients are read by the kernels from device memory; nothing is
+// copied to the host, so the ops never synchronise the stream.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+// c10 headers only (no ATen/cuda/CUDAContext.h): that header drags in cuBLAS/cuSPARSE
+// headers, which a bare nvcc toolkit may not ship, and we need neither.
+// c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream aliases.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "elra_common.h"
+
+namespace elra {
+namespace {
+
+constexpr int kThreads = 256;           // threads per block (8 warps)
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Reduction grid cap: enough blocks to fill any current GPU several times over (H200: 132
+// SMs), few enough that the finishing block's pass over the slots is trivial.
+constexpr int64_t kMaxReduceBlocks = 1024;
+// Element-wise kernels: grid-stride with this many blocks per SM.
+constexpr int kBlocksPerSm = 8;
+constexpr int kVecBytes = 16;  // 128-bit loads/stores
+
+// 16 bytes of T: 4 floats or 8 bf16/fp16.
+template <typename T>
+struct alignas(kVecBytes) Pack {
+  static constexpr int kN = kVecBytes / sizeof(T);
+  T v[kN];
+};
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v) {
+  return static_cast<float>(v);
+}
+
+// See recover_diff in elra_ops.cpp: (x_prev - x) + (decay - 1) * x_prev keeps the small
+// difference exact where decay * x_prev - x would round away most of it in fp32.
+__device__ __forceinline__ float recover_diff(float xp, float x, float decay_m1) {
+  return (xp - x) + decay_m1 * xp;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+
+// Sum over the block; valid in thread 0. Fixed shuffle tree => deterministic.
+__device__ __forceinline__ double block_sum(double v, double* smem) {
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = (threadIdx.x < kWarps) ? smem[threadIdx.x] : 0.0;
+  if (warp == 0) {
+    for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
+  }
+  __syncthreads();  // smem may be reused by the caller's next block_sum
+  return v;
+}
+
+// G_prev_i either loaded (standard) or recovered from the two points (recover mode).
+template <typename T, bool kRecover>
+struct GPrevSrc {
+  const T* __restrict__ a;  // standard: grad_prev; recover: x_prev
+  const T* __restrict__ b;  // recover: x (unused in standard mode)
+  float decay_m1;
+  float inv_alpha;
+  __device__ __forceinline__ float at(int64_t i) const {
+    if constexpr (kRecover) {
+      return recover_diff(to_f(a[i]), to_f(b[i]), decay_m1) * inv_alpha;
+    } else {
+      return to_f(a[i]);
+    }
+  }
+  __device__ __forceinline__ void at_pack(int64_t k, float* out) const {
+    using P = Pack<T>;
+    const P pa = reinterpret_cast<const P*>(a)[k];
+    if constexpr (kRecover) {
+      const P pb = reinterpret_cast<const P*>(b)[k];
+#pragma unroll
+      for (int j = 0; j < P::kN; ++j) {
+        out[j] = recover_diff(to_f(pa.v[j]), to_f(pb.v[j]), decay_m1) * inv_alpha;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < P::kN; ++j) out[j] = to_f(pa.v[j]);
+    }
+  }
+};
+
+// Stage 1: partials[2 * block + {0,1}] = block's [sum g*g, sum gp*g].
+template <typename T, bool kRecover>
+__global__ void __launch_bounds__(kThreads)
+    dots_partial_kernel(const T* __restrict__ g, GPrevSrc<T, kRecover> src,
+                        const double* __restrict__ coeffs, int64_t n, bool vec_ok,
+                        double* __restrict__ partials) {
+  using P = Pack<T>;
+  if constexpr (kRecover) {  // coefficients read on device, converted once per thread
+    src.decay_m1 = static_cast<float>(coeffs[kRCoefDecay] - 1.0);
+    src.inv_alpha = static_cast<float>(coeffs[kRCoefInvAlphaPrev]);
+  }
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double s_gg = 0.0;
+  double s_gpg = 0.0;
+  int64_t scalar_begin = 0;
+  if (vec_ok) {
+    const int64_t n_vec = n / P::kN;
+    for (int64_t k = tid; k < n_vec; k += stride) {
+      const P pg = reinterpret_cast<const P*>(g)[k];
+      float gp[P::kN];
+      src.at_pack(k, gp);
+      float f_gg = 0.f;  // fp32 within one 16-byte pack, fp64 across packs
+      float f_gpg = 0.f;
+#pragma unroll
+      for (int j = 0; j < P::kN; ++j) {
+        const float gj = to_f(pg.v[j]);
+        f_gg += gj * gj;
+        f_gpg += gp[j] * gj;
+      }
+      s_gg += f_gg;
+      s_gpg += f_gpg;
+    }
+    scalar_begin = n_vec * P::kN;
+  }
+  for (int64_t i = scalar_begin + tid; i < n; i += stride) {  // tail (or unaligned input)
+    const float gi = to_f(g[i]);
+    s_gg += gi * gi;
+    s_gpg += src.at(i) * gi;
+  }
+  __shared__ double smem[kWarps];
+  s_gg = block_sum(s_gg, smem);
+  s_gpg = block_sum(s_gpg, smem);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = s_gg;
+    partials[2 * blockIdx.x + 1] = s_gpg;
+  }
+}
+
+// Stage 2: one block sums the partial slots in a fixed order into out[0..1].
+__global__ void __launch_bounds__(kThreads)
+    dots_finish_kernel(const double* __restrict__ partials, int64_t nblocks,
+                       double* __restrict__ out) {
+  double s_gg = 0.0;
+  double s_gpg = 0.0;
+  for (int64_t b = threadIdx.x; b < nblocks; b += blockDim.x) {
+    s_gg += partials[2 * b];
+    s_gpg += partials[2 * b + 1];
+  }
+  __shared__ double smem[kWarps];
+  s_gg = block_sum(s_gg, smem);
+  s_gpg = block_sum(s_gpg, smem);
+  if (threadIdx.x == 0) {
+    out[0] = s_gg;
+    out[1] = s_gpg;
+  }
+}
+
+// Element-wise update. other = grad_prev (standard) or x_prev (recover). `accept` is
+// uniform across the grid, so the branch does not diverge; on a retrace `g` is never
+// loaded, so a non-finite gradient cannot reach x.
+template <typename T, bool kRecover>
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(T* __restrict__ x, const T* __restrict__ g, T* __restrict__ other,
+                  const double* __restrict__ coeffs, int64_t n, bool vec_ok) {
+  using P = Pack<T>;
+  const bool accept = coeffs[kCoefAccept] != 0.0;
+  const float decay = static_cast<float>(coeffs[kCoefDecay]);
+  const float step = static_cast<float>(coeffs[kCoefStep]);
+  const float back = static_cast<float>(coeffs[kCoefBack]);
+  const float decay_m1 = static_cast<float>(coeffs[kCoefDecay] - 1.0);
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t scalar_begin = 0;
+  if (vec_ok) {
+    const int64_t n_vec = n / P::kN;
+    P* xv = reinterpret_cast<P*>(x);
+    P* ov = reinterpret_cast<P*>(other);
+    if (accept) {
+      const P* gv = reinterpret_cast<const P*>(g);
+      for (int64_t k = tid; k < n_vec; k += stride) {
+        const P px = xv[k];
+        const P pg = gv[k];
+        P nx;
+#pragma unroll
+        for (int j = 0; j < P::kN; ++j) {
+          nx.v[j] = static_cast<T>(decay * to_f(px.v[j]) - step * to_f(pg.v[j]));
+        }
+        ov[k] = kRecover ? px : pg;
+        xv[k] = nx;
+      }
+    } else {
+      for (int64_t k = tid; k < n_vec; k += stride) {
+        const P px = xv[k];
+        const P po = ov[k];
+        P nx;
+#pragma unroll
+        for (int j = 0; j < P::kN; ++j) {
+          const float xj = to_f(px.v[j]);
+          const float oj = to_f(po.v[j]);
+          const float dir = kRecover ? recover_diff(oj, xj, decay_m1) : oj;
+          nx.v[j] = static_cast<T>(xj + back * dir);
+        }
+        xv[k] = nx;
+      }
+    }
+    scalar_begin = n_vec * P::kN;
+  }
+  for (int64_t i = scalar_begin + tid; i < n; i += stride) {  // tail (or unaligned input)
+    const T xi = x[i];
+    const float xf = to_f(xi);
+    if (accept) {
+      const T gi = g[i];
+      other[i] = kRecover ? xi : gi;
+      x[i] = static_cast<T>(decay * xf - step * to_f(gi));
+    } else {
+      const float of = to_f(other[i]);
+      const float dir = kRecover ? recover_diff(of, xf, decay_m1) : of;
+      x[i] = static_cast<T>(xf + back * dir);
+    }
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid of the reduction: a function of n and the pack width only (determinism).
+template <typename T>
+int64_t reduce_blocks(int64_t n) {
+  const int64_t work = ceil_div(n, Pack<T>::kN);
+  return std::clamp<int64_t>(ceil_div(work, kThreads), 1, kMaxReduceBlocks);
+}
+
+template <typename T>
+int64_t elementwise_blocks(int64_t n) {
+  const int64_t work = ceil_div(n, Pack<T>::kN);
+  int sms = 0;  // cheap attribute query, no synchronisation
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        c10::cuda::current_device()));
+  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSm;
+  return std::clamp<int64_t>(ceil_div(work, kThreads), 1, cap);
+}
+
+template <typename T, bool kRecover>
+void launch_dots(const at::Tensor& g, GPrevSrc<T, kRecover> src, const double* coeffs,
+                 bool vec_ok, const at::Tensor& out) {
+  const int64_t n = g.numel();
+  const int64_t blocks = reduce_blocks<T>(n);
+  at::Tensor partials = at::empty({2 * blocks}, out.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dots_partial_kernel<T, kRecover><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      g.const_data_ptr<T>(), src, coeffs, n, vec_ok, partials.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dots_finish_kernel<<<1, kThreads, 0, stream>>>(partials.const_data_ptr<double>(), blocks,
+                                                   out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor dots_cuda(const at::Tensor& grad, const at::Tensor& grad_prev) {
+  check_dots(grad, grad_prev);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
+  const bool vec_ok = aligned16(grad.const_data_ptr()) && aligned16(grad_prev.const_data_ptr());
+  ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots", [&] {
+    const GPrevSrc<scalar_t, false> src{grad_prev.const_data_ptr<scalar_t>(), nullptr, 0.f, 0.f};
+    launch_dots<scalar_t, false>(grad, src, nullptr, vec_ok, out);
+  });
+  return out;
+}
+
+at::Tensor dots_recover_cuda(const at::Tensor& x_prev, const at::Tensor& x,
+                             const at::Tensor& grad, const at::Tensor& coeffs) {
+  check_dots_recover(x_prev, x, grad, coeffs);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
+  const bool vec_ok = aligned16(grad.const_data_ptr()) && aligned16(x_prev.const_data_ptr()) &&
+                      aligned16(x.const_data_ptr());
+  ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots_recover", [&] {
+    // decay_m1 / inv_alpha are filled in by the kernel from `coeffs` (device memory).
+    const GPrevSrc<scalar_t, true> src{x_prev.const_data_ptr<scalar_t>(),
+                                       x.const_data_ptr<scalar_t>(), 0.f, 0.f};
+    launch_dots<scalar_t, true>(grad, src, coeffs.const_data_ptr<double>(), vec_ok, out);
+  });
+  return out;
+}
+
+template <bool kRecover>
+void launch_update(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& other,
+                   const at::Tensor& coeffs) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  const bool vec_ok = aligned16(x.const_data_ptr()) && aligned16(grad.const_data_ptr()) &&
+                      aligned16(other.const_data_ptr());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update", [&] {
+    const int64_t blocks = elementwise_blocks<scalar_t>(n);
+    update_kernel<scalar_t, kRecover><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), other.data_ptr<scalar_t>(),
+        coeffs.const_data_ptr<double>(), n, vec_ok);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void update_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& grad_prev,
+                 const at::Tensor& coeffs) {
+  check_update("update_", x, grad, grad_prev, "grad_prev", coeffs);
+  launch_update<false>(x, grad, grad_prev, coeffs);
+}
+
+void update_recover_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_prev,
+                         const at::Tensor& coeffs) {
+  check_update("update_recover_", x, grad, x_prev, "x_prev", coeffs);
+  launch_update<true>(x, grad, x_prev, coeffs);
+}
+
+}  // namespace
+}  // namespace elra
+
+TORCH_LIBRARY_IMPL(elra_fused, CUDA, m) {
+  m.impl("dots", &elra::dots_cuda);
+  m.impl("dots_recover", &elra::dots_recover_cuda);
+  m.impl("update_", &elra::update_cuda);
+  m.impl("update_recover_", &elra::update_recover_cuda);
+}

@@ -1,0 +1,228 @@
+"""Triton kernels for the four ELRA vector passes (semantics: ``reference_ops.py``).
+
+Literate layout in the style of the Triton tutorials: each kernel is followed by its
+launcher. The launchers assume validated inputs (``elra_fused.ops`` validates and then
+calls them through the ``elra_fused::triton_*`` custom ops); use those ops, or
+``ops.get_kernels("triton", device)``, rather than calling this module directly.
+
+Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it on a
+machine without a GPU). The variable must be set before this module is imported: it
+decides, at decoration time, whether ``@triton.jit`` compiles or interprets.
+
+Design:
+
+* fp32 math whatever the storage dtype; int64 offsets (buffers may exceed 2**31 elements);
+  masked tails.
+* Reductions are two-stage and deterministic: each program accumulates its tiles
+  (grid-stride) in per-lane fp32, sums its lanes in fp64 and writes the pair into its own
+  slot of a ``[programs, 2]`` float64 buffer; ``torch.sum`` over the slots (fixed shape,
+  fixed order) finishes. The number of programs depends on ``n`` only. No atomics.
+* Coefficients are loaded inside the kernels from the float64 ``coeffs`` tensor: no host
+  read, no synchronisation.
+* No autotuning: the update kernels write in place, and re-running them to time configs
+  would apply the update several times (Triton's ``restore_value`` would be needed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: True when kernels run in Triton's numpy interpreter (CPU tensors allowed).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Elements per program per loop iteration (a power of two, as tl.arange requires).
+BLOCK_SIZE = 1024
+#: Cap on reduction programs. A function of n only (never of the GPU), so the partial
+#: slots and their summation order, and hence the bits of the result, are reproducible.
+MAX_REDUCE_PROGRAMS = 1024
+#: 4 warps x 32 threads x 8 elements = 1024: each thread handles two 16-byte fp32 vectors.
+NUM_WARPS = 4
+
+# Coefficient indices (reference_ops.COEF_* / RCOEF_*), as kernel-visible constants.
+COEF_ACCEPT = tl.constexpr(0)
+COEF_DECAY = tl.constexpr(1)
+COEF_STEP = tl.constexpr(2)
+COEF_BACK = tl.constexpr(3)
+RCOEF_DECAY = tl.constexpr(0)
+RCOEF_INV_ALPHA_PREV = tl.constexpr(1)
+
+
+# ======================================================================================
+# Reduction: [<G, G>, <G_prev, G>]
+# ======================================================================================
+@triton.jit
+def _dots_partial_kernel(
+    g_ptr,  # *T: the gradient G_t, n elements
+    a_ptr,  # *T: standard mode: G_{t-1}; recover mode: x_{t-1}
+    b_ptr,  # *T: recover mode: x_t (standard mode: ignored, pass g_ptr)
+    coeffs_ptr,  # *fp64 [decay, inv_alpha_prev] (recover mode; ignored otherwise)
+    partials_ptr,  # *fp64 [num_programs, 2]: this program writes row program_id
+    n,  # number of elements in every vector
+    RECOVER: tl.constexpr,  # recover G_{t-1} per element from (x_{t-1}, x_t)
+    BLOCK: tl.constexpr,  # elements per tile
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = tl.cdiv(n, BLOCK)
+    if RECOVER:
+        # decay - 1 is formed in fp64 before rounding: see the recover formula below.
+        decay_m1 = (tl.load(coeffs_ptr + RCOEF_DECAY) - 1.0).to(tl.float32)
+        inv_alpha = tl.load(coeffs_ptr + RCOEF_INV_ALPHA_PREV).to(tl.float32)
+    # Per-lane fp32 accumulators: each lane sees only num_tiles / num_programs elements.
+    acc_gg = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_gpg = tl.zeros((BLOCK,), dtype=tl.float32)
+    # An int64 start makes the induction variable (and so the offsets) int64 when compiled;
+    # the interpreter iterates Python ints, which cannot overflow.
+    for tile in range(pid.to(tl.int64), num_tiles, num_programs):
+        offs = tile * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RECOVER:
+            xp = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            # G_prev = (decay * x_prev - x) / alpha_prev, written as
+            # (x_prev - x) + (decay - 1) * x_prev: x_prev - x is exact in fp32 for close
+            # points, so the small difference is not swamped by rounding decay * x_prev.
+            gp = ((xp - x) + decay_m1 * xp) * inv_alpha
+        else:
+            gp = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_gg += g * g
+        acc_gpg += gp * g
+    tl.store(partials_ptr + 2 * pid, tl.sum(acc_gg.to(tl.float64), axis=0))
+    tl.store(partials_ptr + 2 * pid + 1, tl.sum(acc_gpg.to(tl.float64), axis=0))
+
+
+def _reduce_programs(n: int) -> int:
+    return max(1, min(triton.cdiv(n, BLOCK_SIZE), MAX_REDUCE_PROGRAMS))
+
+
+def _launch_dots(
+    g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor, recover: bool
+) -> torch.Tensor:
+    n = g.numel()
+    programs = _reduce_programs(n)
+    partials = torch.empty((programs, 2), dtype=torch.float64, device=g.device)
+    with _device_guard(g):
+        _dots_partial_kernel[(programs,)](
+            g, a, b, coeffs, partials, n, RECOVER=recover, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS
+        )
+    # Stage 2: fixed-shape fp64 sum over the slots (deterministic).
+    return partials.sum(dim=0)
+
+
+def dots(grad: torch.Tensor, grad_prev: torch.Tensor) -> torch.Tensor:
+    """float64 ``[<G, G>, <G_prev, G>]``."""
+    # coeffs is unused in standard mode; any float64 pointer will do.
+    return _launch_dots(grad, grad_prev, grad, _dummy_coeffs(grad.device), recover=False)
+
+
+def dots_recover(
+    x_prev: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, coeffs: torch.Tensor
+) -> torch.Tensor:
+    """float64 ``[<G, G>, <G_prev, G>]`` with G_prev recovered from the two points."""
+    return _launch_dots(grad, x_prev, x, coeffs, recover=True)
+
+
+# ======================================================================================
+# In-place update (accept step or retrace)
+# ======================================================================================
+@triton.jit
+def _update_kernel(
+    x_ptr,  # *T: parameters x_t, overwritten with x_{t+1}
+    g_ptr,  # *T: gradient G_t; read only when accepting
+    o_ptr,  # *T: standard mode: G_{t-1} (<- G_t on accept); recover: x_{t-1} (<- x_t)
+    coeffs_ptr,  # *fp64 [accept, decay, step, back]
+    n,  # number of elements in every vector
+    RECOVER: tl.constexpr,  # o_ptr holds x_{t-1} instead of G_{t-1}
+    BLOCK: tl.constexpr,  # elements per program
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    accept = tl.load(coeffs_ptr + COEF_ACCEPT)
+    decay64 = tl.load(coeffs_ptr + COEF_DECAY)
+    x_raw = tl.load(x_ptr + offs, mask=mask)
+    x = x_raw.to(tl.float32)
+    # `accept` is uniform over the grid. NaN != 0 is true, as in the reference.
+    if accept != 0.0:
+        step = tl.load(coeffs_ptr + COEF_STEP).to(tl.float32)
+        g_raw = tl.load(g_ptr + offs, mask=mask)
+        new_x = decay64.to(tl.float32) * x - step * g_raw.to(tl.float32)
+        if RECOVER:
+            tl.store(o_ptr + offs, x_raw, mask=mask)  # x_prev <- x (bit copy)
+        else:
+            tl.store(o_ptr + offs, g_raw, mask=mask)  # grad_prev <- grad (bit copy)
+    else:
+        # Retrace: the gradient is never loaded, so a non-finite G_t cannot reach x.
+        back = tl.load(coeffs_ptr + COEF_BACK).to(tl.float32)
+        other = tl.load(o_ptr + offs, mask=mask).to(tl.float32)
+        if RECOVER:
+            decay_m1 = (decay64 - 1.0).to(tl.float32)
+            new_x = x + back * ((other - x) + decay_m1 * other)
+        else:
+            new_x = x + back * other
+    tl.store(x_ptr + offs, new_x.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_update(
+    x: torch.Tensor, g: torch.Tensor, other: torch.Tensor, coeffs: torch.Tensor, recover: bool
+) -> None:
+    n = x.numel()
+    if n == 0:
+        return
+    with _device_guard(x):
+        _update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
+            x, g, other, coeffs, n, RECOVER=recover, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS
+        )
+
+
+def update_(
+    x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
+) -> None:
+    """Standard mode update in place (see reference_ops.update_)."""
+    _launch_update(x, grad, grad_prev, coeffs, recover=False)
+
+
+def update_recover_(
+    x: torch.Tensor, grad: torch.Tensor, x_prev: torch.Tensor, coeffs: torch.Tensor
+) -> None:
+    """Recover mode update in place (see reference_ops.update_recover_)."""
+    _launch_update(x, grad, x_prev, coeffs, recover=True)
+
+
+# ======================================================================================
+# Helpers
+# ======================================================================================
+_DUMMY_COEFFS: dict[torch.device, torch.Tensor] = {}
+
+
+def _dummy_coeffs(device: torch.device) -> torch.Tensor:
+    """A float64 buffer for the unused ``coeffs_ptr`` of standard-mode dots (cached)."""
+    t = _DUMMY_COEFFS.get(device)
+    if t is None:
+        t = _DUMMY_COEFFS[device] = torch.zeros(2, dtype=torch.float64, device=device)
+    return t
+
+
+class _NullGuard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _device_guard(t: torch.Tensor) -> torch.cuda.device | _NullGuard:
+    """Launch on the tensor's GPU (Triton uses the current device), or check CPU mode."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    if not INTERPRETED:
+        raise RuntimeError(
+            "elra_fused triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
+            "elra_fused.triton_kernels (and triton) is imported to run on CPU"
+        )
+    return _NullGuard()

@@ -1,0 +1,575 @@
+"""Tests for elra_fused/ops.py: every op of every fused backend against the float64
+reference (elra_fused/reference_ops.py), plus validation, determinism, opcheck and
+backend selection.
+
+Triton runs in its interpreter on CPU (TRITON_INTERPRET=1 is set by conftest.py before
+triton is imported), so its sizes stay modest. In CI (CI=true) a missing C++ extension
+fails instead of skipping: CI must prove the extension built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import types
+import zlib
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from elra_fused import ops
+from elra_fused import reference_ops as ref
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+HAS_CUDA = torch.cuda.is_available()
+
+FUSED_BACKENDS = ("cpp", "triton")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Odd sizes hit the vector tails; 278011 spans several CPU chunks and reduction blocks.
+# The numpy interpreter is slow, so triton-on-CPU stops at ~65k.
+SIZES = {
+    ("cpp", "cpu"): (1, 7, 4097, 278011, 3_000_017),
+    ("triton", "cpu"): (1, 7, 4097, 65537),
+    ("cpp", "cuda"): (1, 7, 4097, 278011, 3_000_017),
+    ("triton", "cuda"): (1, 7, 4097, 278011, 3_000_017),
+}
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"),
+        ],
+    ),
+]
+
+# --- tolerances -------------------------------------------------------------------------
+# Dot products: inputs are exact in fp32, each product is rounded once and the fused
+# kernels add at most ~64 fp32 terms per accumulator before folding into fp64, so the
+# worst-case error is about 64 * eps32 of sum|terms|; 1e-5 (~84 eps32) bounds it.
+DOT_RTOL = 1e-5
+# Updates: fp32 math then one rounding to the storage dtype, against float64 math then
+# one rounding. The difference is at most ~1 ulp of the result plus fp32 rounding of the
+# terms; eps(dtype) * (|result| + sum|terms|) bounds both (ulp(v) <= eps * |v|).
+UPDATE_EPS = {
+    torch.float32: torch.finfo(torch.float32).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+}
+
+DECAY = 0.9997  # the paper's multiplicative weight decay
+STEP = 1e-3  # alpha_t
+BACK = 5e-4  # alpha_{t-1} - alpha_t on a retrace
+ACCEPT, RETRACE = 1.0, 0.0
+
+
+def kernels(backend: str, device: str) -> ops.KernelSet:
+    """The backend's KernelSet, or skip (fail in CI for the C++ CPU kernels)."""
+    try:
+        return ops.get_kernels(backend, torch.device(device))
+    except RuntimeError as exc:
+        if IN_CI and backend == "cpp" and device == "cpu":
+            pytest.fail(f"CI must build the C++ extension: {exc}")
+        pytest.skip(str(exc))
+
+
+def sizes_for(backend: str, device: str) -> tuple[int, ...]:
+    return SIZES[(backend, device)]
+
+
+def _cases() -> list[tuple[str, str, torch.dtype, int]]:
+    out = []
+    for dev in DEVICES:
+        dev_name = dev if isinstance(dev, str) else dev.values[0]
+        for backend in FUSED_BACKENDS:
+            for dtype in DTYPES:
+                for n in sizes_for(backend, dev_name):
+                    out.append(
+                        pytest.param(
+                            backend,
+                            dev_name,
+                            dtype,
+                            n,
+                            marks=() if isinstance(dev, str) else dev.marks,
+                            id=f"{backend}-{dev_name}-{str(dtype).removeprefix('torch.')}-{n}",
+                        )
+                    )
+    return out
+
+
+CASES = _cases()
+
+
+def rand(
+    n: int,
+    dtype: torch.dtype,
+    device: str,
+    gen: torch.Generator,
+    scale: float = 1.0,
+    shift: float = 0.0,
+) -> torch.Tensor:
+    """Fresh random values, exactly representable in ``dtype``."""
+    t = torch.randn(n, generator=gen, dtype=torch.float64) * scale + shift
+    return t.to(dtype).to(device)
+
+
+def gen_for(*key: object) -> torch.Generator:
+    """A generator seeded from the test's parameters: fresh data per case, reproducible
+    across runs (crc32, unlike hash(), does not depend on PYTHONHASHSEED)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def coeffs(values: list[float], device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def poison_allocator(device: str) -> None:
+    """Leave NaNs in the CUDA caching allocator so a fresh output that is not fully
+    written shows up as NaN (CPU allocations are not cached, nothing to do)."""
+    if device == "cuda":
+        junk = torch.full((1 << 22,), float("nan"), device=device)
+        del junk
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+def assert_close_elementwise(
+    out: torch.Tensor, expected: torch.Tensor, envelope: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """|out - expected| <= eps(dtype) * (|expected| + envelope) + tiny, elementwise."""
+    err = (out.double() - expected.double()).abs()
+    tol = UPDATE_EPS[dtype] * (expected.double().abs() + envelope) + torch.finfo(dtype).tiny
+    bad = ~(err <= tol)  # also catches NaN
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} elements out of tolerance; worst err {err.max().item():.3e}"
+    )
+
+
+# =========================================================================================
+# dots / dots_recover
+# =========================================================================================
+@pytest.mark.parametrize(("backend", "device", "dtype", "n"), CASES)
+def test_dots(backend: str, device: str, dtype: torch.dtype, n: int) -> None:
+    k = kernels(backend, device)
+    gen = gen_for("dots", backend, dtype, n)
+    g, gp = rand(n, dtype, device, gen), rand(n, dtype, device, gen)
+    poison_allocator(device)
+    out = k.dots(g, gp)
+    assert out.dtype == torch.float64 and out.shape == (2,) and out.device == g.device
+    expected = ref.dots(g, gp)
+    gd, gpd = g.double(), gp.double()
+    tol = DOT_RTOL * torch.stack([(gd * gd).sum(), (gd * gpd).abs().sum()])
+    assert bool(((out - expected).abs() <= tol).all()), (out, expected, tol)
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype", "n"), CASES)
+def test_dots_recover(backend: str, device: str, dtype: torch.dtype, n: int) -> None:
+    k = kernels(backend, device)
+    gen = gen_for("dots_recover", backend, dtype, n)
+    alpha_prev = 1e-2
+    x_prev = rand(n, dtype, device, gen)
+    # x_t = decay * x_{t-1} - alpha_{t-1} * G_{t-1} (rounded to dtype)
+    gprev_true = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    x = (DECAY * x_prev.double() - alpha_prev * gprev_true).to(dtype)
+    g = rand(n, dtype, device, gen)
+    c = coeffs([DECAY, 1.0 / alpha_prev], device)
+    poison_allocator(device)
+    out = k.dots_recover(x_prev, x, g, c)
+    assert out.dtype == torch.float64 and out.shape == (2,)
+    expected = ref.dots_recover(x_prev, x, g, c)
+    # Envelope of the fp32 recovery of each G_prev_i (see recover_diff in csrc): rounding of
+    # x_prev - x, of (decay - 1) * x_prev and of the product with 1 / alpha.
+    xpd, xd, gd = x_prev.double(), x.double(), g.double()
+    gp_env = ((xpd - xd).abs() + abs(DECAY - 1.0) * xpd.abs()) / alpha_prev
+    gp_ref = (DECAY * xpd - xd) / alpha_prev
+    tol = DOT_RTOL * torch.stack([(gd * gd).sum(), (gd.abs() * (gp_ref.abs() + gp_env)).sum()])
+    assert bool(((out - expected).abs() <= tol).all()), (out, expected, tol)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_dots_empty(backend: str, device: str) -> None:
+    k = kernels(backend, device)
+    e = torch.empty(0, device=device)
+    assert k.dots(e, e.clone()).tolist() == [0.0, 0.0]
+    assert k.dots_recover(e, e.clone(), e.clone(), coeffs([1.0, 1.0], device)).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_recover_beats_naive_two_dot_formula(backend: str, device: str) -> None:
+    """|x| ~ 1 and alpha * |G_prev| ~ 1e-4: x_prev and x nearly equal. The per-element
+    recovery stays accurate; (decay <x_prev, G> - <x, G>) / alpha in fp32 cancels."""
+    k = kernels(backend, device)
+    n = 65537
+    alpha, rtol = 1e-4, 1e-4
+    gen = torch.Generator().manual_seed(1234)
+    x_prev = (1 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).float()
+    gprev = torch.randn(n, generator=gen, dtype=torch.float64)
+    x = (DECAY * x_prev.double() - alpha * gprev).float()
+    # G correlated with G_prev but with a mean: <x, G> ~ n while <G_prev, G> ~ 0.3 n.
+    g = (1 + 0.3 * gprev + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)).float()
+    x_prev, x, g = x_prev.to(device), x.to(device), g.to(device)
+    c = coeffs([DECAY, 1.0 / alpha], device)
+    exact = ref.dots_recover(x_prev, x, g, c)[1]
+    fused = k.dots_recover(x_prev, x, g, c)[1]
+    decay32 = torch.tensor(DECAY, dtype=torch.float32, device=device)
+    inv_alpha32 = torch.tensor(1.0 / alpha, dtype=torch.float32, device=device)
+    naive = (decay32 * torch.dot(x_prev, g) - torch.dot(x, g)) * inv_alpha32
+    fused_err = ((fused - exact) / exact).abs().item()
+    naive_err = ((naive.double() - exact) / exact).abs().item()
+    assert fused_err < rtol
+    assert naive_err > rtol, "the construction no longer shows the cancellation"
+    assert naive_err > 100 * fused_err
+
+
+# =========================================================================================
+# update_ / update_recover_
+# =========================================================================================
+@pytest.mark.parametrize("accept", [ACCEPT, RETRACE], ids=["accept", "retrace"])
+@pytest.mark.parametrize(("backend", "device", "dtype", "n"), CASES)
+def test_update(backend: str, device: str, dtype: torch.dtype, n: int, accept: float) -> None:
+    k = kernels(backend, device)
+    gen = gen_for("update", backend, dtype, n, accept)
+    x, g, gp = (rand(n, dtype, device, gen) for _ in range(3))
+    c = coeffs([accept, DECAY, STEP, BACK], device)
+    x_ref, gp_ref = x.clone(), gp.clone()
+    ref.update_(x_ref, g, gp_ref, c)
+    if accept:
+        gp = nan_like(gp)  # write-only on accept: must be fully overwritten
+        envelope = DECAY * x.double().abs() + STEP * g.double().abs()
+    else:
+        envelope = x.double().abs() + BACK * gp.double().abs()
+    g_before = g.clone()
+    k.update_(x, g, gp, c)
+    assert_close_elementwise(x, x_ref, envelope, dtype)
+    assert torch.equal(gp, gp_ref), "grad_prev must be a bit copy of grad / unchanged"
+    assert torch.equal(g, g_before), "grad is read-only"
+
+
+@pytest.mark.parametrize("accept", [ACCEPT, RETRACE], ids=["accept", "retrace"])
+@pytest.mark.parametrize(("backend", "device", "dtype", "n"), CASES)
+def test_update_recover(
+    backend: str, device: str, dtype: torch.dtype, n: int, accept: float
+) -> None:
+    k = kernels(backend, device)
+    gen = gen_for("update_recover", backend, dtype, n, accept)
+    x, g = rand(n, dtype, device, gen), rand(n, dtype, device, gen)
+    x_prev = (x.double() + 1e-3 * rand(n, torch.float64, device, gen)).to(dtype)
+    c = coeffs([accept, DECAY, STEP, BACK], device)
+    x_ref, xp_ref = x.clone(), x_prev.clone()
+    ref.update_recover_(x_ref, g, xp_ref, c)
+    if accept:
+        x_prev = nan_like(x_prev)  # write-only on accept
+        envelope = DECAY * x.double().abs() + STEP * g.double().abs()
+    else:
+        xd, xpd = x.double(), x_prev.double()
+        envelope = xd.abs() + BACK * ((xpd - xd).abs() + abs(DECAY - 1) * xpd.abs())
+    k.update_recover_(x, g, x_prev, c)
+    assert_close_elementwise(x, x_ref, envelope, dtype)
+    assert torch.equal(x_prev, xp_ref), "x_prev must be a bit copy of x / unchanged"
+
+
+@pytest.mark.parametrize("op", ["update_", "update_recover_"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_retrace_never_reads_grad(backend: str, device: str, op: str, bad: float) -> None:
+    k = kernels(backend, device)
+    n = 4097
+    gen = gen_for("retrace", backend, op)
+    x, other = rand(n, torch.float32, device, gen), rand(n, torch.float32, device, gen)
+    g = torch.full((n,), bad, device=device)
+    c = coeffs([RETRACE, DECAY, STEP, BACK], device)
+    x_ref, other_ref = x.clone(), other.clone()
+    getattr(ref, op)(x_ref, g, other_ref, c)
+    getattr(k, op)(x, g, other, c)
+    assert bool(torch.isfinite(x).all()), "a non-finite gradient leaked into x on a retrace"
+    assert torch.allclose(x, x_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(other, other_ref)
+
+
+# =========================================================================================
+# Determinism
+# =========================================================================================
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_reductions_bit_identical(backend: str, device: str) -> None:
+    k = kernels(backend, device)
+    n = max(sizes_for(backend, device))
+    gen = gen_for("determinism", backend)
+    xp, x, g = (rand(n, torch.float32, device, gen) for _ in range(3))
+    c = coeffs([DECAY, 100.0], device)
+    assert torch.equal(k.dots(g, xp), k.dots(g, xp))
+    assert torch.equal(k.dots_recover(xp, x, g, c), k.dots_recover(xp, x, g, c))
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs >= 2 CPU threads")
+def test_cpp_cpu_reductions_independent_of_thread_count() -> None:
+    k = kernels("cpp", "cpu")
+    gen = gen_for("threads")
+    n = 3_000_017
+    xp, x, g = (rand(n, torch.float32, "cpu", gen) for _ in range(3))
+    c = coeffs([DECAY, 100.0], "cpu")
+    threads = torch.get_num_threads()
+    try:
+        many = (k.dots(g, xp), k.dots_recover(xp, x, g, c))
+        torch.set_num_threads(1)
+        one = (k.dots(g, xp), k.dots_recover(xp, x, g, c))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(many[0], one[0]) and torch.equal(many[1], one[1])
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_into_one_flat_buffer(backend: str, device: str) -> None:
+    """The optimizer passes views into one flat buffer: odd storage offsets (not 16-byte
+    aligned) must work and must not touch the neighbouring elements."""
+    k = kernels(backend, device)
+    gen = gen_for("views", backend)
+    n, offset = 4097, 3
+    flat = rand(3 * (n + offset) + 1, torch.float32, device, gen)
+    before = flat.clone()
+    x, g, gp = (flat[i * (n + offset) + offset : (i + 1) * (n + offset)] for i in range(3))
+    expected = ref.dots(g, gp)
+    assert torch.allclose(k.dots(g, gp), expected, rtol=DOT_RTOL, atol=0)
+    c = coeffs([ACCEPT, DECAY, STEP, BACK], device)
+    x_ref, gp_ref = x.clone(), gp.clone()
+    ref.update_(x_ref, g, gp_ref, c)
+    k.update_(x, g, gp, c)
+    assert torch.allclose(x, x_ref, rtol=4 * UPDATE_EPS[torch.float32], atol=1e-7)
+    assert torch.equal(gp, gp_ref)
+    untouched = torch.ones_like(flat, dtype=torch.bool)
+    for i in (0, 2):  # x and grad_prev were written
+        untouched[i * (n + offset) + offset : (i + 1) * (n + offset)] = False
+    assert torch.equal(flat[untouched], before[untouched]), "wrote outside the views"
+
+
+# =========================================================================================
+# torch.library integration
+# =========================================================================================
+def _opcheck_args(device: str) -> dict[str, list[tuple[torch.Tensor, ...]]]:
+    gen = gen_for("opcheck")
+    n = 1031
+
+    def r() -> torch.Tensor:
+        return rand(n, torch.float32, device, gen)
+
+    upd = [coeffs([a, DECAY, STEP, BACK], device) for a in (ACCEPT, RETRACE)]
+    return {
+        "dots": [(r(), r())],
+        "dots_recover": [(r(), r(), r(), coeffs([DECAY, 10.0], device))],
+        "update_": [(r(), r(), r(), c) for c in upd],
+        "update_recover_": [(r(), r(), r(), c) for c in upd],
+    }
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("op_name", ops.OP_NAMES)
+def test_opcheck(backend: str, op_name: str) -> None:
+    kernels(backend, "cpu")  # skip (or fail in CI) when unavailable
+    prefix = ops.TRITON_PREFIX if backend == "triton" else ""
+    op = getattr(torch.ops.elra_fused, prefix + op_name).default
+    for args in _opcheck_args("cpu")[op_name]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_cpp(compile_backend: str) -> None:
+    """The ops trace through torch.compile (fake impls + functionalized mutation)."""
+    k = kernels("cpp", "cpu")
+    gen = gen_for("compile")
+    n = 4097
+    x, g, gp = (rand(n, torch.float32, "cpu", gen) for _ in range(3))
+    c = coeffs([ACCEPT, DECAY, STEP, BACK], "cpu")
+
+    def step(x: torch.Tensor, g: torch.Tensor, gp: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        d = k.dots(g, gp)
+        k.update_(x, g, gp, c)
+        return d
+
+    x_e, gp_e = x.clone(), gp.clone()
+    d_eager = step(x_e, g, gp_e, c)
+    compiled = torch.compile(step, backend=compile_backend, fullgraph=True)
+    d_comp = compiled(x, g, gp, c)
+    assert torch.equal(d_comp, d_eager)
+    assert torch.equal(x, x_e) and torch.equal(gp, gp_e)
+
+
+# =========================================================================================
+# Validation: clear errors, nothing mutated
+# =========================================================================================
+def _bad_update_cases(device: str) -> list[tuple[str, Callable[[], tuple], type, str]]:
+    n = 64
+
+    def v(dtype: torch.dtype = torch.float32, size: int = n) -> torch.Tensor:
+        return torch.randn(size, device=device).to(dtype)
+
+    c = coeffs([ACCEPT, DECAY, STEP, BACK], device)
+    return [
+        ("dtype_mismatch", lambda: (v(), v(torch.float16), v(), c), TypeError, "grad"),
+        (
+            "unsupported_dtype",
+            lambda: (v(torch.float64), v(torch.float64), v(torch.float64), c),
+            TypeError,
+            "x has dtype",
+        ),
+        ("non_contiguous", lambda: (v(), v(size=2 * n)[::2], v(), c), ValueError, "contiguous"),
+        ("wrong_length", lambda: (v(), v(), v(size=n + 1), c), ValueError, "elements"),
+        ("not_flat", lambda: (v().view(8, 8), v(), v(), c), ValueError, "1-D"),
+        ("coeffs_dtype", lambda: (v(), v(), v(), c.float()), TypeError, "coeffs"),
+        ("coeffs_shape", lambda: (v(), v(), v(), c[:2]), ValueError, "coeffs"),
+        ("aliasing", lambda: (lambda t: (t, v(), t, c))(v()), ValueError, "share memory"),
+    ]
+
+
+@pytest.mark.parametrize("op", ["update_", "update_recover_"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("case", range(8), ids=[c[0] for c in _bad_update_cases("cpu")])
+def test_bad_update_inputs_raise_and_leave_x_unchanged(backend: str, op: str, case: int) -> None:
+    k = kernels(backend, "cpu")
+    _, make, exc_type, match = _bad_update_cases("cpu")[case]
+    args = make()
+    if op == "update_recover_":
+        match = match.replace("grad_prev", "x_prev")
+    before = [a.clone() for a in args]
+    with pytest.raises(exc_type, match=match):
+        getattr(k, op)(*args)
+    for a, b in zip(args, before, strict=True):
+        assert torch.equal(a, b), "a rejected call must not modify its arguments"
+
+
+@pytest.mark.parametrize("backend", (*FUSED_BACKENDS, "reference"))
+def test_bad_dots_inputs(backend: str) -> None:
+    k = kernels(backend, "cpu")
+    g = torch.randn(10)
+    with pytest.raises(TypeError, match="grad_prev has dtype"):
+        k.dots(g, g.half())
+    with pytest.raises(ValueError, match="grad_prev must be 1-D with 10 elements"):
+        k.dots(g, torch.randn(11))
+    with pytest.raises(ValueError, match="coeffs must have shape"):
+        k.dots_recover(g, g.clone(), g.clone(), coeffs([1.0], "cpu"))
+    with pytest.raises(TypeError, match="coeffs must be a dense float64"):
+        k.dots_recover(g, g.clone(), g.clone(), torch.ones(2))
+
+
+def test_device_mismatch_is_reported() -> None:
+    """Meta tensors reach the fake implementation, which runs the same validation."""
+    g = torch.randn(10)
+    with pytest.raises(ValueError, match="grad_prev is on meta"):
+        ops.validate_dots(g, torch.empty(10, device="meta"))
+    with pytest.raises(ValueError, match="coeffs is on meta"):
+        ops.validate_dots_recover(g, g, g, torch.empty(2, dtype=torch.float64, device="meta"))
+
+
+# =========================================================================================
+# Backend selection and status
+# =========================================================================================
+def test_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="unknown elra_fused backend"):
+        ops.get_kernels("cuda-graphs", torch.device("cpu"))
+
+
+def test_available_backends_reference_last() -> None:
+    got = ops.available_backends(torch.device("cpu"))
+    assert got[-1] == "reference" and got.count("reference") == 1
+    assert set(got) <= set(ops.BACKENDS)
+    if ops._C is not None:
+        assert got[0] == "cpp"
+
+
+def test_reference_kernel_set_accepts_float64() -> None:
+    k = ops.get_kernels("reference", "cpu")
+    assert k.name == "reference"
+    g = torch.randn(5, dtype=torch.float64)
+    assert torch.equal(k.dots(g, g), ref.dots(g, g))
+
+
+def test_cpp_missing_extension_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops, "_C_ERROR", "ImportError: test")
+    with pytest.raises(RuntimeError, match=r"setup\.py build_ext --inplace"):
+        ops.get_kernels("cpp", torch.device("cpu"))
+    assert "NOT BUILT" in ops.cpp_extension_status()
+    assert "cpp" not in ops.available_backends("cpu")
+
+
+def test_cpp_cuda_not_compiled_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.SimpleNamespace(cuda_compiled=lambda: False, __file__="_C.so")
+    monkeypatch.setattr(ops, "_C", fake)
+    with pytest.raises(RuntimeError, match="CUDA kernels were not compiled"):
+        ops.get_kernels("cpp", torch.device("cuda"))
+    assert "CUDA kernels compiled: no" in ops.cpp_extension_status()
+
+
+def test_triton_cpu_needs_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.get_kernels("triton", torch.device("cpu"))
+
+
+def test_extension_status_line() -> None:
+    status = ops.cpp_extension_status()
+    assert status.startswith("elra_fused._C:")
+    print(status)  # visible with -s / in CI logs
+
+
+@pytest.mark.skipif(not IN_CI, reason="CI-only: proves the CI build produced the extension")
+def test_ci_built_extension() -> None:
+    assert ops._C is not None, ops.cpp_extension_status()
+    nvcc = shutil.which("nvcc") or (
+        os.environ.get("CUDA_HOME")
+        and os.path.exists(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    )
+    if torch.version.cuda and nvcc and os.environ.get("ELRA_SKIP_CUDA_BUILD", "0") in ("", "0"):
+        assert ops._C.cuda_compiled(), ops.cpp_extension_status()
+
+
+# =========================================================================================
+# GPU only
+# =========================================================================================
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_cuda_ops_never_sync(backend: str) -> None:
+    k = kernels(backend, "cuda")
+    gen = gen_for("sync")
+    n = 1 << 20
+    x, g, gp = (rand(n, torch.float32, "cuda", gen) for _ in range(3))
+    cu = coeffs([ACCEPT, DECAY, STEP, BACK], "cuda")
+    cr = coeffs([DECAY, 10.0], "cuda")
+    k.dots(g, gp)  # warm-up: first launch may compile / load modules
+    k.dots_recover(gp, x, g, cr)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        k.dots(g, gp)
+        k.dots_recover(gp, x, g, cr)
+        k.update_(x, g, gp, cu)
+        k.update_recover_(x, g, gp, cu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_unaligned_views_use_scalar_path() -> None:
+    """Offset views are not 16-byte aligned: the kernels must fall back correctly."""
+    k = kernels("cpp", "cuda")
+    gen = gen_for("unaligned")
+    n = 100_003
+    base = [rand(n + 1, torch.float32, "cuda", gen) for _ in range(3)]
+    g, gp, x = (b[1:] for b in base)
+    torch.testing.assert_close(k.dots(g, gp), ref.dots(g, gp), rtol=DOT_RTOL, atol=0)
+    c = coeffs([ACCEPT, DECAY, STEP, BACK], "cuda")
+    x_ref, gp_ref = x.clone(), gp.clone()
+    ref.update_(x_ref, g, gp_ref, c)
+    k.update_(x, g, gp, c)
+    torch.testing.assert_close(x, x_ref)
+    assert torch.equal(gp, gp_ref)
