@@ -139,7 +139,8 @@ CYCLE_SUMSQ = 9  # their sum of squares
 CYCLE_MEAN = 10  # mean of f over the last closed cycle
 CYCLE_STD = 11  # its standard deviation sigma
 CYCLE_CLOSED = 12  # 1.0 once a cycle with at least one loss has closed
-STATE_SIZE = 13
+CYCLE_LAST_COUNT = 13  # accepted losses in the cycle that closed last (0: it was empty)
+STATE_SIZE = 14
 
 
 def initial_state(config: ControlConfig, device: torch.device | str) -> torch.Tensor:
@@ -317,6 +318,7 @@ def control_step(
             state[CYCLE_MEAN],
             state[CYCLE_STD],
             state[CYCLE_CLOSED],
+            state[CYCLE_LAST_COUNT],
         ]
     )
     return new_state, Decision(accept_f, alpha_new, back)
@@ -336,6 +338,7 @@ def close_cycle(state: torch.Tensor) -> torch.Tensor:
     new_state[CYCLE_MEAN] = torch.where(has_losses, mean, state[CYCLE_MEAN])
     new_state[CYCLE_STD] = torch.where(has_losses, torch.sqrt(variance), state[CYCLE_STD])
     new_state[CYCLE_CLOSED] = torch.where(has_losses, torch.ones_like(count), state[CYCLE_CLOSED])
+    new_state[CYCLE_LAST_COUNT] = count
     new_state[CYCLE_COUNT] = 0.0
     new_state[CYCLE_SUM] = 0.0
     new_state[CYCLE_SUMSQ] = 0.0

@@ -8,8 +8,14 @@ the host:
 3. the ``update`` pass: x <- wd x - alpha G (accept) or x <- x + (alpha_{t-1} - alpha_t)
    G_{t-1} (retrace), with coefficients read from a device tensor.
 
-The passes are the kernels of :mod:`elra_fused.reference_ops` (plain torch, float64
-math): this module is the reference optimizer every fused backend is compared with.
+Two layouts:
+
+* per parameter (``flat=False``, the default of the ``reference`` backend): the passes
+  run over each parameter with the plain-torch kernels of :mod:`elra_fused.reference_ops`
+  (float64 math). This is the reference optimizer every fused backend is compared with.
+* flat (``flat=True``, the default of the fused backends): parameters and gradients are
+  views into one buffer per (group, device, dtype) (:mod:`elra_fused.flat`), so each pass
+  is one kernel launch per buffer: ``cpp`` (C++/OpenMP on CPU, CUDA on GPU) or ``triton``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from typing import Any
 
 import torch
 
-from . import control
+from . import control, ops
 from . import reference_ops as ref
 from .control import ControlConfig
+from .flat import FlatBuffer, build_flat_buffers, check_grad
+from .memory import MEMORY_MODES, POINT_MODES, GradPrevStore, PointPrevStore
+from .offload import DEFAULT_CHUNK, OffloadedPrev
 
 #: Param-group keys a user may set per group. alpha is global (paper section 3.1), so
 #: only the multiplicative weight decay can differ between groups.
@@ -56,7 +65,18 @@ class ELRA(torch.optim.Optimizer):
         cycle_steps: close a control cycle automatically every ``cycle_steps`` steps;
             None (default) means the user calls :meth:`end_cycle` (e.g. once per epoch,
             the paper's cycle).
-        backend: "reference" (plain torch ops).
+        backend: "auto" (fastest available for the parameters' device and dtypes: cpp,
+            then triton on GPU; cpp on CPU; else reference), or "reference", "triton",
+            "cpp" to force one.
+        flat: keep parameters and gradients in flat buffers (default: True for the
+            fused backends, False for "reference").
+        memory: what is kept from the previous step (paper section 3.6; see
+            :mod:`elra_fused.memory`): "standard" (G_{t-1} on the device), "recover"
+            (x_{t-1} on the device, G_{t-1} recovered per element) or "offload" (x_{t-1}
+            in pinned host memory, streamed in chunks). The last two need flat buffers.
+        state_dtype: dtype of the stored G_{t-1} in "standard" mode (default: the
+            parameters' dtype); ``torch.bfloat16`` halves its memory.
+        offload_chunk: staging chunk size in elements for ``memory="offload"``.
 
     Use ``opt.step(loss)`` after ``loss.backward()``, or ``opt.step(closure)``.
     """
@@ -77,15 +97,21 @@ class ELRA(torch.optim.Optimizer):
         retrace_sigmas: float = control.RETRACE_SIGMAS,
         initial_retrace_factor: float | None = control.INITIAL_RETRACE_FACTOR,
         cycle_steps: int | None = None,
-        backend: str = "reference",
+        backend: str = "auto",
+        flat: bool | None = None,
+        memory: str = "standard",
+        state_dtype: torch.dtype | None = None,
+        offload_chunk: int = DEFAULT_CHUNK,
     ) -> None:
         _check_wd(wd)
         if cycle_steps is not None and not (isinstance(cycle_steps, int) and cycle_steps > 0):
             raise ValueError(
                 f"ELRA: cycle_steps must be a positive int or None, got {cycle_steps!r}"
             )
-        if backend != "reference":
-            raise ValueError(f"ELRA: unknown backend {backend!r}; available: 'reference'")
+        if backend != "auto" and backend not in ops.BACKENDS:
+            raise ValueError(
+                f"ELRA: unknown backend {backend!r}; choose 'auto' or one of {ops.BACKENDS}"
+            )
         self.config = ControlConfig(
             alpha0=alpha0,
             kappa_gain=kappa_gain,
@@ -98,11 +124,44 @@ class ELRA(torch.optim.Optimizer):
             retrace_sigmas=retrace_sigmas,
             initial_retrace_factor=initial_retrace_factor,
         )
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"ELRA: memory must be one of {MEMORY_MODES}, got {memory!r}")
+        if state_dtype is not None and memory != "standard":
+            raise ValueError(
+                f"ELRA: state_dtype applies to memory='standard' (a stored G_{{t-1}}); "
+                f"memory={memory!r} stores x_{{t-1}} in the parameters' dtype"
+            )
+        if state_dtype is not None and not (
+            isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+        ):
+            raise ValueError(f"ELRA: state_dtype must be a floating dtype, got {state_dtype!r}")
         self.cycle_steps = cycle_steps
-        self.backend = backend
+        self.memory = memory
+        self.state_dtype = state_dtype
+        self.offload_chunk = offload_chunk
         super().__init__(params, {"wd": wd})
         first = self._first_param()
         self._device = first.device
+        self.backend = self._resolve_backend(backend)
+        self.flat = (self.backend != "reference") if flat is None else bool(flat)
+        if self.flat:
+            self._kernels = ops.get_kernels(self.backend, self._device)
+        elif self.backend == "reference":
+            # Per-parameter tensors of any shape: the oracle functions themselves.
+            self._kernels = ops.KernelSet(
+                "reference", ref.dots, ref.dots_recover, ref.update_, ref.update_recover_
+            )
+        else:
+            raise ValueError(
+                f"ELRA: backend {self.backend!r} works on flat buffers; flat=False needs "
+                "backend='reference'"
+            )
+        if memory != "standard" and not self.flat:
+            raise ValueError(f"ELRA: memory={memory!r} needs flat buffers (flat=True)")
+        self._buffers: list[FlatBuffer] = []
+        self._stores: list[GradPrevStore | PointPrevStore | OffloadedPrev] = []
+        if self.flat:
+            self._build_flat()
         self._control = control.initial_state(self.config, self._device)
         self._steps_in_cycle = 0
 
@@ -136,6 +195,62 @@ class ELRA(torch.optim.Optimizer):
                     f"{param.dtype}; ELRA needs floating-point parameters"
                 )
 
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _resolve_backend(self, backend: str) -> str:
+        params = self._trainable() or [self._first_param()]
+        devices = {p.device for p in params}
+        if len(devices) > 1 and backend != "reference":
+            if backend != "auto":
+                raise ValueError(
+                    f"ELRA: backend {backend!r} needs all parameters on one device, got "
+                    f"{sorted(str(d) for d in devices)}; use backend='reference'"
+                )
+            return "reference"
+        fused_dtypes = all(p.dtype in ops.SUPPORTED_DTYPES for p in params)
+        if backend == "auto":
+            if not fused_dtypes:
+                return "reference"
+            order = ("cpp", "triton") if self._device.type == "cuda" else ("cpp",)
+            usable = ops.available_backends(self._device)
+            return next((b for b in order if b in usable), "reference")
+        if backend != "reference" and not fused_dtypes:
+            bad = sorted({str(p.dtype) for p in params if p.dtype not in ops.SUPPORTED_DTYPES})
+            raise ValueError(
+                f"ELRA: backend {backend!r} supports float32, bfloat16 and float16 "
+                f"parameters, got {bad}; use backend='reference' (e.g. for float64)"
+            )
+        return backend
+
+    def _build_flat(self) -> None:
+        self._buffers = build_flat_buffers(self.param_groups, _describe)
+        for buffer in self._buffers:
+            if self.memory == "standard":
+                dtype = self.state_dtype or buffer.data.dtype
+                store = GradPrevStore(torch.zeros_like(buffer.data, dtype=dtype))
+            elif self.memory == "recover":
+                # x_{t-1} starts as x_0: finite, and ignored by the first step anyway.
+                store = PointPrevStore(buffer.data.detach().clone())
+            else:
+                store = OffloadedPrev(buffer.data, self.offload_chunk)
+            self._stores.append(store)
+            for index, param in enumerate(buffer.params):
+                self.state[param][store.state_key] = buffer.view(store.tensor, index)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients.
+
+        In flat mode the gradient buffers are zeroed with one fill each and the ``.grad``
+        views are kept (``set_to_none`` is ignored there: a None gradient would make
+        autograd allocate a new tensor outside the buffer, which then has to be copied in).
+        """
+        if not self.flat:
+            super().zero_grad(set_to_none=set_to_none)
+            return
+        for buffer in self._buffers:
+            buffer.zero_grad()
+
     # ------------------------------------------------------------------ user API
     @property
     def alpha(self) -> float:
@@ -162,6 +277,24 @@ class ELRA(torch.optim.Optimizer):
         self._control.copy_(control.close_cycle(self._control))
         self._steps_in_cycle = 0
 
+    @property
+    def alpha_tensor(self) -> torch.Tensor:
+        """alpha as a 0-d float64 device tensor (a copy; reading it needs no sync)."""
+        return self._control[control.ALPHA].clone()
+
+    def cycle_statistics(self) -> tuple[float, float] | None:
+        """(mean, sigma) of the accepted losses of the cycle closed last.
+
+        None before the first cycle closed and when the last cycle had no accepted step
+        (the retrace rule then keeps the older statistics). These are the statistics the
+        retrace rule uses; the dynamic batch size controller (paper 3.3) reads the same
+        ones once per cycle. Reading them synchronises.
+        """
+        mean, std, closed, count = self._control[
+            [control.CYCLE_MEAN, control.CYCLE_STD, control.CYCLE_CLOSED, control.CYCLE_LAST_COUNT]
+        ].tolist()
+        return (mean, std) if closed > 0 and count > 0 else None
+
     @torch.no_grad()
     def step(self, loss: LossArg = None) -> Any:  # type: ignore[override]
         """One ELRA step.
@@ -179,18 +312,41 @@ class ELRA(torch.optim.Optimizer):
                 returned = loss()
             loss = returned
         loss_value = self._loss_tensor(loss)
-        segments = self._segments()
+        work = self._flat_work() if self.flat else self._param_work()
+        kernels = self._kernels
 
+        # alpha_{t-1}: recover modes divide by it (G_{t-1} = (wd x_{t-1} - x_t) / alpha).
+        alpha_prev = self._control[control.ALPHA].clone()
+        recover = self.memory in POINT_MODES
         totals = torch.zeros(2, dtype=torch.float64, device=self._device)
-        for param, grad_prev in segments.with_grad:
-            part = ref.dots(param.grad, grad_prev)
-            totals += part.to(self._device, non_blocking=True)
+        dots_coeffs: dict[tuple[float, torch.device], torch.Tensor] = {}
+        for x, grad, store, wd in work.segments:
+            coeffs = None
+            if recover:
+                key = (wd, x.device)
+                if key not in dots_coeffs:
+                    inv_alpha = (1.0 / alpha_prev).reshape(1)
+                    dots_coeffs[key] = torch.cat([inv_alpha.new_full((1,), wd), inv_alpha])
+                coeffs = dots_coeffs[key]
+            totals += store.dots(kernels, x, grad, coeffs).to(self._device, non_blocking=True)
 
         new_state, decision = control.control_step(
             self._control, loss_value, totals[0], totals[1], self.config
         )
         self._control.copy_(new_state)
-        self._apply(decision, segments)
+
+        # A retrace moves back by (alpha_{t-1} - alpha_t) along G_{t-1}; recover modes
+        # step along (wd x_{t-1} - x_t) = alpha_{t-1} G_{t-1}, hence the division.
+        back = decision.back / alpha_prev if recover else decision.back
+        update_coeffs: dict[tuple[float, torch.device], torch.Tensor] = {}
+        for x, grad, store, wd in work.segments:
+            key = (wd, x.device)
+            if key not in update_coeffs:
+                wd_tensor = torch.full_like(decision.alpha, wd)
+                stacked = torch.stack([decision.accept, wd_tensor, decision.alpha, back])
+                update_coeffs[key] = stacked.to(x.device, non_blocking=True)
+            store.update_(kernels, x, grad, update_coeffs[key])
+        work.finish(decision)
 
         self._steps_in_cycle += 1
         if self.cycle_steps is not None and self._steps_in_cycle >= self.cycle_steps:
@@ -220,72 +376,55 @@ class ELRA(torch.optim.Optimizer):
             )
         return torch.tensor(float(loss), dtype=torch.float64, device=self._device)
 
-    def _segments(self) -> _Segments:
-        segments = _Segments()
+    def _param_work(self) -> _StepWork:
+        """Per-parameter segments (reference layout); grad-less parameters are skipped."""
+        work = _StepWork()
         for group_index, group in enumerate(self.param_groups):
             for param_index, param in enumerate(group["params"]):
                 grad = param.grad
                 state = self.state[param]
                 if grad is None:
                     if "grad_prev" in state:
-                        segments.without_grad.append((param, state["grad_prev"]))
+                        work.without_grad.append((param, state["grad_prev"]))
                     continue
-                if grad.is_sparse:
-                    raise ValueError(
-                        f"ELRA: {_describe(group_index, param_index, param)} has a sparse "
-                        "gradient; ELRA needs dense gradients"
-                    )
-                if grad.is_complex():
-                    raise ValueError(
-                        f"ELRA: {_describe(group_index, param_index, param)} has a complex "
-                        "gradient; ELRA supports real parameters only"
-                    )
-                if grad.shape != param.shape:
-                    raise ValueError(
-                        f"ELRA: {_describe(group_index, param_index, param)} has a gradient "
-                        f"of shape {tuple(grad.shape)}"
-                    )
+                name = _describe(group_index, param_index, param)
+                check_grad(name, param, grad)
                 if "grad_prev" not in state:
                     # A parameter seen for the first time had no gradient before: its
                     # previous gradient is zero, which is exact for <G_{t-1}, G_t>.
-                    state["grad_prev"] = torch.zeros_like(
-                        param, memory_format=torch.preserve_format
-                    )
-                segments.with_grad.append((param, state["grad_prev"]))
-                segments.wd.append(group["wd"])
-        return segments
+                    state["grad_prev"] = torch.zeros_like(param, dtype=self.state_dtype)
+                work.segments.append((param, grad, GradPrevStore(state["grad_prev"]), group["wd"]))
+        return work
 
-    def _apply(self, decision: control.Decision, segments: _Segments) -> None:
-        coeff_cache: dict[float, torch.Tensor] = {}
-        for (param, grad_prev), wd in zip(segments.with_grad, segments.wd, strict=True):
-            coeffs = coeff_cache.get(wd)
-            if coeffs is None:
-                coeffs = self._coeffs(decision, wd, param.device)
-                coeff_cache[wd] = coeffs
-            ref.update_(param, param.grad, grad_prev, coeffs)
-        if segments.without_grad:
-            # Skipped parameters: their G_t is zero. An accept leaves x alone (no decay)
-            # and the stored G_{t-1} becomes 0; a retrace still undoes their last step.
-            keep = 1.0 - decision.accept
-            for param, grad_prev in segments.without_grad:
-                back = (keep * decision.back).to(param.device, grad_prev.dtype)
-                param.add_(grad_prev * back)
-                grad_prev.mul_(keep.to(grad_prev.device, grad_prev.dtype))
-
-    @staticmethod
-    def _coeffs(decision: control.Decision, wd: float, device: torch.device) -> torch.Tensor:
-        wd_tensor = torch.full_like(decision.alpha, wd)
-        coeffs = torch.stack([decision.accept, wd_tensor, decision.alpha, decision.back])
-        return coeffs.to(device, non_blocking=True)
+    def _flat_work(self) -> _StepWork:
+        """One segment per flat buffer; grad-less parameters keep their value."""
+        work = _StepWork()
+        for buffer, store in zip(self._buffers, self._stores, strict=True):
+            buffer.check()
+            missing = buffer.gather_grads()
+            wd = self.param_groups[buffer.group_index]["wd"]
+            if missing and wd != 1.0 and self.memory == "standard":
+                # G = 0 already leaves x alone except for the decay; undo that on accept
+                # so a parameter without gradient is skipped as in the reference. (Point
+                # modes must decay it: x_{t-1} and x_t have to stay on the decay line.)
+                for index in missing:
+                    view = buffer.view(buffer.data, index)
+                    work.kept.append((view, view.detach().clone()))
+            work.segments.append((buffer.data, buffer.grad, store, wd))
+        return work
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
+        for store in self._stores:
+            store.synchronize()  # offload: copies to the host may be in flight
         sd = super().state_dict()
         sd[_STATE_KEY] = {
             "control": self._control.detach().clone(),
             "steps_in_cycle": self._steps_in_cycle,
             "config": self.config.as_dict(),
             "backend": self.backend,
+            "flat": self.flat,
+            "memory": self.memory,
         }
         return sd
 
@@ -305,18 +444,56 @@ class ELRA(torch.optim.Optimizer):
                 f"ELRA.load_state_dict: control state must be a tensor of {control.STATE_SIZE} "
                 "values; the state dict is corrupt or from an incompatible version"
             )
+        saved_memory = extra.get("memory", "standard")
+        if (saved_memory in POINT_MODES) != (self.memory in POINT_MODES):
+            raise ValueError(
+                f"ELRA.load_state_dict: the state was saved with memory={saved_memory!r} "
+                f"(it holds {'x_prev' if saved_memory in POINT_MODES else 'grad_prev'}) but "
+                f"this optimizer uses memory={self.memory!r}; build it with "
+                f"memory={saved_memory!r} (recover and offload are interchangeable)"
+            )
         super().load_state_dict(state_dict)
+        if self.flat:
+            # torch rebuilt the per-parameter state as new tensors: copy the values back
+            # into the flat buffers of the stores and restore the views.
+            for buffer, store in zip(self._buffers, self._stores, strict=True):
+                store.synchronize()
+                for index, param in enumerate(buffer.params):
+                    view = buffer.view(store.tensor, index)
+                    loaded = self.state[param].get(store.state_key)
+                    if loaded is not None:
+                        view.copy_(loaded)
+                    elif isinstance(store, GradPrevStore):
+                        view.zero_()  # never had a gradient: G_{t-1} = 0
+                    else:
+                        view.copy_(param.detach())  # x_{t-1} = x_t: recovered G_{t-1} ~ 0
+                    self.state[param][store.state_key] = view
         self._control.copy_(control_state.to(self._control.device, torch.float64))
         self._steps_in_cycle = int(extra.get("steps_in_cycle", 0))
 
 
-class _Segments:
-    """The (param, grad_prev) pairs one step works on, split by whether a grad exists."""
+class _StepWork:
+    """What one step works on: (x, grad, previous-step store, wd) segments and fix-ups."""
 
     def __init__(self) -> None:
-        self.with_grad: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.wd: list[float] = []
+        self.segments: list[tuple[torch.Tensor, torch.Tensor, Any, float]] = []
+        # per-parameter layout: parameters without gradient that have a G_{t-1}
         self.without_grad: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # flat layout: (view, value before the update) of parameters without gradient
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def finish(self, decision: control.Decision) -> None:
+        accepted = decision.accept > 0
+        for view, saved in self.kept:
+            view.copy_(torch.where(accepted.to(view.device), saved, view))
+        if self.without_grad:
+            # Skipped parameters: their G_t is zero. An accept leaves x alone (no decay)
+            # and the stored G_{t-1} becomes 0; a retrace still undoes their last step.
+            keep = 1.0 - decision.accept
+            for param, grad_prev in self.without_grad:
+                back = (keep * decision.back).to(param.device, grad_prev.dtype)
+                param.add_(grad_prev * back)
+                grad_prev.mul_(keep.to(grad_prev.device, grad_prev.dtype))
 
 
 def _check_wd(wd: Any) -> None:

@@ -1,14 +1,22 @@
-"""The reference ELRA optimizer: the algorithm end to end, user API and bad input."""
+"""The reference ELRA optimizer: the algorithm end to end, user API and bad input.
+
+Every optimizer here is built with ``backend="reference"`` (per-parameter plain-torch
+passes, float64-capable): this is the oracle the fused backends are compared with in
+``test_fused.py``.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
 import pytest
 import torch
 
-from elra_fused import ELRA
+import elra_fused
+
+ELRA = functools.partial(elra_fused.ELRA, backend="reference")
 
 F64 = torch.float64
 
@@ -38,7 +46,7 @@ def mlp_setup(seed: int = 0):
     return model, data, target
 
 
-def mlp_step(model, data, target, opt: ELRA) -> torch.Tensor:
+def mlp_step(model, data, target, opt: elra_fused.ELRA) -> torch.Tensor:
     opt.zero_grad()
     loss = torch.nn.functional.mse_loss(model(data), target)
     loss.backward()
@@ -301,3 +309,17 @@ def test_cycle_steps_closes_cycles() -> None:
 
     assert opt.control_state[control.CYCLE_CLOSED].item() == 1.0
     assert opt.control_state[control.CYCLE_COUNT].item() == 0.0
+
+
+def test_cycle_statistics_skip_empty_cycles() -> None:
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters())
+    assert opt.cycle_statistics() is None
+    losses = [mlp_step(model, data, target, opt).item() for _ in range(3)]
+    opt.end_cycle()
+    mean, sigma = opt.cycle_statistics()
+    assert mean == pytest.approx(sum(losses) / 3)
+    assert sigma == pytest.approx(float(torch.tensor(losses, dtype=F64).std(correction=0)))
+    opt.end_cycle()  # a cycle without accepted steps: nothing new to report
+    assert opt.cycle_statistics() is None
+    assert opt.alpha_tensor.dtype == F64 and opt.alpha_tensor.item() == opt.alpha

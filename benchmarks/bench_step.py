@@ -1,0 +1,227 @@
+"""Optimizer step and training iteration time: ELRA (each backend) vs Adam, SGD, `elra`.
+
+Question: how long does one optimizer step take, and one full training iteration
+(forward + backward + step), for an MLP of 1M / 16M / 64M parameters, compared with
+torch's Adam (fused and foreach), plain SGD and the authors' package ``elra`` 0.0.5 --
+all measured in the same run on the same model and data.
+
+Every optimizer starts from the same weights; each timing is the median over
+``--repeats`` iterations after ``--warmup`` iterations. On CUDA the device is synchronised
+around every timed region. Ratios are against Adam fused in the same run.
+
+The ``elra`` package (GPL) is only imported, never copied; it is installed into the
+benchmark environment when missing (``--no-install`` to skip it instead). Its step takes
+the loss as a Python float, so its iteration includes that host read.
+
+Usage: ``python benchmarks/bench_step.py [--device cpu|cuda] [--sizes 1M,16M] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import io
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from elra_fused import ELRA, ops  # noqa: E402
+
+ELRA_PYPI_VERSION = "0.0.5"
+#: Hidden layers of the benchmark MLP; the width is chosen to hit the parameter count.
+DEPTH = 4
+BATCH = 32
+SIZES = {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    if text in SIZES:
+        return SIZES[text]
+    if text.endswith("M"):
+        return int(float(text[:-1]) * (1 << 20))
+    return int(text)
+
+
+def make_model(n_params: int, device: torch.device) -> torch.nn.Module:
+    """An MLP of DEPTH square layers with about ``n_params`` parameters."""
+    width = int(math.sqrt(n_params / DEPTH))
+    layers: list[torch.nn.Module] = []
+    for i in range(DEPTH):
+        layers.append(torch.nn.Linear(width, width))
+        if i < DEPTH - 1:
+            layers.append(torch.nn.ReLU())
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def elra_pypi_class(install: bool) -> type | None:
+    """The authors' ElraOptimizer, installed on demand; None when unavailable."""
+    try:
+        module = importlib.import_module("elra")
+    except ImportError:
+        if not install:
+            return None
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+        subprocess.run([*cmd, f"elra=={ELRA_PYPI_VERSION}"], check=False)
+        importlib.invalidate_caches()
+        try:
+            module = importlib.import_module("elra")
+        except ImportError:
+            return None
+    return getattr(module, "ElraOptimizer", None)
+
+
+def optimizer_factories(
+    device: torch.device, install: bool
+) -> dict[tuple[str, str], Callable[[torch.nn.Module], torch.optim.Optimizer]]:
+    """(optimizer name, backend) -> factory. ELRA gets one row per usable backend."""
+    factories: dict[tuple[str, str], Callable] = {}
+    backends = [b for b in ops.available_backends(device) if b != "triton" or device.type == "cuda"]
+    for backend in backends:
+        factories[("elra_fused", backend)] = lambda m, b=backend: ELRA(
+            m.parameters(), backend=b, flat=True
+        )
+    factories[("adam_fused", "torch")] = lambda m: torch.optim.Adam(m.parameters(), fused=True)
+    factories[("adam_foreach", "torch")] = lambda m: torch.optim.Adam(m.parameters(), foreach=True)
+    factories[("sgd", "torch")] = lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, foreach=True)
+    pypi = elra_pypi_class(install)
+    if pypi is not None:
+        factories[("elra_pypi", ELRA_PYPI_VERSION)] = lambda m: pypi(m.parameters(), model=m)
+    return factories
+
+
+def time_optimizer(
+    name: str,
+    make: Callable[[torch.nn.Module], torch.optim.Optimizer],
+    base_model: torch.nn.Module,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    warmup: int,
+    repeats: int,
+) -> tuple[float, float]:
+    """Median (step seconds, iteration seconds)."""
+    device = inputs.device
+    model = copy.deepcopy(base_model)
+    # The elra package prints diagnostics on construction and per step; keep the table.
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        opt = make(model)
+    step_times: list[float] = []
+    iter_times: list[float] = []
+    for i in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(inputs), target)
+        loss.backward()
+        synchronize(device)
+        before_step = time.perf_counter()
+        if name == "elra_pypi":
+            with contextlib.redirect_stdout(io.StringIO()):
+                opt.step(loss.item())
+        elif name == "elra_fused":
+            opt.step(loss)
+        else:
+            opt.step()
+        synchronize(device)
+        end = time.perf_counter()
+        if i >= warmup:
+            step_times.append(end - before_step)
+            iter_times.append(end - start)
+    del opt, model
+    return statistics.median(step_times), statistics.median(iter_times)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    rows: list[dict] = []
+    factories = optimizer_factories(device, not args.no_install)
+    for size_text in args.sizes.split(","):
+        n_target = parse_size(size_text)
+        base = make_model(n_target, device)
+        n_params = sum(p.numel() for p in base.parameters())
+        width = base[0].in_features
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        inputs = torch.randn(BATCH, width, generator=gen).to(device)
+        target = torch.randn(BATCH, width, generator=gen).to(device) * 0.1
+        size_rows = []
+        for (name, backend), make in factories.items():
+            try:
+                step_s, iter_s = time_optimizer(
+                    name, make, base, inputs, target, args.warmup, args.repeats
+                )
+            except Exception as exc:  # a broken baseline must not hide the others
+                print(f"  {name}/{backend} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            size_rows.append(
+                {
+                    "optimizer": name,
+                    "backend": backend,
+                    "n_params": n_params,
+                    "step_median_s": step_s,
+                    "iter_median_s": iter_s,
+                }
+            )
+        adam = next((r for r in size_rows if r["optimizer"] == "adam_fused"), None)
+        for row in size_rows:
+            row["step_ratio_vs_adam_fused"] = (
+                row["step_median_s"] / adam["step_median_s"] if adam else None
+            )
+        rows.extend(size_rows)
+        del base
+    return rows
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    print(f"device {device}; threads {torch.get_num_threads()}; batch {BATCH}; medians")
+    header = (
+        f"{'optimizer':<13} {'backend':<10} {'params':>10} {'step ms':>9} {'iter ms':>9} "
+        f"{'step/adam_fused':>16}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ratio = r["step_ratio_vs_adam_fused"]
+        print(
+            f"{r['optimizer']:<13} {r['backend']:<10} {r['n_params']:>10} "
+            f"{r['step_median_s'] * 1e3:>9.2f} {r['iter_median_s'] * 1e3:>9.2f} "
+            f"{'-' if ratio is None else f'{ratio:.2f}':>16}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sizes", default="1M,16M,64M", help="comma list, e.g. 1M,16M,64M")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-install", action="store_true", help="do not pip install elra")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    print_table(rows, args.device)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Flat parameter and gradient buffers: one long vector per kernel launch.
+
+The fused kernels make two passes over every parameter per step. Over a flat buffer each
+pass is one launch with long, aligned, vectorisable loops instead of one launch per
+parameter tensor. For every (param group, device, dtype) bucket we allocate one
+contiguous buffer for the parameters and one for their gradients, then make
+``param.data`` and ``param.grad`` views into them. Autograd accumulates gradients in
+place into an existing ``.grad`` (and so does a ``torch.compile``-d model), so after
+``backward()`` the gradient buffer already holds every gradient: no copy is needed.
+
+What can break the aliasing, and what we do:
+
+* ``zero_grad(set_to_none=True)`` elsewhere (e.g. ``model.zero_grad()``) sets ``.grad`` to
+  None; backward then allocates a fresh tensor. :meth:`FlatBuffer.gather_grads` copies such
+  a gradient into the buffer and re-points ``.grad`` at the view (a slow path, correct);
+  ``ELRA.zero_grad`` instead zeroes the buffer in one fill and keeps the views.
+* A parameter without gradient this step (unused branch): its slice of the gradient buffer
+  is zeroed so the kernels see G = 0, and it is reported so the optimizer can keep its
+  value (the reference optimizer skips such parameters).
+* A parameter moved or re-allocated after the optimizer was built (``model.to(...)``,
+  ``model.half()``, ``load_state_dict(..., assign=True)``): it no longer lives in the
+  buffer, so updating the buffer would silently train a copy. :meth:`FlatBuffer.check`
+  raises instead.
+
+Frozen parameters (``requires_grad=False``) are left out of the buffers entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Reject gradients ELRA cannot use, naming the parameter; changes nothing."""
+    if grad.is_sparse:
+        raise ValueError(f"ELRA: {name} has a sparse gradient; ELRA needs dense gradients")
+    if grad.is_complex():
+        raise ValueError(f"ELRA: {name} has a complex gradient; ELRA supports real parameters only")
+    if grad.shape != param.shape:
+        raise ValueError(f"ELRA: {name} has a gradient of shape {tuple(grad.shape)}")
+
+
+class ParameterMovedError(RuntimeError):
+    """A parameter no longer lives in the flat buffer the optimizer updates."""
+
+
+@dataclass
+class FlatBuffer:
+    """Parameters of one (group, device, dtype) bucket laid end to end.
+
+    Attributes:
+        group_index: index of the param group (its ``wd`` applies to the whole buffer).
+        params: the parameters, in order.
+        offsets: element offset of each parameter in ``data`` / ``grad``.
+        data: 1-D buffer; ``params[i].data`` is a view of it.
+        grad: 1-D buffer; ``params[i].grad`` is (normally) a view of it.
+        names: how errors name each parameter.
+    """
+
+    group_index: int
+    params: list[torch.Tensor]
+    offsets: list[int]
+    data: torch.Tensor
+    grad: torch.Tensor
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.data.numel()
+
+    def view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """The slice of ``flat`` that belongs to ``params[index]``, shaped like it."""
+        param = self.params[index]
+        start = self.offsets[index]
+        return flat[start : start + param.numel()].view_as(param)
+
+    def check(self) -> None:
+        """Raise :class:`ParameterMovedError` if a parameter left the buffer."""
+        base = self.data.data_ptr()
+        itemsize = self.data.element_size()
+        for index, param in enumerate(self.params):
+            expected = base + self.offsets[index] * itemsize
+            if (
+                param.device != self.data.device
+                or param.dtype != self.data.dtype
+                or param.data_ptr() != expected
+            ):
+                raise ParameterMovedError(
+                    f"ELRA: {self.names[index]} was moved or re-allocated after the optimizer "
+                    f"was built (now {param.dtype} on {param.device}); its updates would be "
+                    "lost. Move or cast the model first, then build the optimizer (or load "
+                    "state without assign=True)."
+                )
+
+    def gather_grads(self) -> list[int]:
+        """Make every gradient live in ``self.grad``; return indices without a gradient.
+
+        Gradients that are already views of the buffer cost nothing. A gradient that
+        autograd allocated elsewhere is copied in and ``.grad`` re-pointed at the view.
+        A missing gradient becomes zeros in the buffer (G = 0 for that parameter).
+        """
+        missing: list[int] = []
+        base = self.grad.data_ptr()
+        itemsize = self.grad.element_size()
+        for index, param in enumerate(self.params):
+            grad = param.grad
+            if grad is not None and grad.data_ptr() == base + self.offsets[index] * itemsize:
+                continue
+            target = self.view(self.grad, index)
+            if grad is None:
+                target.zero_()
+                missing.append(index)
+                continue
+            check_grad(self.names[index], param, grad)
+            target.copy_(grad)
+            param.grad = target
+        return missing
+
+    def zero_grad(self) -> None:
+        """One fill over the whole gradient buffer; the ``.grad`` views stay valid."""
+        self.grad.zero_()
+        for index, param in enumerate(self.params):
+            if param.grad is None:
+                param.grad = self.view(self.grad, index)
+
+
+def build_flat_buffers(
+    param_groups: list[dict], describe: Callable[[int, int, torch.Tensor], str] | None = None
+) -> list[FlatBuffer]:
+    """Move the trainable parameters of each group into flat buffers.
+
+    Parameters are bucketed by (group, device, dtype), keeping their order; existing
+    values and gradients are copied in. ``describe(group_index, param_index, param)``
+    names a parameter in error messages.
+    """
+    buffers: list[FlatBuffer] = []
+    for group_index, group in enumerate(param_groups):
+        buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
+        for param_index, param in enumerate(group["params"]):
+            if not param.requires_grad:
+                continue
+            buckets.setdefault((param.device, param.dtype), []).append((param_index, param))
+        for (device, dtype), members in buckets.items():
+            offsets: list[int] = []
+            total = 0
+            for _, param in members:
+                offsets.append(total)
+                total += param.numel()
+            data = torch.empty(total, dtype=dtype, device=device)
+            grad = torch.zeros(total, dtype=dtype, device=device)
+            names = []
+            params = []
+            for (param_index, param), start in zip(members, offsets, strict=True):
+                size = param.numel()
+                with torch.no_grad():
+                    data[start : start + size].copy_(param.detach().reshape(-1))
+                    if param.grad is not None and not param.grad.is_sparse:
+                        grad[start : start + size].copy_(param.grad.detach().reshape(-1))
+                param.data = data[start : start + size].view(param.shape)
+                param.grad = grad[start : start + size].view(param.shape)
+                params.append(param)
+                names.append(
+                    describe(group_index, param_index, param)
+                    if describe
+                    else f"parameter {param_index} of param group {group_index}"
+                )
+            buffers.append(FlatBuffer(group_index, params, offsets, data, grad, names))
+    return buffers

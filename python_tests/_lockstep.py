@@ -1,0 +1,109 @@
+"""Shared by the optimizer tests: a tiny model, its data, and the lock-step oracle check.
+
+Lock step: before every step the float64 reference optimizer (per-parameter passes,
+``memory="standard"``) is loaded with the tested optimizer's exact state -- parameters,
+gradients, the previous-step vector and the control state -- and takes the same step.
+Comparing single steps from a shared state keeps the check sharp: over hundreds of steps
+two correct implementations drift apart chaotically (alpha reacts exponentially to
+rounding), so whole-trajectory comparisons would test the landscape, not the code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from elra_fused import ELRA, control
+
+#: Injected failures: loss spikes (retraced by the f_0 / 5 sigma rules) and a NaN gradient.
+SPIKES = (50, 200)
+NAN_GRAD = 120
+
+
+def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(
+        dtype
+    )
+
+
+def data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randn(64, 6, generator=gen)
+    return inputs.to(dtype), (inputs[:, :1] * 2 - inputs[:, 1:2]).to(dtype)
+
+
+def forward_backward(model, inputs, target, step_index: int) -> torch.Tensor:
+    """Loss and gradients, with the injected failures at their step indices."""
+    loss = torch.nn.functional.mse_loss(
+        model(inputs.to(model[0].weight.dtype)), target.to(model[0].weight.dtype)
+    )
+    loss.backward()
+    if step_index == NAN_GRAD:
+        model[0].weight.grad[0, 0] = math.nan
+    if step_index in SPIKES:
+        loss = loss.detach() * 1e3
+    return loss
+
+
+class Shadow:
+    """A float64 reference optimizer that mirrors ``opt``'s parameters, one group each."""
+
+    def __init__(self, opt: ELRA, **config) -> None:
+        self.opt = opt
+        self.groups = [list(g["params"]) for g in opt.param_groups]
+        self.params = [
+            [torch.nn.Parameter(p.detach().double().clone()) for p in group]
+            for group in self.groups
+        ]
+        self.shadow = ELRA(
+            [
+                {"params": mine, "wd": g["wd"]}
+                for mine, g in zip(self.params, opt.param_groups, strict=True)
+            ],
+            backend="reference",
+            **config,
+        )
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Load opt's exact state, then step both; the caller compares afterwards."""
+        sd = self.opt.state_dict()
+        alpha_prev = sd["elra_control"]["control"][control.ALPHA].item()
+        state = {}
+        index = 0
+        for group_params, group in zip(self.groups, self.opt.param_groups, strict=True):
+            for p in group_params:
+                entry = sd["state"].get(index, {})
+                if "x_prev" in entry:  # point modes: G_{t-1} = (wd x_{t-1} - x_t) / alpha
+                    grad_prev = (
+                        group["wd"] * entry["x_prev"].double() - p.detach().double()
+                    ) / alpha_prev
+                else:
+                    grad_prev = entry.get("grad_prev", torch.zeros_like(p)).double()
+                state[index] = {"grad_prev": grad_prev}
+                index += 1
+        sd = {**sd, "state": state}
+        sd["elra_control"] = {**sd["elra_control"], "memory": "standard"}
+        self.shadow.load_state_dict(sd)
+        for mine_group, theirs_group in zip(self.params, self.groups, strict=True):
+            for mine, theirs in zip(mine_group, theirs_group, strict=True):
+                mine.data.copy_(theirs.detach())
+                mine.grad = None if theirs.grad is None else theirs.grad.detach().double().clone()
+        self.opt.step(loss)
+        self.shadow.step(loss.double())
+
+    def assert_matches(
+        self, step_index: int, rtol: float = 2e-6, atol: float = 2e-6, alpha_rtol: float = 1e-5
+    ) -> None:
+        assert self.opt.last_step_retraced == self.shadow.last_step_retraced, step_index
+        assert math.isclose(self.opt.alpha, self.shadow.alpha, rel_tol=alpha_rtol, abs_tol=1e-12), (
+            step_index,
+            self.opt.alpha,
+            self.shadow.alpha,
+        )
+        for mine_group, theirs_group in zip(self.params, self.groups, strict=True):
+            for mine, theirs in zip(mine_group, theirs_group, strict=True):
+                torch.testing.assert_close(
+                    theirs.detach().double(), mine.detach(), rtol=rtol, atol=atol
+                )

@@ -1,0 +1,176 @@
+"""Memory modes (paper 3.6): recover and offload make the standard mode's decisions."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from _lockstep import NAN_GRAD, SPIKES, Shadow, data, forward_backward, make_model
+
+from elra_fused import ELRA, ops
+
+BACKEND = "cpp" if "cpp" in ops.available_backends("cpu") else "reference"
+STEPS = 300
+#: Offload chunk that divides neither the 129 parameters of the test model nor its layers.
+ODD_CHUNK = 37
+
+
+def build(model: torch.nn.Module, memory: str, **kwargs) -> ELRA:
+    chunk = {"offload_chunk": ODD_CHUNK} if memory == "offload" else {}
+    return ELRA(
+        model.parameters(), backend=BACKEND, memory=memory, cycle_steps=25, **chunk, **kwargs
+    )
+
+
+@pytest.mark.parametrize("memory", ["standard", "recover", "offload"])
+def test_lockstep_with_retraces_and_weight_decay(memory: str) -> None:
+    model = make_model()
+    inputs, target = data()
+    opt = build(model, memory, wd=0.999)
+    shadow = Shadow(opt, cycle_steps=25)
+    for step_index in range(STEPS):
+        opt.zero_grad()
+        shadow.step(forward_backward(model, inputs, target, step_index))
+        # Point modes recover G_{t-1} = (wd x_{t-1} - x_t) / alpha from fp32 points. Right
+        # after a retrace to a tiny alpha (~4e-6 here) that difference is ~1e-3 |x| (the
+        # decay) plus ~1e-8 (the step): rounding of the decay term alone (~1e-11) moves
+        # <G_{t-1}, G_t> by ~1e-3 relative, so alpha agrees to 1e-2 there, not 1e-5.
+        point_mode = memory != "standard"
+        shadow.assert_matches(
+            step_index, rtol=1e-5, atol=1e-5, alpha_rtol=1e-2 if point_mode else 1e-5
+        )
+    assert opt.retrace_count >= 3
+    assert opt.state_dict()["elra_control"]["memory"] == memory
+
+
+@pytest.mark.parametrize("chunk", [1, 7, ODD_CHUNK, 128, 129, 130, 10_000])
+def test_offload_matches_recover_step_by_step(chunk: int) -> None:
+    """Offloading is a transport: from the same state it takes the recover mode's step.
+
+    Only the order of the partial sums of the dots differs (per chunk), so parameters
+    agree to rounding and decisions exactly. Chunk sizes below, at and above the 129
+    parameters of the model, dividing it or not.
+    """
+    model = make_model()
+    twin = make_model()
+    inputs, target = data()
+    recover = ELRA(model.parameters(), backend=BACKEND, memory="recover", wd=0.999)
+    offload = ELRA(
+        twin.parameters(), backend=BACKEND, memory="offload", wd=0.999, offload_chunk=chunk
+    )
+    for step_index in range(120):
+        offload.load_state_dict(recover.state_dict())
+        for mine, theirs in zip(twin.parameters(), model.parameters(), strict=True):
+            mine.data.copy_(theirs.detach())
+        recover.zero_grad()
+        offload.zero_grad()
+        recover.step(forward_backward(model, inputs, target, step_index))
+        offload.step(forward_backward(twin, inputs, target, step_index))
+        assert recover.last_step_retraced == offload.last_step_retraced, step_index
+        for mine, theirs in zip(twin.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+    assert recover.retrace_count >= 2
+
+
+@pytest.mark.parametrize("memory", ["recover", "offload"])
+def test_param_groups_and_dtypes(memory: str) -> None:
+    model = make_model()
+    model[2].half()
+    opt = ELRA(
+        [
+            {"params": list(model[0].parameters()), "wd": 0.99},
+            {"params": list(model[2].parameters())},
+        ],
+        backend=BACKEND,
+        memory=memory,
+        offload_chunk=ODD_CHUNK,
+    )
+    assert sorted(str(b.data.dtype) for b in opt._buffers) == ["torch.float16", "torch.float32"]
+    shadow = Shadow(opt)
+    inputs, target = data()
+    for step_index in range(40):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(
+            model[2](model[1](model[0](inputs)).half()).float(), target
+        )
+        loss.backward()
+        shadow.step(loss)
+        # fp16 parameters round each update to 11 bits.
+        shadow.assert_matches(step_index, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("memory", ["standard", "recover", "offload"])
+def test_state_dict_round_trip(memory: str) -> None:
+    model = make_model()
+    inputs, target = data()
+    opt = build(model, memory, wd=0.999)
+    for step_index in range(8):
+        opt.zero_grad()
+        opt.step(forward_backward(model, inputs, target, step_index))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    for step_index in range(8, 25):
+        opt.zero_grad()
+        opt.step(forward_backward(model, inputs, target, step_index))
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = make_model(seed=3)
+    model2.load_state_dict(saved["model"])
+    opt2 = build(model2, memory, wd=0.999)
+    opt2.load_state_dict(saved["opt"])
+    for step_index in range(8, 25):
+        opt2.zero_grad()
+        opt2.step(forward_backward(model2, inputs, target, step_index))
+    for p, e in zip(model2.parameters(), expected, strict=True):
+        assert torch.equal(p.detach(), e)
+
+
+def test_switching_between_point_modes_on_load_works() -> None:
+    model = make_model()
+    inputs, target = data()
+    opt = build(model, "recover")
+    for step_index in range(5):
+        opt.zero_grad()
+        opt.step(forward_backward(model, inputs, target, step_index))
+    other = build(make_model(seed=2), "offload")
+    other.load_state_dict(opt.state_dict())
+    assert torch.equal(other._stores[0].tensor, opt._stores[0].tensor)
+
+
+@pytest.mark.parametrize(("saved", "loading"), [("standard", "recover"), ("offload", "standard")])
+def test_switching_between_gradient_and_point_modes_is_a_clear_error(
+    saved: str, loading: str
+) -> None:
+    model = make_model()
+    opt = build(model, saved)
+    other = build(make_model(seed=2), loading)
+    before = [p.detach().clone() for p in other.param_groups[0]["params"]]
+    with pytest.raises(ValueError, match=f"saved with memory='{saved}'"):
+        other.load_state_dict(opt.state_dict())
+    for p, b in zip(other.param_groups[0]["params"], before, strict=True):
+        assert torch.equal(p.detach(), b)
+
+
+def test_bad_memory_arguments() -> None:
+    params = make_model().parameters
+    with pytest.raises(ValueError, match="memory must be one of"):
+        ELRA(params(), memory="disk")
+    with pytest.raises(ValueError, match="state_dtype applies to memory='standard'"):
+        ELRA(params(), memory="recover", state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs flat buffers"):
+        ELRA(params(), backend="reference", memory="recover", flat=False)
+    with pytest.raises(ValueError, match="offload_chunk"):
+        ELRA(params(), memory="offload", offload_chunk=0)
+
+
+def test_offload_keeps_x_prev_on_the_host() -> None:
+    model = make_model()
+    opt = build(model, "offload")
+    store = opt._stores[0]
+    assert store.tensor.device.type == "cpu"
+    assert store.chunk == ODD_CHUNK
+    assert len(store.staging) == 2 and all(s.numel() == ODD_CHUNK for s in store.staging)
+    assert NAN_GRAD not in SPIKES
