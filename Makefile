@@ -6,7 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch 2.14.1 is the CUDA 13.0 build: it runs on the CPU and lets nvcc compile the
 # CUDA kernels even on a machine without a GPU.
-REQUIREMENTS := torch==2.14.1 "triton~=3.8" numpy pytest hypothesis ninja ruff "setuptools>=64" wheel
+REQUIREMENTS := torch==2.14.1 "triton~=3.8" numpy pytest hypothesis ninja ruff "setuptools>=64" wheel \
+	mlxtend==0.25.0 lion-pytorch==0.2.5 prodigyopt==1.1.2 tqdm==4.70.1 matplotlib==3.11.2 \
+	scikit-learn==1.9.1
 # nvcc lives here on our machines; torch would otherwise guess /usr/local and fail to link.
 export CUDA_HOME ?= /usr/local/cuda
 
@@ -28,7 +30,10 @@ test: env
 	$(PY) -c "import elra_fused.ops as o; print('extension:', o.cpp_extension_status())"
 	$(PY) -m pytest -q python_tests
 
+# The main job: ELRA vs Adam, Lion and SGD on MNIST-5k (python -m elra_fused, ~1 min),
+# then the paper's 2-D problems.
 run: env
+	$(PY) -m elra_fused
 	$(PY) benchmarks/paper_2d.py --json benchmarks/results/paper_2d.json
 
 lint: $(VENV)/.installed

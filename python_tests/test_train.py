@@ -1,0 +1,103 @@
+"""The training loop and the ``python -m elra_fused`` command line (sklearn digits, CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from elra_fused import ELRA, control
+from elra_fused.train import (
+    OPTIMIZERS,
+    ShuffledBatches,
+    build_model,
+    load_dataset,
+    main,
+    state_bytes,
+    train_run,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def test_digits_split_is_fixed_and_normalised(digits) -> None:
+    assert digits.x_train.shape == (1347, 1, 8, 8) and digits.x_test.shape == (450, 1, 8, 8)
+    assert abs(digits.x_train.mean().item()) < 1e-5
+    assert digits.x_train.std().item() == pytest.approx(1.0, rel=1e-4)
+    again = load_dataset("digits")
+    assert torch.equal(again.y_test, digits.y_test)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("side", [8, 28])
+def test_models_give_ten_logits(model: str, side: int) -> None:
+    net = build_model(model, side)
+    assert net(torch.randn(3, 1, side, side)).shape == (3, 10)
+
+
+def test_shuffled_batches_reshuffle_and_keep_the_short_last_batch() -> None:
+    x, y = torch.arange(10.0), torch.arange(10)
+    batches = ShuffledBatches(x, y, 4, seed=0)
+    first, second = list(batches), list(batches)
+    assert [len(b[0]) for b in first] == [4, 4, 2] and len(batches) == 3
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
+    assert sorted(torch.cat([b[0] for b in first]).tolist()) == x.tolist()
+
+
+def test_state_bytes_counts_optimizer_state_tensors() -> None:
+    model = torch.nn.Linear(10, 3)  # 33 parameters
+    opt = ELRA(model.parameters())
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step(torch.tensor(1.0))
+    # G_{t-1} in float32 plus the float64 control vector
+    assert state_bytes(opt) == 33 * 4 + control.STATE_SIZE * 8
+    adam = torch.optim.Adam(model.parameters())
+    adam.step()
+    assert state_bytes(adam) >= 2 * 33 * 4
+
+
+def test_elra_learns_digits_end_to_end(digits) -> None:
+    result = train_run("elra", digits, "mlp", epochs=4, seed=0, boost=True, progress=False)
+    assert result.best_test_acc > 0.8  # chance is 0.1
+    assert result.train_loss[-1] < result.train_loss[0]
+    assert len(result.test_acc) == len(result.boosted_test_acc) == 4
+    assert len(result.alpha_trace) == len(result.batch_trace) == result.steps > 0
+    assert all(bs % 32 == 0 and bs >= 64 for bs in result.batch_trace)  # bs_t = m_t x 32
+
+
+def test_cli_writes_json_and_png(tmp_path: Path) -> None:
+    json_path, png_path = tmp_path / "out.json", tmp_path / "out.png"
+    args = ["--dataset", "digits", "--epochs", "1", "--seeds", "1", "--boost", "--no-progress"]
+    args += ["--threads", "0"]  # keep torch's thread setting for the other tests
+    main([*args, "--json", str(json_path), "--plot", str(png_path)])
+    payload = json.loads(json_path.read_text())
+    assert payload["dataset"] == "digits" and payload["model"] == "mlp"
+    assert payload["epochs"] == 1
+    assert set(payload["results"]) == set(OPTIMIZERS)
+    for entry in payload["results"].values():
+        for key in ("best_test_acc", "final_train_loss", "sec_per_epoch"):
+            assert len(entry[key]) == 1 and isinstance(entry[key][0], float)
+        assert 0.0 <= entry["best_test_acc"][0] <= 1.0
+    assert len(payload["results"]["elra"]["boosted_best_test_acc"]) == 1
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_entry_point_rejects_unknown_optimizer() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "elra_fused", "--optimizers", "elra,adamw"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 2
+    assert "adamw" in completed.stderr
