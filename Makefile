@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch 2.14.1 is the CUDA 13.0 build: it runs on the CPU and lets nvcc compile the
 # CUDA kernels even on a machine without a GPU.
-REQUIREMENTS := torch==2.14.1 "triton~=3.8" numpy pytest hypothesis ninja ruff "setuptools>=64" wheel \
+REQUIREMENTS := torch==2.14.1 triton==3.8.0 numpy==2.4.6 pytest==9.2.0 hypothesis==6.170.17 \
+	ninja==1.13.2 ruff==0.17.6 "setuptools>=64" wheel \
 	mlxtend==0.25.0 lion-pytorch==0.2.5 prodigyopt==1.1.2 tqdm==4.70.1 matplotlib==3.11.2 \
 	scikit-learn==1.9.1
 # nvcc lives here on our machines; torch would otherwise guess /usr/local and fail to link.
