@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from _lockstep import NAN_GRAD, SPIKES, Shadow, data, forward_backward, make_model
+from _lockstep import NAN_GRAD, Shadow, data, forward_backward, make_model
 
 from elra_fused import ELRA, ops
 
@@ -173,4 +173,24 @@ def test_offload_keeps_x_prev_on_the_host() -> None:
     assert store.tensor.device.type == "cpu"
     assert store.chunk == ODD_CHUNK
     assert len(store.staging) == 2 and all(s.numel() == ODD_CHUNK for s in store.staging)
-    assert NAN_GRAD not in SPIKES
+
+
+@pytest.mark.parametrize("memory", ["recover", "offload"])
+def test_point_modes_make_no_host_sync(memory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model()
+    inputs, target = data()
+    opt = build(model, memory)
+    for step_index in range(3):
+        opt.zero_grad()
+        opt.step(forward_backward(model, inputs, target, step_index))
+    opt.zero_grad()
+    loss = forward_backward(model, inputs, target, NAN_GRAD)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync in ELRA.step")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"):
+            patch.setattr(torch.Tensor, name, forbidden)
+        opt.step(loss)
+    assert opt.last_step_retraced
