@@ -20,6 +20,14 @@ read and every vector written (element size of the storage dtype; coefficients a
     update_recover_ (acc.)  read x, G; write x, x_prev               4 N
     update_recover_ (retr.) read x, x_prev; write x                  3 N
 
+Compact state rows (dtype "float32+bf16state"): G_prev stored as bfloat16 next to
+float32 x and G, for the two standard-mode ops that touch it. Bytes are counted per
+vector at its own element size (4 bytes for x and G, 2 for G_prev):
+
+    dots                    read G (4), G_prev (2)                   6 N
+    update_ (accept)        read x, G; write x (4 each), G_prev (2)  14 N
+    update_ (retrace)       read x (4), G_prev (2); write x (4)      10 N
+
 The torch-unfused baseline does the same math with separate torch ops, so it actually
 moves more bytes (several passes, temporaries); it is scored with the same byte count,
 i.e. its GB/s is an *effective* bandwidth and the ratio is a plain time ratio.
@@ -32,16 +40,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from elra_fused import ops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from elra_fused import ops  # noqa: E402
 
 DEFAULT_SIZES = (1 << 20, 16 << 20, 64 << 20)
 DTYPE = torch.float32
+#: Compact storage of G_prev (elra_fused.ops.STATE_DTYPE_COMPACT) and its row label.
+STATE_DTYPE = torch.bfloat16
+MIXED_LABEL = "float32+bf16state"
 DECAY, STEP, BACK, INV_ALPHA = 0.9997, 1e-3, 5e-4, 1e3
 # Repeat until about this much time is spent per measurement, within these bounds.
 TARGET_SECONDS = 1.0
@@ -58,6 +72,12 @@ VECTORS_MOVED = {
     "update_retrace": 3,
     "update_recover_accept": 4,
     "update_recover_retrace": 3,
+}
+# Compact-state ops -> (vectors moved at DTYPE's size, vectors moved at STATE_DTYPE's size)
+MIXED_VECTORS_MOVED = {
+    "dots": (1, 1),
+    "update_accept": (3, 1),
+    "update_retrace": (2, 1),
 }
 
 
@@ -117,6 +137,30 @@ def _unfused_ops(t: dict[str, torch.Tensor]) -> dict[str, Callable[[], object]]:
     }
 
 
+def _unfused_mixed_ops(t: dict[str, torch.Tensor]) -> dict[str, Callable[[], object]]:
+    """Baseline for the compact state: the same torch calls with a bf16 G_prev (casts
+    happen inside dot's input conversion, copy_ and add_)."""
+    x, g, gp16 = t["x"], t["g"], t["gp16"]
+    return {
+        "dots": lambda: torch.stack([torch.dot(g, g), torch.dot(gp16.float(), g)]),
+        "update_accept": lambda: (gp16.copy_(g), x.mul_(DECAY).add_(g, alpha=-STEP)),
+        "update_retrace": lambda: x.add_(gp16, alpha=BACK),
+    }
+
+
+def _fused_mixed_ops(
+    k: ops.KernelSet, t: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, Callable[[], object]]:
+    x, g, gp16 = t["x"], t["g"], t["gp16"]
+    acc = torch.tensor([1.0, DECAY, STEP, BACK], dtype=torch.float64, device=device)
+    ret = torch.tensor([0.0, DECAY, STEP, BACK], dtype=torch.float64, device=device)
+    return {
+        "dots": lambda: k.dots(g, gp16),
+        "update_accept": lambda: k.update_(x, g, gp16, acc),
+        "update_retrace": lambda: k.update_(x, g, gp16, ret),
+    }
+
+
 def _fused_ops(
     k: ops.KernelSet, t: dict[str, torch.Tensor], device: torch.device
 ) -> dict[str, Callable[[], object]]:
@@ -140,29 +184,43 @@ def bench(device: torch.device, sizes: list[int]) -> list[dict[str, object]]:
         backends = [b for b in backends if b != "triton"]  # interpreter: not a perf path
     rows: list[dict[str, object]] = []
     esize = torch.tensor([], dtype=DTYPE).element_size()
+    ssize = torch.tensor([], dtype=STATE_DTYPE).element_size()
+    label = str(DTYPE).removeprefix("torch.")
+
+    def nbytes_of(op: str, dtype_label: str, n: int) -> int:
+        if dtype_label == MIXED_LABEL:
+            wide, narrow = MIXED_VECTORS_MOVED[op]
+            return (wide * esize + narrow * ssize) * n
+        return VECTORS_MOVED[op] * n * esize
+
     for n in sizes:
         t = {name: torch.randn(n, dtype=DTYPE, device=device) for name in ("x", "g", "gp", "xp")}
+        t["gp16"] = t["gp"].to(STATE_DTYPE)
         dst = torch.empty_like(t["g"])
-        timings: dict[tuple[str, str], tuple[float, float]] = {
-            ("copy", "torch"): time_op(_copy_op(dst, t["g"]), device)
+        timings: dict[tuple[str, str, str], tuple[float, float]] = {
+            ("copy", "torch", label): time_op(_copy_op(dst, t["g"]), device)
         }
         del dst
         for op, fn in _unfused_ops(t).items():
-            timings[(op, UNFUSED)] = time_op(fn, device)
+            timings[(op, UNFUSED, label)] = time_op(fn, device)
+        for op, fn in _unfused_mixed_ops(t).items():
+            timings[(op, UNFUSED, MIXED_LABEL)] = time_op(fn, device)
         for backend in backends:
             kset = ops.get_kernels(backend, device)
             for op, fn in _fused_ops(kset, t, device).items():
-                timings[(op, backend)] = time_op(fn, device)
-        copy_gbps = VECTORS_MOVED["copy"] * n * esize / timings[("copy", "torch")][0] / 1e9
-        for (op, backend), (sec, min_sec) in timings.items():
-            nbytes = VECTORS_MOVED[op] * n * esize
+                timings[(op, backend, label)] = time_op(fn, device)
+            for op, fn in _fused_mixed_ops(kset, t, device).items():
+                timings[(op, backend, MIXED_LABEL)] = time_op(fn, device)
+        copy_gbps = VECTORS_MOVED["copy"] * n * esize / timings[("copy", "torch", label)][0] / 1e9
+        for (op, backend, dtype_label), (sec, min_sec) in timings.items():
+            nbytes = nbytes_of(op, dtype_label, n)
             gbps = nbytes / sec / 1e9
             rows.append(
                 {
                     "op": op,
                     "backend": backend,
                     "n": n,
-                    "dtype": str(DTYPE).removeprefix("torch."),
+                    "dtype": dtype_label,
                     "median_s": sec,
                     "bytes": nbytes,
                     "gbps": gbps,
@@ -175,18 +233,19 @@ def bench(device: torch.device, sizes: list[int]) -> list[dict[str, object]]:
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    base = {(r["op"], r["n"]): r["median_s"] for r in rows if r["backend"] == UNFUSED}
+    base = {(r["op"], r["n"], r["dtype"]): r["median_s"] for r in rows if r["backend"] == UNFUSED}
     header = (
-        f"{'op':<24}{'backend':<15}{'n':>10}{'median ms':>11}{'min ms':>9}{'GB/s':>8}"
-        f"{'frac_copy':>10}{'vs unfused':>11}"
+        f"{'op':<24}{'backend':<15}{'dtype':<19}{'n':>10}{'median ms':>11}{'min ms':>9}"
+        f"{'GB/s':>8}{'frac_copy':>10}{'vs unfused':>11}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
-        ref_s = base.get((r["op"], r["n"]))
+        ref_s = base.get((r["op"], r["n"], r["dtype"]))
         speed = f"{ref_s / r['median_s']:.2f}x" if ref_s else "-"
         print(
-            f"{r['op']:<24}{r['backend']:<15}{r['n']:>10}{r['median_s'] * 1e3:>11.3f}"
+            f"{r['op']:<24}{r['backend']:<15}{r['dtype']:<19}{r['n']:>10}"
+            f"{r['median_s'] * 1e3:>11.3f}"
             f"{r['min_s'] * 1e3:>9.3f}"
             f"{r['gbps']:>8.2f}{r['frac_of_copy']:>10.2f}{speed:>11}"
         )

@@ -8,6 +8,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -33,6 +35,21 @@ constexpr int64_t kRCoefDecay = 0;
 constexpr int64_t kRCoefInvAlphaPrev = 1;
 constexpr int64_t kRecoverCoeffsLen = 2;
 
+// The standard-mode state (grad_prev) is stored either like x / grad (S = T) or compactly
+// as bfloat16 (S = c10::BFloat16; check_like(..., allow_bf16_state) validated that these
+// are the only options). Calls f with a null S* as a type tag:
+//   dispatch_state_type<scalar_t>(grad_prev.scalar_type(), [&](auto* tag) {
+//     using S = std::remove_pointer_t<decltype(tag)>; ... });
+// For T = bfloat16 both branches are the same instantiation.
+template <typename T, typename F>
+void dispatch_state_type(c10::ScalarType state, const F& f) {
+  if (state == c10::CppTypeToScalarType<T>::value) {
+    f(static_cast<T*>(nullptr));
+  } else {
+    f(static_cast<c10::BFloat16*>(nullptr));
+  }
+}
+
 inline bool is_supported_dtype(c10::ScalarType t) {
   return t == c10::kFloat || t == c10::kBFloat16 || t == c10::kHalf;
 }
@@ -49,13 +66,29 @@ inline void check_first_vector(const at::Tensor& t, const char* op, const char* 
   TORCH_CHECK_VALUE(t.is_contiguous(), "elra_fused.", op, ": ", name, " must be contiguous");
 }
 
+// The previous-gradient state of the standard-mode ops may be stored compactly: its
+// dtype is either the reference's (x / grad) or bfloat16, whatever the reference dtype.
+inline bool is_allowed_state_dtype(c10::ScalarType state, c10::ScalarType ref) {
+  return state == ref || state == c10::kBFloat16;
+}
+
+// `allow_bf16_state`: t is the grad_prev state of dots / update_, which may be bfloat16
+// while ref is not (elra_fused/ops.py: _check_like(..., state=True)).
 inline void check_like(const at::Tensor& t, const char* op, const char* name,
-                       const at::Tensor& ref, const char* ref_name) {
+                       const at::Tensor& ref, const char* ref_name,
+                       bool allow_bf16_state = false) {
   TORCH_CHECK_TYPE(t.layout() == c10::kStrided, "elra_fused.", op, ": ", name,
                    " must be a dense (strided) tensor, got layout ", t.layout());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "elra_fused.", op, ": ", name,
-                   " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ",
-                   ref.scalar_type(), "; all vector arguments must share one dtype");
+  if (allow_bf16_state) {
+    TORCH_CHECK_TYPE(is_allowed_state_dtype(t.scalar_type(), ref.scalar_type()), "elra_fused.",
+                     op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
+                     " has dtype ", ref.scalar_type(), "; ", name, " must have ", ref_name,
+                     "'s dtype or bfloat16 (compact state)");
+  } else {
+    TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "elra_fused.", op, ": ", name,
+                     " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ",
+                     ref.scalar_type(), "; all vector arguments must share one dtype");
+  }
   TORCH_CHECK_VALUE(t.device() == ref.device(), "elra_fused.", op, ": ", name, " is on ",
                     t.device(), " but ", ref_name, " is on ", ref.device());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == ref.numel(), "elra_fused.", op, ": ", name,
@@ -81,18 +114,20 @@ inline void check_coeffs(const at::Tensor& c, const char* op, int64_t len,
 // overlapping buffers would make the result depend on the kernel's traversal order.
 inline void check_no_overlap(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                              const char* b_name, const char* op) {
-  if (a.numel() == 0) return;
+  if (a.numel() == 0 || b.numel() == 0) return;
   const auto* pa = static_cast<const char*>(a.const_data_ptr());
   const auto* pb = static_cast<const char*>(b.const_data_ptr());
-  const int64_t bytes = a.numel() * static_cast<int64_t>(a.element_size());
-  const bool overlap = (pa < pb + bytes) && (pb < pa + bytes);
+  // Byte spans per tensor: the element sizes differ when the state is bfloat16.
+  const int64_t a_bytes = a.numel() * static_cast<int64_t>(a.element_size());
+  const int64_t b_bytes = b.numel() * static_cast<int64_t>(b.element_size());
+  const bool overlap = (pa < pb + b_bytes) && (pb < pa + a_bytes);
   TORCH_CHECK_VALUE(!overlap, "elra_fused.", op, ": ", a_name, " and ", b_name,
                     " share memory; they must be distinct buffers");
 }
 
 inline void check_dots(const at::Tensor& grad, const at::Tensor& grad_prev) {
   check_first_vector(grad, "dots", "grad");
-  check_like(grad_prev, "dots", "grad_prev", grad, "grad");
+  check_like(grad_prev, "dots", "grad_prev", grad, "grad", /*allow_bf16_state=*/true);
 }
 
 inline void check_dots_recover(const at::Tensor& x_prev, const at::Tensor& x,
@@ -103,13 +138,14 @@ inline void check_dots_recover(const at::Tensor& x_prev, const at::Tensor& x,
   check_coeffs(coeffs, "dots_recover", kRecoverCoeffsLen, x, "x");
 }
 
-// Shared by update_ (other = grad_prev) and update_recover_ (other = x_prev).
+// Shared by update_ (other = grad_prev, may be bfloat16: allow_bf16_state) and
+// update_recover_ (other = x_prev, a point: always x's dtype).
 inline void check_update(const char* op, const at::Tensor& x, const at::Tensor& grad,
                          const at::Tensor& other, const char* other_name,
-                         const at::Tensor& coeffs) {
+                         const at::Tensor& coeffs, bool allow_bf16_state) {
   check_first_vector(x, op, "x");
   check_like(grad, op, "grad", x, "x");
-  check_like(other, op, other_name, x, "x");
+  check_like(other, op, other_name, x, "x", allow_bf16_state);
   check_coeffs(coeffs, op, kUpdateCoeffsLen, x, "x");
   check_no_overlap(x, "x", grad, "grad", op);
   check_no_overlap(x, "x", other, other_name, op);

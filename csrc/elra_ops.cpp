@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "elra_common.h"
@@ -50,14 +51,34 @@ int num_threads_for(int64_t n) {
 }
 
 // Storage codec of the element loops: how a stored element becomes fp32 and back.
-// float32 and float16 use c10's conversions. (float16 on CPU stays scalar without F16C;
-// it is correct but well below memory bandwidth -- not a target dtype on CPU.)
+// float32 is the identity; bfloat16 and float16 work on raw uint16_t bits with
+// branch-free conversions the loop vectorizer can handle (specializations below).
 template <typename T>
 struct Codec {
   using Raw = T;
   static float load(Raw v) { return static_cast<float>(v); }
   static Raw store(float f) { return static_cast<T>(f); }
 };
+
+inline float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// c ? a : b with integer masks. A plain ?: between values computed by float ops lets
+// GCC sink those ops into branches (they may trap under the default -ftrapping-math),
+// and then the loop no longer vectorizes ("control flow in loop").
+inline uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
 
 // bfloat16 as raw uint16_t bits with the same rounding as c10::BFloat16 (round to nearest
 // even, NaN -> 0x7FC0), written branch-free: the c10 struct's per-element constructor
@@ -68,23 +89,78 @@ struct Codec<c10::BFloat16> {
   using Raw = uint16_t;
   static constexpr uint32_t kRoundBias = 0x7FFFu;
   static constexpr uint16_t kQuietNaN = 0x7FC0u;
-  static float load(Raw v) {
-    const uint32_t u = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof(f));
-    return f;
-  }
+  static float load(Raw v) { return bits_to_f32(static_cast<uint32_t>(v) << 16); }
   static Raw store(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof(u));
+    const uint32_t u = f32_to_bits(f);
     const auto rounded = static_cast<uint16_t>((u + kRoundBias + ((u >> 16) & 1u)) >> 16);
     return f != f ? kQuietNaN : rounded;  // f != f: the NaN test, as a vectorizable compare
+  }
+};
+
+// float16 as raw uint16_t bits, bit-identical to c10::Half's portable (non-F16C)
+// conversions: exact widening, round to nearest even on narrowing (overflow -> +-inf,
+// fp32 values below the fp16 subnormal range -> +-0), NaN -> sign | 0x7E00. Without
+// -mf16c, c10::Half converts one element at a time through a function with an `if`,
+// which keeps GCC from vectorizing the loops; these selects vectorize with plain SSE2.
+// Both directions use only IEEE add / multiply on normal numbers, so flush-to-zero /
+// denormals-are-zero modes (torch.set_flush_denormal) do not change the results, and
+// no multiply feeds an add (nothing for FMA contraction to fuse).
+template <>
+struct Codec<c10::Half> {
+  using Raw = uint16_t;
+  static float load(Raw h) {
+    // Half bits moved into an fp32 exponent offset by 0xE0 (so a half inf/NaN exponent
+    // becomes 0xFF), then scaled back by 2^-112 (exact; inf/NaN stay inf/NaN).
+    // Subnormal halves: mantissa placed under 0.5f's exponent, minus 0.5f (exact).
+    constexpr uint32_t kExpOffset = 0xE0u << 23;
+    constexpr uint32_t kScaleBits = 15u << 23;  // 2^-112
+    constexpr uint32_t kHalfBits = 126u << 23;  // 0.5f
+    constexpr uint32_t kSubnormalCutoff = 1u << 27;
+    const uint32_t w = static_cast<uint32_t>(h) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normal = bits_to_f32((two_w >> 4) + kExpOffset) * bits_to_f32(kScaleBits);
+    const float subnormal = bits_to_f32((two_w >> 17) | kHalfBits) - 0.5f;
+    return bits_to_f32(
+        sign | select_bits(two_w < kSubnormalCutoff, f32_to_bits(subnormal), f32_to_bits(normal)));
+  }
+  static Raw store(float f) {
+    constexpr uint32_t kMinNormal = 113u << 23;     // 2^-14, smallest normal half
+    constexpr uint32_t kOverflow = 143u << 23;      // 2^16: rounds to inf from here up
+    constexpr uint32_t kInfBits = 0x7F800000u;
+    constexpr uint32_t kRebias = static_cast<uint32_t>(15 - 127) << 23;  // wraps mod 2^32
+    const uint32_t u = f32_to_bits(f);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7FFFFFFFu;  // |f|
+    // Subnormal (or zero) half: adding 0.5f puts the unit 2^-24 in fp32's last mantissa
+    // place, so the hardware add rounds to nearest even; a round-up into 2^-14 yields
+    // the smallest normal's encoding, as it should.
+    const uint32_t sub = f32_to_bits(bits_to_f32(a) + 0.5f) - 0x3F000000u;
+    // Normal half: rebias the exponent, then drop 13 mantissa bits with round to nearest
+    // even (add 0xFFF plus the lowest kept bit); a carry bumps the exponent, up to inf.
+    const uint32_t norm = (a + kRebias + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+    uint32_t r = select_bits(a < kMinNormal, sub, norm);
+    r = select_bits(a >= kOverflow, 0x7C00u, r);
+    r = select_bits(a > kInfBits, 0x7E00u, r);  // NaN (c10's quiet NaN)
+    return static_cast<Raw>(r | sign);
   }
 };
 
 template <typename T>
 inline const typename Codec<T>::Raw* raw_ptr(const T* p) {
   return reinterpret_cast<const typename Codec<T>::Raw*>(p);
+}
+
+// A value stored as T, re-stored as the state type S: a bit copy when S == T, otherwise
+// T -> fp32 (exact) -> S with S's codec (for bfloat16: round to nearest even, NaN kept,
+// bit-identical to torch's .to(torch.bfloat16)). Branch-free either way.
+template <typename T, typename S>
+inline typename Codec<S>::Raw to_state(typename Codec<T>::Raw v) {
+  if constexpr (std::is_same_v<T, S>) {
+    return v;
+  } else {
+    return Codec<S>::store(Codec<T>::load(v));
+  }
 }
 
 // Per-element G_prev in recover mode. Written as (x_prev - x) + (decay - 1) * x_prev
@@ -191,53 +267,55 @@ void parallel_chunks(int64_t n, const Body& body) {
 // x may change a captured coefficient, which blocks vectorization.
 //
 // Accept. Standard mode: other = grad_prev <- grad. Recover mode: other = x_prev <- x.
-template <typename T, bool kRecover>
-void accept_range(T* __restrict x, const T* __restrict g, T* __restrict other, float decay,
+// S is other's storage type: T, or bfloat16 for a compact grad_prev (standard mode only).
+template <typename T, typename S, bool kRecover>
+void accept_range(T* __restrict x, const T* __restrict g, S* __restrict other, float decay,
                   float step, int64_t begin, int64_t end) {
+  static_assert(!kRecover || std::is_same_v<T, S>, "x_prev is a point: stored like x");
   using C = Codec<T>;
   using Raw = typename C::Raw;
   auto* __restrict xr = reinterpret_cast<Raw*>(x);
   const auto* __restrict gr = reinterpret_cast<const Raw*>(g);
-  auto* __restrict orw = reinterpret_cast<Raw*>(other);
+  auto* __restrict orw = reinterpret_cast<typename Codec<S>::Raw*>(other);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const Raw xi = xr[i];
     const Raw gi = gr[i];
-    orw[i] = kRecover ? xi : gi;  // bit copy
+    orw[i] = to_state<T, S>(kRecover ? xi : gi);  // bit copy, or rounded to bf16
     xr[i] = C::store(decay * C::load(xi) - step * C::load(gi));
   }
 }
 
 // Retrace. The gradient is not an argument: it cannot be read.
-template <typename T, bool kRecover>
-void retrace_range(T* __restrict x, const T* __restrict other, float back, float decay_m1,
+template <typename T, typename S, bool kRecover>
+void retrace_range(T* __restrict x, const S* __restrict other, float back, float decay_m1,
                    int64_t begin, int64_t end) {
   using C = Codec<T>;
   using Raw = typename C::Raw;
   auto* __restrict xr = reinterpret_cast<Raw*>(x);
-  const auto* __restrict orw = reinterpret_cast<const Raw*>(other);
+  const auto* __restrict orw = raw_ptr(other);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const float xi = C::load(xr[i]);
-    const float oi = C::load(orw[i]);
+    const float oi = Codec<S>::load(orw[i]);
     const float dir = kRecover ? recover_diff(oi, xi, decay_m1) : oi;
     xr[i] = C::store(xi + back * dir);
   }
 }
 
-template <typename T, bool kRecover>
-void update_typed(T* x, const T* g, T* other, const UpdateCoeffs& k, int64_t n) {
+template <typename T, typename S, bool kRecover>
+void update_typed(T* x, const T* g, S* other, const UpdateCoeffs& k, int64_t n) {
   const float decay = k.decay;
   const float step = k.step;
   const float back = k.back;
   const float decay_m1 = k.decay_m1;
   if (k.accept) {
     parallel_chunks(n, [=](int64_t begin, int64_t end) {
-      accept_range<T, kRecover>(x, g, other, decay, step, begin, end);
+      accept_range<T, S, kRecover>(x, g, other, decay, step, begin, end);
     });
   } else {
     parallel_chunks(n, [=](int64_t begin, int64_t end) {
-      retrace_range<T, kRecover>(x, other, back, decay_m1, begin, end);
+      retrace_range<T, S, kRecover>(x, other, back, decay_m1, begin, end);
     });
   }
 }
@@ -247,11 +325,13 @@ at::Tensor dots_cpu(const at::Tensor& grad, const at::Tensor& grad_prev) {
   at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
   const int64_t n = grad.numel();
   ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots", [&] {
-    using C = Codec<scalar_t>;
-    const auto* gp = raw_ptr(grad_prev.const_data_ptr<scalar_t>());
-    dots_driver(
-        grad.const_data_ptr<scalar_t>(), n, [gp](int64_t i) { return C::load(gp[i]); },
-        out.data_ptr<double>());
+    dispatch_state_type<scalar_t>(grad_prev.scalar_type(), [&](auto* tag) {
+      using S = std::remove_pointer_t<decltype(tag)>;  // grad_prev: scalar_t or bfloat16
+      const auto* gp = raw_ptr(grad_prev.const_data_ptr<S>());
+      dots_driver(
+          grad.const_data_ptr<scalar_t>(), n,
+          [gp](int64_t i) { return Codec<S>::load(gp[i]); }, out.data_ptr<double>());
+    });
   });
   return out;
 }
@@ -280,21 +360,25 @@ at::Tensor dots_recover_cpu(const at::Tensor& x_prev, const at::Tensor& x,
 
 void update_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& grad_prev,
                 const at::Tensor& coeffs) {
-  check_update("update_", x, grad, grad_prev, "grad_prev", coeffs);
+  check_update("update_", x, grad, grad_prev, "grad_prev", coeffs, /*allow_bf16_state=*/true);
   const UpdateCoeffs k = load_update_coeffs(coeffs);
   ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update_", [&] {
-    update_typed<scalar_t, false>(x.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                  grad_prev.data_ptr<scalar_t>(), k, x.numel());
+    dispatch_state_type<scalar_t>(grad_prev.scalar_type(), [&](auto* tag) {
+      using S = std::remove_pointer_t<decltype(tag)>;  // grad_prev: scalar_t or bfloat16
+      update_typed<scalar_t, S, false>(x.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                       grad_prev.data_ptr<S>(), k, x.numel());
+    });
   });
 }
 
 void update_recover_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_prev,
                         const at::Tensor& coeffs) {
-  check_update("update_recover_", x, grad, x_prev, "x_prev", coeffs);
+  check_update("update_recover_", x, grad, x_prev, "x_prev", coeffs, /*allow_bf16_state=*/false);
   const UpdateCoeffs k = load_update_coeffs(coeffs);
   ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update_recover_", [&] {
-    update_typed<scalar_t, true>(x.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                 x_prev.data_ptr<scalar_t>(), k, x.numel());
+    update_typed<scalar_t, scalar_t, true>(x.data_ptr<scalar_t>(),
+                                           grad.const_data_ptr<scalar_t>(),
+                                           x_prev.data_ptr<scalar_t>(), k, x.numel());
   });
 }
 

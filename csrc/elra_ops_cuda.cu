@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "elra_common.h"
 
@@ -38,18 +39,35 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxReduceBlocks = 1024;
 // Element-wise kernels: grid-stride with this many blocks per SM.
 constexpr int kBlocksPerSm = 8;
-constexpr int kVecBytes = 16;  // 128-bit loads/stores
+constexpr int kVecBytes = 16;  // 128-bit loads/stores of the widest vector
 
-// 16 bytes of T: 4 floats or 8 bf16/fp16.
+// Elements per vector step: 16 bytes of the x / grad type T (4 floats or 8 bf16/fp16).
+// A compact bfloat16 state (S != T) is loaded with the same element count, i.e. in
+// narrower packs (4 bf16 = 8 bytes next to 4 floats), so every tensor is aligned to its
+// own pack size (aligned_pack), not to one 16-byte assumption.
 template <typename T>
-struct alignas(kVecBytes) Pack {
-  static constexpr int kN = kVecBytes / sizeof(T);
-  T v[kN];
+constexpr int kPackN = kVecBytes / static_cast<int>(sizeof(T));
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
 };
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v) {
   return static_cast<float>(v);
+}
+
+// A value stored as T, re-stored as the state type S: a bit copy when S == T, otherwise
+// T -> fp32 (exact) -> S with c10's conversion (bf16: round to nearest even, the same
+// device conversion torch's own .to(torch.bfloat16) uses, so the bits match).
+template <typename T, typename S>
+__device__ __forceinline__ S to_state(T v) {
+  if constexpr (std::is_same_v<T, S>) {
+    return v;
+  } else {
+    return static_cast<S>(to_f(v));
+  }
 }
 
 // See recover_diff in elra_ops.cpp: (x_prev - x) + (decay - 1) * x_prev keeps the small
@@ -58,7 +76,11 @@ __device__ __forceinline__ float recover_diff(float xp, float x, float decay_m1)
   return (xp - x) + decay_m1 * xp;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+// True when p (holding elements of E) may be read in packs of kPackN<T> elements of E.
+template <typename T, typename E>
+bool aligned_pack(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(E) * kPackN<T>) == 0;
+}
 
 // Sum over the block; valid in thread 0. Fixed shuffle tree => deterministic.
 __device__ __forceinline__ double block_sum(double v, double* smem) {
@@ -76,10 +98,12 @@ __device__ __forceinline__ double block_sum(double v, double* smem) {
 }
 
 // G_prev_i either loaded (standard) or recovered from the two points (recover mode).
-template <typename T, bool kRecover>
+// S: storage type of a / b (standard mode: grad's type or bfloat16; recover: x's type).
+// N: elements per pack (kPackN of grad's type).
+template <typename S, int N, bool kRecover>
 struct GPrevSrc {
-  const T* __restrict__ a;  // standard: grad_prev; recover: x_prev
-  const T* __restrict__ b;  // recover: x (unused in standard mode)
+  const S* __restrict__ a;  // standard: grad_prev; recover: x_prev
+  const S* __restrict__ b;  // recover: x (unused in standard mode)
   float decay_m1;
   float inv_alpha;
   __device__ __forceinline__ float at(int64_t i) const {
@@ -90,28 +114,29 @@ struct GPrevSrc {
     }
   }
   __device__ __forceinline__ void at_pack(int64_t k, float* out) const {
-    using P = Pack<T>;
+    using P = Pack<S, N>;
     const P pa = reinterpret_cast<const P*>(a)[k];
     if constexpr (kRecover) {
       const P pb = reinterpret_cast<const P*>(b)[k];
 #pragma unroll
-      for (int j = 0; j < P::kN; ++j) {
+      for (int j = 0; j < N; ++j) {
         out[j] = recover_diff(to_f(pa.v[j]), to_f(pb.v[j]), decay_m1) * inv_alpha;
       }
     } else {
 #pragma unroll
-      for (int j = 0; j < P::kN; ++j) out[j] = to_f(pa.v[j]);
+      for (int j = 0; j < N; ++j) out[j] = to_f(pa.v[j]);
     }
   }
 };
 
 // Stage 1: partials[2 * block + {0,1}] = block's [sum g*g, sum gp*g].
-template <typename T, bool kRecover>
+template <typename T, typename S, bool kRecover>
 __global__ void __launch_bounds__(kThreads)
-    dots_partial_kernel(const T* __restrict__ g, GPrevSrc<T, kRecover> src,
+    dots_partial_kernel(const T* __restrict__ g, GPrevSrc<S, kPackN<T>, kRecover> src,
                         const double* __restrict__ coeffs, int64_t n, bool vec_ok,
                         double* __restrict__ partials) {
-  using P = Pack<T>;
+  constexpr int kN = kPackN<T>;
+  using P = Pack<T, kN>;
   if constexpr (kRecover) {  // coefficients read on device, converted once per thread
     src.decay_m1 = static_cast<float>(coeffs[kRCoefDecay] - 1.0);
     src.inv_alpha = static_cast<float>(coeffs[kRCoefInvAlphaPrev]);
@@ -122,15 +147,15 @@ __global__ void __launch_bounds__(kThreads)
   double s_gpg = 0.0;
   int64_t scalar_begin = 0;
   if (vec_ok) {
-    const int64_t n_vec = n / P::kN;
+    const int64_t n_vec = n / kN;
     for (int64_t k = tid; k < n_vec; k += stride) {
       const P pg = reinterpret_cast<const P*>(g)[k];
-      float gp[P::kN];
+      float gp[kN];
       src.at_pack(k, gp);
       float f_gg = 0.f;  // fp32 within one 16-byte pack, fp64 across packs
       float f_gpg = 0.f;
 #pragma unroll
-      for (int j = 0; j < P::kN; ++j) {
+      for (int j = 0; j < kN; ++j) {
         const float gj = to_f(pg.v[j]);
         f_gg += gj * gj;
         f_gpg += gp[j] * gj;
@@ -138,7 +163,7 @@ __global__ void __launch_bounds__(kThreads)
       s_gg += f_gg;
       s_gpg += f_gpg;
     }
-    scalar_begin = n_vec * P::kN;
+    scalar_begin = n_vec * kN;
   }
   for (int64_t i = scalar_begin + tid; i < n; i += stride) {  // tail (or unaligned input)
     const float gi = to_f(g[i]);
@@ -173,14 +198,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Element-wise update. other = grad_prev (standard) or x_prev (recover). `accept` is
-// uniform across the grid, so the branch does not diverge; on a retrace `g` is never
-// loaded, so a non-finite gradient cannot reach x.
-template <typename T, bool kRecover>
+// Element-wise update. other = grad_prev (standard) or x_prev (recover), stored as S
+// (T, or bfloat16 for a compact grad_prev). `accept` is uniform across the grid, so the
+// branch does not diverge; on a retrace `g` is never loaded, so a non-finite gradient
+// cannot reach x.
+template <typename T, typename S, bool kRecover>
 __global__ void __launch_bounds__(kThreads)
-    update_kernel(T* __restrict__ x, const T* __restrict__ g, T* __restrict__ other,
+    update_kernel(T* __restrict__ x, const T* __restrict__ g, S* __restrict__ other,
                   const double* __restrict__ coeffs, int64_t n, bool vec_ok) {
-  using P = Pack<T>;
+  static_assert(!kRecover || std::is_same_v<T, S>, "x_prev is a point: stored like x");
+  constexpr int kN = kPackN<T>;
+  using P = Pack<T, kN>;
+  using PS = Pack<S, kN>;
   const bool accept = coeffs[kCoefAccept] != 0.0;
   const float decay = static_cast<float>(coeffs[kCoefDecay]);
   const float step = static_cast<float>(coeffs[kCoefStep]);
@@ -190,29 +219,31 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t scalar_begin = 0;
   if (vec_ok) {
-    const int64_t n_vec = n / P::kN;
+    const int64_t n_vec = n / kN;
     P* xv = reinterpret_cast<P*>(x);
-    P* ov = reinterpret_cast<P*>(other);
+    PS* ov = reinterpret_cast<PS*>(other);
     if (accept) {
       const P* gv = reinterpret_cast<const P*>(g);
       for (int64_t k = tid; k < n_vec; k += stride) {
         const P px = xv[k];
         const P pg = gv[k];
         P nx;
+        PS no;
 #pragma unroll
-        for (int j = 0; j < P::kN; ++j) {
+        for (int j = 0; j < kN; ++j) {
           nx.v[j] = static_cast<T>(decay * to_f(px.v[j]) - step * to_f(pg.v[j]));
+          no.v[j] = to_state<T, S>(kRecover ? px.v[j] : pg.v[j]);
         }
-        ov[k] = kRecover ? px : pg;
+        ov[k] = no;
         xv[k] = nx;
       }
     } else {
       for (int64_t k = tid; k < n_vec; k += stride) {
         const P px = xv[k];
-        const P po = ov[k];
+        const PS po = ov[k];
         P nx;
 #pragma unroll
-        for (int j = 0; j < P::kN; ++j) {
+        for (int j = 0; j < kN; ++j) {
           const float xj = to_f(px.v[j]);
           const float oj = to_f(po.v[j]);
           const float dir = kRecover ? recover_diff(oj, xj, decay_m1) : oj;
@@ -221,14 +252,14 @@ __global__ void __launch_bounds__(kThreads)
         xv[k] = nx;
       }
     }
-    scalar_begin = n_vec * P::kN;
+    scalar_begin = n_vec * kN;
   }
   for (int64_t i = scalar_begin + tid; i < n; i += stride) {  // tail (or unaligned input)
     const T xi = x[i];
     const float xf = to_f(xi);
     if (accept) {
       const T gi = g[i];
-      other[i] = kRecover ? xi : gi;
+      other[i] = to_state<T, S>(kRecover ? xi : gi);
       x[i] = static_cast<T>(decay * xf - step * to_f(gi));
     } else {
       const float of = to_f(other[i]);
@@ -243,13 +274,13 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Grid of the reduction: a function of n and the pack width only (determinism).
 template <typename T>
 int64_t reduce_blocks(int64_t n) {
-  const int64_t work = ceil_div(n, Pack<T>::kN);
+  const int64_t work = ceil_div(n, kPackN<T>);
   return std::clamp<int64_t>(ceil_div(work, kThreads), 1, kMaxReduceBlocks);
 }
 
 template <typename T>
 int64_t elementwise_blocks(int64_t n) {
-  const int64_t work = ceil_div(n, Pack<T>::kN);
+  const int64_t work = ceil_div(n, kPackN<T>);
   int sms = 0;  // cheap attribute query, no synchronisation
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
                                         c10::cuda::current_device()));
@@ -257,14 +288,14 @@ int64_t elementwise_blocks(int64_t n) {
   return std::clamp<int64_t>(ceil_div(work, kThreads), 1, cap);
 }
 
-template <typename T, bool kRecover>
-void launch_dots(const at::Tensor& g, GPrevSrc<T, kRecover> src, const double* coeffs,
-                 bool vec_ok, const at::Tensor& out) {
+template <typename T, typename S, bool kRecover>
+void launch_dots(const at::Tensor& g, GPrevSrc<S, kPackN<T>, kRecover> src,
+                 const double* coeffs, bool vec_ok, const at::Tensor& out) {
   const int64_t n = g.numel();
   const int64_t blocks = reduce_blocks<T>(n);
   at::Tensor partials = at::empty({2 * blocks}, out.options());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dots_partial_kernel<T, kRecover><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  dots_partial_kernel<T, S, kRecover><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       g.const_data_ptr<T>(), src, coeffs, n, vec_ok, partials.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dots_finish_kernel<<<1, kThreads, 0, stream>>>(partials.const_data_ptr<double>(), blocks,
@@ -276,10 +307,15 @@ at::Tensor dots_cuda(const at::Tensor& grad, const at::Tensor& grad_prev) {
   check_dots(grad, grad_prev);
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
-  const bool vec_ok = aligned16(grad.const_data_ptr()) && aligned16(grad_prev.const_data_ptr());
   ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots", [&] {
-    const GPrevSrc<scalar_t, false> src{grad_prev.const_data_ptr<scalar_t>(), nullptr, 0.f, 0.f};
-    launch_dots<scalar_t, false>(grad, src, nullptr, vec_ok, out);
+    dispatch_state_type<scalar_t>(grad_prev.scalar_type(), [&](auto* tag) {
+      using S = std::remove_pointer_t<decltype(tag)>;  // grad_prev: scalar_t or bfloat16
+      const bool vec_ok = aligned_pack<scalar_t, scalar_t>(grad.const_data_ptr()) &&
+                          aligned_pack<scalar_t, S>(grad_prev.const_data_ptr());
+      const GPrevSrc<S, kPackN<scalar_t>, false> src{grad_prev.const_data_ptr<S>(), nullptr,
+                                                     0.f, 0.f};
+      launch_dots<scalar_t, S, false>(grad, src, nullptr, vec_ok, out);
+    });
   });
   return out;
 }
@@ -289,13 +325,15 @@ at::Tensor dots_recover_cuda(const at::Tensor& x_prev, const at::Tensor& x,
   check_dots_recover(x_prev, x, grad, coeffs);
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
-  const bool vec_ok = aligned16(grad.const_data_ptr()) && aligned16(x_prev.const_data_ptr()) &&
-                      aligned16(x.const_data_ptr());
   ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots_recover", [&] {
+    const bool vec_ok = aligned_pack<scalar_t, scalar_t>(grad.const_data_ptr()) &&
+                        aligned_pack<scalar_t, scalar_t>(x_prev.const_data_ptr()) &&
+                        aligned_pack<scalar_t, scalar_t>(x.const_data_ptr());
     // decay_m1 / inv_alpha are filled in by the kernel from `coeffs` (device memory).
-    const GPrevSrc<scalar_t, true> src{x_prev.const_data_ptr<scalar_t>(),
-                                       x.const_data_ptr<scalar_t>(), 0.f, 0.f};
-    launch_dots<scalar_t, true>(grad, src, coeffs.const_data_ptr<double>(), vec_ok, out);
+    const GPrevSrc<scalar_t, kPackN<scalar_t>, true> src{x_prev.const_data_ptr<scalar_t>(),
+                                                         x.const_data_ptr<scalar_t>(), 0.f, 0.f};
+    launch_dots<scalar_t, scalar_t, true>(grad, src, coeffs.const_data_ptr<double>(), vec_ok,
+                                          out);
   });
   return out;
 }
@@ -306,27 +344,37 @@ void launch_update(const at::Tensor& x, const at::Tensor& grad, const at::Tensor
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.numel();
   if (n == 0) return;
-  const bool vec_ok = aligned16(x.const_data_ptr()) && aligned16(grad.const_data_ptr()) &&
-                      aligned16(other.const_data_ptr());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update", [&] {
-    const int64_t blocks = elementwise_blocks<scalar_t>(n);
-    update_kernel<scalar_t, kRecover><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), other.data_ptr<scalar_t>(),
-        coeffs.const_data_ptr<double>(), n, vec_ok);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto launch = [&](auto* tag) {
+      using S = std::remove_pointer_t<decltype(tag)>;  // other: scalar_t or bfloat16
+      const bool vec_ok = aligned_pack<scalar_t, scalar_t>(x.const_data_ptr()) &&
+                          aligned_pack<scalar_t, scalar_t>(grad.const_data_ptr()) &&
+                          aligned_pack<scalar_t, S>(other.const_data_ptr());
+      const int64_t blocks = elementwise_blocks<scalar_t>(n);
+      update_kernel<scalar_t, S, kRecover>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+              x.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), other.data_ptr<S>(),
+              coeffs.const_data_ptr<double>(), n, vec_ok);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if constexpr (kRecover) {
+      launch(static_cast<scalar_t*>(nullptr));  // x_prev: always x's dtype
+    } else {
+      dispatch_state_type<scalar_t>(other.scalar_type(), launch);
+    }
   });
 }
 
 void update_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& grad_prev,
                  const at::Tensor& coeffs) {
-  check_update("update_", x, grad, grad_prev, "grad_prev", coeffs);
+  check_update("update_", x, grad, grad_prev, "grad_prev", coeffs, /*allow_bf16_state=*/true);
   launch_update<false>(x, grad, grad_prev, coeffs);
 }
 
 void update_recover_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_prev,
                          const at::Tensor& coeffs) {
-  check_update("update_recover_", x, grad, x_prev, "x_prev", coeffs);
+  check_update("update_recover_", x, grad, x_prev, "x_prev", coeffs, /*allow_bf16_state=*/false);
   launch_update<true>(x, grad, x_prev, coeffs);
 }
 

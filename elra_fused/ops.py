@@ -13,6 +13,13 @@ Inputs are 1-D contiguous tensors of one dtype (float32, bfloat16 or float16) on
 device; coefficients are float64 tensors on that device, read by the kernels (never by
 the host). Math is fp32, reductions accumulate their partial sums in fp64.
 
+Compact state: the ``grad_prev`` argument of ``dots`` and ``update_`` (the standard-mode
+state G_{t-1}) may instead be bfloat16 whatever the dtype of ``grad`` / ``x``
+(:data:`STATE_DTYPE_COMPACT`; e.g. float32 parameters with a 2-byte state). It is read
+as bf16 and upcast exactly to fp32; on accept ``grad_prev <- grad`` rounds to bf16 (round
+to nearest even, NaN kept: bit-identical to ``grad.to(torch.bfloat16)`` on that device).
+``dots_recover`` / ``update_recover_`` stay single-dtype: ``x_prev`` is a point.
+
 Backends (:data:`BACKENDS`): ``reference`` (plain torch, the oracle), ``triton``
 (GPU, or CPU under ``TRITON_INTERPRET=1`` for tests) and ``cpp`` (``elra_fused._C``:
 OpenMP CPU kernels + CUDA kernels). :func:`get_kernels` returns a :class:`KernelSet`.
@@ -48,6 +55,7 @@ __all__ = [
     "available_backends",
     "cpp_extension_status",
     "get_kernels",
+    "STATE_DTYPE_COMPACT",
     "SUPPORTED_DTYPES",
 ]
 
@@ -57,6 +65,8 @@ BACKENDS = ("reference", "triton", "cpp")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: The reference additionally accepts float64 (it is the float64 oracle).
 REFERENCE_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
+#: The one dtype ``grad_prev`` (dots, update_) may have besides the dtype of grad / x.
+STATE_DTYPE_COMPACT = torch.bfloat16
 
 NAMESPACE = "elra_fused"
 #: Triton variants are separate ops with this prefix (``elra_fused::triton_dots``), so
@@ -120,14 +130,24 @@ def _check_first(op: str, name: str, t: torch.Tensor, dtypes: tuple[torch.dtype,
         raise ValueError(f"elra_fused.{op}: {name} must be contiguous")
 
 
-def _check_like(op: str, name: str, t: torch.Tensor, ref_name: str, r: torch.Tensor) -> None:
+def _check_like(
+    op: str, name: str, t: torch.Tensor, ref_name: str, r: torch.Tensor, state: bool = False
+) -> None:
+    """``t`` must match ``r`` in dtype, device and length. ``state=True``: ``t`` is the
+    standard-mode ``grad_prev``, which may also be :data:`STATE_DTYPE_COMPACT`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"elra_fused.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
         raise TypeError(
             f"elra_fused.{op}: {name} must be a dense (strided) tensor, got layout {t.layout}"
         )
-    if t.dtype != r.dtype:
+    if state:
+        if t.dtype not in (r.dtype, STATE_DTYPE_COMPACT):
+            raise TypeError(
+                f"elra_fused.{op}: {name} has dtype {t.dtype} but {ref_name} has dtype "
+                f"{r.dtype}; {name} must have {ref_name}'s dtype or bfloat16 (compact state)"
+            )
+    elif t.dtype != r.dtype:
         raise TypeError(
             f"elra_fused.{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {r.dtype}; "
             "all vector arguments must share one dtype"
@@ -180,7 +200,7 @@ def validate_dots(
     grad: torch.Tensor, grad_prev: torch.Tensor, dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
 ) -> None:
     _check_first("dots", "grad", grad, dtypes)
-    _check_like("dots", "grad_prev", grad_prev, "grad", grad)
+    _check_like("dots", "grad_prev", grad_prev, "grad", grad, state=True)
 
 
 def validate_dots_recover(
@@ -208,7 +228,8 @@ def validate_update(
 ) -> None:
     _check_first(op, "x", x, dtypes)
     _check_like(op, "grad", grad, "x", x)
-    _check_like(op, other_name, other, "x", x)
+    # grad_prev (standard mode) may be the compact bf16 state; x_prev is a point, like x.
+    _check_like(op, other_name, other, "x", x, state=other_name == "grad_prev")
     _check_coeffs(op, coeffs, ref.UPDATE_COEFFS_LEN, x)
     if check_overlap:
         _check_no_overlap(op, [("x", x), ("grad", grad), (other_name, other)])

@@ -21,6 +21,9 @@ Design:
   read, no synchronisation.
 * No autotuning: the update kernels write in place, and re-running them to time configs
   would apply the update several times (Triton's ``restore_value`` would be needed).
+* Compact state: in standard mode ``grad_prev`` may be bfloat16 while ``x`` / ``grad`` are
+  not. Loads follow each pointer's dtype; the accept store rounds ``grad`` to bf16
+  (round to nearest even, NaN kept) through :func:`_to_storage`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ BLOCK_SIZE = 1024
 MAX_REDUCE_PROGRAMS = 1024
 #: 4 warps x 32 threads x 8 elements = 1024: each thread handles two 16-byte fp32 vectors.
 NUM_WARPS = 4
+#: Round fp32 -> bf16 with integer ops instead of ``.to(tl.bfloat16)``. The interpreter's
+#: float conversion truncates (and its RTNE mode rounds ties away from even), so under
+#: TRITON_INTERPRET the bits would not match torch's ``.to(torch.bfloat16)``; compiled
+#: Triton emits the hardware's round-to-nearest-even conversion (cvt.rn.bf16.f32), which
+#: is what torch's CUDA kernels use too, so it keeps the native cast.
+BF16_BY_BITS = INTERPRETED
 
 # Coefficient indices (reference_ops.COEF_* / RCOEF_*), as kernel-visible constants.
 COEF_ACCEPT = tl.constexpr(0)
@@ -52,12 +61,36 @@ RCOEF_INV_ALPHA_PREV = tl.constexpr(1)
 
 
 # ======================================================================================
+# Storage conversion
+# ======================================================================================
+@triton.jit
+def _to_storage(
+    v,  # fp32 block
+    DST: tl.constexpr,  # storage dtype of the destination pointer
+    BY_BITS: tl.constexpr,  # bf16 destination: round with integer ops (BF16_BY_BITS)
+):
+    """fp32 -> DST, round to nearest even (NaN stays NaN; overflow gives +-inf)."""
+    if BY_BITS and DST == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        # Adding 0x7FFF plus the lowest kept bit, then dropping 16 bits, rounds to
+        # nearest with ties to even; a carry out of the mantissa correctly bumps the
+        # exponent (up to inf). NaN would round to inf or wrap: replaced by the quiet NaN
+        # 0x7FC0 that torch's CPU conversion writes.
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where(v != v, 0x7FC0, r)
+        out = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = v.to(DST)
+    return out
+
+
+# ======================================================================================
 # Reduction: [<G, G>, <G_prev, G>]
 # ======================================================================================
 @triton.jit
 def _dots_partial_kernel(
     g_ptr,  # *T: the gradient G_t, n elements
-    a_ptr,  # *T: standard mode: G_{t-1}; recover mode: x_{t-1}
+    a_ptr,  # *S: standard mode: G_{t-1} (S = T or bf16); recover mode: x_{t-1} (S = T)
     b_ptr,  # *T: recover mode: x_t (standard mode: ignored, pass g_ptr)
     coeffs_ptr,  # *fp64 [decay, inv_alpha_prev] (recover mode; ignored otherwise)
     partials_ptr,  # *fp64 [num_programs, 2]: this program writes row program_id
@@ -134,10 +167,12 @@ def dots_recover(
 def _update_kernel(
     x_ptr,  # *T: parameters x_t, overwritten with x_{t+1}
     g_ptr,  # *T: gradient G_t; read only when accepting
-    o_ptr,  # *T: standard mode: G_{t-1} (<- G_t on accept); recover: x_{t-1} (<- x_t)
+    o_ptr,  # *S: standard: G_{t-1} (<- G_t on accept; S = T or bf16); recover: x_{t-1} (<- x_t)
     coeffs_ptr,  # *fp64 [accept, decay, step, back]
     n,  # number of elements in every vector
     RECOVER: tl.constexpr,  # o_ptr holds x_{t-1} instead of G_{t-1}
+    STATE_CONVERT: tl.constexpr,  # S != T: G_t is rounded to S on accept (not bit-copied)
+    BF16_BITS: tl.constexpr,  # round bf16 stores with integer ops (BF16_BY_BITS)
     BLOCK: tl.constexpr,  # elements per program
 ):
     pid = tl.program_id(0)
@@ -154,6 +189,9 @@ def _update_kernel(
         new_x = decay64.to(tl.float32) * x - step * g_raw.to(tl.float32)
         if RECOVER:
             tl.store(o_ptr + offs, x_raw, mask=mask)  # x_prev <- x (bit copy)
+        elif STATE_CONVERT:  # grad_prev <- grad rounded to the compact state dtype
+            gp_new = _to_storage(g_raw.to(tl.float32), o_ptr.dtype.element_ty, BF16_BITS)
+            tl.store(o_ptr + offs, gp_new, mask=mask)
         else:
             tl.store(o_ptr + offs, g_raw, mask=mask)  # grad_prev <- grad (bit copy)
     else:
@@ -165,7 +203,7 @@ def _update_kernel(
             new_x = x + back * ((other - x) + decay_m1 * other)
         else:
             new_x = x + back * other
-    tl.store(x_ptr + offs, new_x.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + offs, _to_storage(new_x, x_ptr.dtype.element_ty, BF16_BITS), mask=mask)
 
 
 def _launch_update(
@@ -176,7 +214,16 @@ def _launch_update(
         return
     with _device_guard(x):
         _update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-            x, g, other, coeffs, n, RECOVER=recover, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS
+            x,
+            g,
+            other,
+            coeffs,
+            n,
+            RECOVER=recover,
+            STATE_CONVERT=other.dtype != x.dtype,
+            BF16_BITS=BF16_BY_BITS,
+            BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
         )
 
 

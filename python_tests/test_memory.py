@@ -194,3 +194,29 @@ def test_point_modes_make_no_host_sync(memory: str, monkeypatch: pytest.MonkeyPa
             patch.setattr(torch.Tensor, name, forbidden)
         opt.step(loss)
     assert opt.last_step_retraced
+
+
+def test_bf16_state_lockstep_and_storage() -> None:
+    """G_{t-1} stored in bfloat16: 2 bytes/param, and each step is exact given that state."""
+    model = make_model()
+    inputs, target = data()
+    opt = build(model, "standard", state_dtype=torch.bfloat16, wd=0.999)
+    assert opt._stores[0].tensor.dtype == torch.bfloat16
+    shadow = Shadow(opt, cycle_steps=25)
+    for step_index in range(STEPS):
+        opt.zero_grad()
+        shadow.step(forward_backward(model, inputs, target, step_index))
+        shadow.assert_matches(step_index)
+    assert opt.retrace_count >= 3
+    stored = opt.state_dict()["state"][0]["grad_prev"]
+    assert stored.dtype == torch.bfloat16
+
+
+def test_bf16_state_in_the_reference_layout() -> None:
+    model = make_model()
+    inputs, target = data()
+    opt = ELRA(model.parameters(), backend="reference", state_dtype=torch.bfloat16)
+    for step_index in range(5):
+        opt.zero_grad()
+        opt.step(forward_backward(model, inputs, target, step_index))
+    assert all(opt.state[p]["grad_prev"].dtype == torch.bfloat16 for p in model.parameters())

@@ -469,6 +469,379 @@ def test_device_mismatch_is_reported() -> None:
 
 
 # =========================================================================================
+# Compact state: grad_prev stored as bfloat16 next to float32 (or float16) x / grad
+# =========================================================================================
+STATE = torch.bfloat16
+BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2**-7: rounding to bf16 errs <= eps / 2
+MIXED_BACKENDS = ("cpp", "triton", "reference")
+# The triton interpreter stays at the modest sizes.
+MIXED_SIZES = {
+    ("cpp", "cpu"): (1, 7, 4097, 278011),
+    ("triton", "cpu"): (1, 7, 4097),
+    ("reference", "cpu"): (1, 7, 4097, 278011),
+    ("cpp", "cuda"): (1, 7, 4097, 278011),
+    ("triton", "cuda"): (1, 7, 4097, 278011),
+    ("reference", "cuda"): (1, 7, 4097, 278011),
+}
+# float32 parameters are the use case; float16 + bf16 state is the other mixed combination.
+MIXED_X_SIZES = {torch.float32: None, torch.float16: (7, 4097)}
+
+
+def _mixed_cases() -> list:
+    out = []
+    for dev in DEVICES:
+        dev_name = dev if isinstance(dev, str) else dev.values[0]
+        marks = () if isinstance(dev, str) else dev.marks
+        for backend in MIXED_BACKENDS:
+            for x_dtype, only in MIXED_X_SIZES.items():
+                for n in MIXED_SIZES[(backend, dev_name)]:
+                    if only is not None and n not in only:
+                        continue
+                    name = str(x_dtype).removeprefix("torch.")
+                    out.append(
+                        pytest.param(
+                            backend,
+                            dev_name,
+                            x_dtype,
+                            n,
+                            marks=marks,
+                            id=f"{backend}-{dev_name}-{name}+bf16state-{n}",
+                        )
+                    )
+    return out
+
+
+MIXED_CASES = _mixed_cases()
+
+
+def bf16_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)
+
+
+def assert_same_bf16(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-identical bf16, except that a NaN only has to stay a NaN: torch's own NaN bits
+    depend on the CPU's vector path (0xFFFF with AVX2/AVX512, 0x7FC0 scalar / CUDA-style
+    canonical 0x7FFF on GPUs), so payloads are not part of the contract."""
+    assert out.dtype == expected.dtype == torch.bfloat16
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(out), nan), "NaN positions differ"
+    same = bf16_bits(out) == bf16_bits(expected)
+    bad = ~(same | nan)
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} bf16 states differ from torch's .to(torch.bfloat16), first at "
+        f"{int(bad.nonzero()[0])}"
+    )
+
+
+def rounding_stress(n: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
+    """Values that exercise fp32 -> bf16 rounding: specials first (NaN, +-inf, +-0,
+    overflow to inf, subnormals, exact ties to even), then exact ties and a wide dynamic
+    range, then plain randn."""
+    f32max = torch.finfo(torch.float32).max
+    specials = [
+        float("nan"),
+        -float("nan"),
+        float("inf"),
+        -float("inf"),
+        0.0,
+        -0.0,
+        f32max,  # rounds up to +inf in bf16
+        -f32max,
+        1e-45,  # smallest fp32 subnormal
+        -1e-45,
+        2.0**-126,  # smallest fp32 normal
+        1 + 2**-8,  # tie, even below: rounds down to 1
+        1 + 3 * 2**-8,  # tie, odd below: rounds up
+        1 + 2**-8 + 2**-23,  # just above a tie
+        -(1 + 3 * 2**-8),
+        3.3895313892515355e38,  # largest finite bf16
+        3.3895313892515355e38 * (1 + 2**-9),  # its half-ulp tie: rounds to even (inf)
+    ]
+    t = torch.randn(n, generator=gen, dtype=torch.float64).float()
+    m = n // 3
+    # Exact ties: a random bf16 pattern in the top half, 0x8000 below it.
+    hi = torch.randint(0, 1 << 16, (m,), generator=gen, dtype=torch.int32)
+    ties = ((hi << 16) | 0x8000).view(torch.float32)
+    ties = torch.where(torch.isfinite(ties), ties, 1.5)
+    t[:m] = ties
+    # Wide dynamic range, down to fp32 subnormals.
+    mag = torch.exp2(torch.empty(m).uniform_(-140, 120, generator=gen))
+    t[m : 2 * m] = mag * torch.randn(m, generator=gen)
+    k = min(n, len(specials))
+    t[:k] = torch.tensor(specials[:k], dtype=torch.float32)
+    return t.to(dtype).to(device)
+
+
+@pytest.mark.parametrize(("backend", "device", "x_dtype", "n"), MIXED_CASES)
+def test_dots_bf16_state(backend: str, device: str, x_dtype: torch.dtype, n: int) -> None:
+    k = kernels(backend, device)
+    gen = gen_for("dots_bf16_state", backend, x_dtype, n)
+    g = rand(n, x_dtype, device, gen)
+    gp_full = rand(n, x_dtype, device, gen)  # the state before compaction
+    gp = gp_full.to(STATE)
+    poison_allocator(device)
+    out = k.dots(g, gp)
+    assert out.dtype == torch.float64 and out.shape == (2,) and out.device == g.device
+    gd, gpd, fulld = g.double(), gp.double(), gp_full.double()
+    # The kernel reads the bf16 state exactly (bf16 -> fp32 is exact): fp32 math error only.
+    expected = ref.dots(g, gp)
+    tol = DOT_RTOL * torch.stack([(gd * gd).sum(), (gd * gpd).abs().sum()])
+    assert bool(((out - expected).abs() <= tol).all()), (out, expected, tol)
+    # Against the uncompacted state: each G_prev_i carries at most eps_bf16 / 2 relative
+    # rounding, so <G_prev, G> moves by at most eps_bf16 / 2 * sum |G_prev_i G_i|.
+    full = torch.dot(fulld, gd)
+    bound = (BF16_EPS / 2 + DOT_RTOL) * (fulld * gd).abs().sum()
+    assert abs(out[1].item() - full.item()) <= bound.item()
+    assert out[0].item() == pytest.approx(torch.dot(gd, gd).item(), rel=DOT_RTOL, abs=0)
+
+
+@pytest.mark.parametrize("accept", [ACCEPT, RETRACE], ids=["accept", "retrace"])
+@pytest.mark.parametrize(("backend", "device", "x_dtype", "n"), MIXED_CASES)
+def test_update_bf16_state(
+    backend: str, device: str, x_dtype: torch.dtype, n: int, accept: float
+) -> None:
+    k = kernels(backend, device)
+    gen = gen_for("update_bf16_state", backend, x_dtype, n, accept)
+    x, g = rand(n, x_dtype, device, gen), rand(n, x_dtype, device, gen)
+    gp = rand(n, STATE, device, gen)
+    c = coeffs([accept, DECAY, STEP, BACK], device)
+    # float64 oracle: reads the bf16 state exactly, x math in float64.
+    xd, gd, gpd = x.double(), g.double(), gp.double()
+    if accept:
+        x_exp = DECAY * xd - STEP * gd
+        envelope = DECAY * xd.abs() + STEP * gd.abs()
+        gp_exp = g.to(STATE)  # round to nearest even, like torch
+        gp = nan_like(gp)  # write-only on accept: must be fully overwritten
+    else:
+        x_exp = xd + BACK * gpd
+        envelope = xd.abs() + BACK * gpd.abs()
+        gp_exp = gp.clone()
+    g_before = g.clone()
+    k.update_(x, g, gp, c)
+    assert x.dtype == x_dtype and gp.dtype == STATE
+    assert_close_elementwise(x, x_exp, envelope, x_dtype)
+    assert torch.equal(bf16_bits(gp), bf16_bits(gp_exp)), "state != grad.to(bf16) / changed"
+    assert torch.equal(g, g_before), "grad is read-only"
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", MIXED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_state_rounding_is_torchs(backend: str, device: str, x_dtype: torch.dtype) -> None:
+    """Accept stores exactly grad.to(torch.bfloat16): ties to even, overflow to inf,
+    subnormals, signed zeros; NaN stays NaN."""
+    k = kernels(backend, device)
+    gen = gen_for("bf16_rounding", backend, x_dtype)
+    n = 4097
+    g = rounding_stress(n, x_dtype, device, gen)
+    x = rand(n, x_dtype, device, gen)
+    gp = torch.zeros(n, dtype=STATE, device=device)
+    k.update_(x, g, gp, coeffs([ACCEPT, DECAY, STEP, BACK], device))
+    assert_same_bf16(gp, g.to(STATE))
+
+
+@pytest.mark.parametrize("backend", MIXED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_bf16_state_retrace_never_reads_grad(backend: str, device: str, bad: float) -> None:
+    k = kernels(backend, device)
+    n = 4097
+    gen = gen_for("bf16_retrace", backend)
+    x, gp = rand(n, torch.float32, device, gen), rand(n, STATE, device, gen)
+    g = torch.full((n,), bad, device=device)
+    x_exp = x.double() + BACK * gp.double()
+    gp_before = gp.clone()
+    k.update_(x, g, gp, coeffs([RETRACE, DECAY, STEP, BACK], device))
+    assert bool(torch.isfinite(x).all()), "a non-finite gradient leaked into x on a retrace"
+    assert_close_elementwise(x, x_exp, x_exp.abs(), torch.float32)
+    assert torch.equal(bf16_bits(gp), bf16_bits(gp_before))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_state_bit_identical_runs(backend: str, device: str) -> None:
+    k = kernels(backend, device)
+    n = max(MIXED_SIZES[(backend, device)])
+    gen = gen_for("bf16_determinism", backend)
+    x, g = rand(n, torch.float32, device, gen), rand(n, torch.float32, device, gen)
+    gp = rand(n, STATE, device, gen)
+    assert torch.equal(k.dots(g, gp), k.dots(g, gp))
+    for accept in (ACCEPT, RETRACE):
+        c = coeffs([accept, DECAY, STEP, BACK], device)
+        runs = []
+        for _ in range(2):
+            xr, gpr = x.clone(), gp.clone()
+            k.update_(xr, g, gpr, c)
+            runs.append((xr, gpr))
+        assert torch.equal(runs[0][0], runs[1][0])
+        assert torch.equal(bf16_bits(runs[0][1]), bf16_bits(runs[1][1]))
+
+
+@pytest.mark.parametrize(
+    ("x_off", "gp_off"), [(0, 0), (0, 4), (4, 1), (3, 3)], ids=lambda v: str(v)
+)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_state_views_any_alignment(backend: str, device: str, x_off: int, gp_off: int) -> None:
+    """Views into flat buffers at element offsets: fp32 at 16-byte / 4-byte alignment,
+    the bf16 state at 8-byte (a whole 4-element bf16 pack) or 2-byte alignment. Each
+    tensor's alignment is judged on its own (CUDA vector path vs scalar path)."""
+    k = kernels(backend, device)
+    gen = gen_for("bf16_views", backend, x_off, gp_off)
+    n = 4097
+    flat = rand(2 * (n + x_off) + 1, torch.float32, device, gen)
+    flat_gp = rand(n + gp_off + 1, STATE, device, gen)
+    before, before_gp = flat.clone(), flat_gp.clone()
+    x = flat[x_off : x_off + n]
+    g = flat[n + 2 * x_off : 2 * (n + x_off)]
+    gp = flat_gp[gp_off : gp_off + n]
+    torch.testing.assert_close(k.dots(g, gp), ref.dots(g, gp), rtol=DOT_RTOL, atol=0)
+    x_exp = DECAY * x.double() - STEP * g.double()
+    envelope = DECAY * x.double().abs() + STEP * g.double().abs()
+    k.update_(x, g, gp, coeffs([ACCEPT, DECAY, STEP, BACK], device))
+    assert_close_elementwise(x, x_exp, envelope, torch.float32)
+    assert torch.equal(bf16_bits(gp), bf16_bits(g.to(STATE)))
+    untouched = torch.ones_like(flat, dtype=torch.bool)
+    untouched[x_off : x_off + n] = False
+    assert torch.equal(flat[untouched], before[untouched]), "wrote outside x"
+    assert torch.equal(flat_gp[:gp_off], before_gp[:gp_off])
+    assert torch.equal(flat_gp[gp_off + n :], before_gp[gp_off + n :]), "wrote outside grad_prev"
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("op_name", ["dots", "update_"])
+def test_opcheck_bf16_state(backend: str, op_name: str) -> None:
+    kernels(backend, "cpu")
+    prefix = ops.TRITON_PREFIX if backend == "triton" else ""
+    op = getattr(torch.ops.elra_fused, prefix + op_name).default
+    gen = gen_for("opcheck_bf16_state")
+    n = 1031
+    g, gp = rand(n, torch.float32, "cpu", gen), rand(n, STATE, "cpu", gen)
+    if op_name == "dots":
+        torch.library.opcheck(op, (g, gp))
+        return
+    for accept in (ACCEPT, RETRACE):
+        c = coeffs([accept, DECAY, STEP, BACK], "cpu")
+        torch.library.opcheck(op, (rand(n, torch.float32, "cpu", gen), g, gp.clone(), c))
+
+
+STATE_DTYPE_MSG = r"grad_prev has dtype .* must have (grad|x)'s dtype or bfloat16"
+
+
+def _bad_state_cases() -> list[tuple[str, str, Callable[[], tuple], str]]:
+    """(id, op, args factory, message regex); every case must raise TypeError."""
+    n = 32
+
+    def v(dtype: torch.dtype) -> torch.Tensor:
+        return torch.randn(n).to(dtype)
+
+    f32, f16, f64, bf16 = torch.float32, torch.float16, torch.float64, torch.bfloat16
+    c = coeffs([ACCEPT, DECAY, STEP, BACK], "cpu")
+    cr = coeffs([DECAY, 10.0], "cpu")
+    return [
+        ("dots_fp16_state", "dots", lambda: (v(f32), v(f16)), STATE_DTYPE_MSG),
+        ("update_fp16_state", "update_", lambda: (v(f32), v(f32), v(f16), c), STATE_DTYPE_MSG),
+        ("dots_fp64_state", "dots", lambda: (v(f32), v(f64)), STATE_DTYPE_MSG),
+        ("update_fp64_state", "update_", lambda: (v(f32), v(f32), v(f64), c), STATE_DTYPE_MSG),
+        ("update_fp32_state_fp16_x", "update_", lambda: (v(f16), v(f16), v(f32), c), "grad_prev"),
+        # x_prev is a point: it must have x's dtype, bf16 included.
+        (
+            "dots_recover_bf16",
+            "dots_recover",
+            lambda: (v(bf16), v(f32), v(f32), cr),
+            "all vector arguments must share one dtype",
+        ),
+        (
+            "update_recover_bf16",
+            "update_recover_",
+            lambda: (v(f32), v(f32), v(bf16), c),
+            "all vector arguments must share one dtype",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("backend", MIXED_BACKENDS)
+@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _bad_state_cases()])
+def test_bad_state_dtype_raises(backend: str, case: int) -> None:
+    k = kernels(backend, "cpu")
+    _, op, make, match = _bad_state_cases()[case]
+    args = make()
+    before = [a.clone() for a in args]
+    with pytest.raises(TypeError, match=match):
+        getattr(k, op)(*args)
+    for a, b in zip(args, before, strict=True):
+        assert torch.equal(a, b), "a rejected call must not modify its arguments"
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_reject_float64_with_bf16_state(backend: str) -> None:
+    """float64 parameters are the reference's only; a bf16 state does not change that."""
+    k = kernels(backend, "cpu")
+    x, g = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    gp = torch.randn(16).to(STATE)
+    with pytest.raises(TypeError, match="grad has dtype torch.float64|grad has dtype Double"):
+        k.dots(g, gp)
+    with pytest.raises(TypeError, match="x has dtype torch.float64|x has dtype Double"):
+        k.update_(x, g, gp, coeffs([ACCEPT, DECAY, STEP, BACK], "cpu"))
+
+
+def test_reference_accepts_float64_with_bf16_state() -> None:
+    k = ops.get_kernels("reference", "cpu")
+    gen = gen_for("ref_f64_bf16")
+    g, gp = rand(9, torch.float64, "cpu", gen), rand(9, STATE, "cpu", gen)
+    assert torch.equal(k.dots(g, gp), ref.dots(g, gp.double()))
+
+
+def test_fake_impl_accepts_bf16_state() -> None:
+    """Meta tensors go through the fake impls: shapes unchanged, mixed dtypes accepted."""
+    g = torch.empty(10, device="meta")
+    gp = torch.empty(10, device="meta", dtype=STATE)
+    out = torch.ops.elra_fused.dots(g, gp)
+    assert out.shape == (2,) and out.dtype == torch.float64 and out.device.type == "meta"
+    c = torch.empty(4, dtype=torch.float64, device="meta")
+    torch.ops.elra_fused.update_(torch.empty(10, device="meta"), g, gp, c)
+    with pytest.raises(TypeError, match=STATE_DTYPE_MSG):
+        torch.ops.elra_fused.dots(g, torch.empty(10, device="meta", dtype=torch.float16))
+
+
+# =========================================================================================
+# float16 conversions of the C++ CPU kernels (branch-free, vectorized): bit-exact
+# =========================================================================================
+@pytest.mark.parametrize("device", DEVICES)
+def test_cpp_float16_conversions_bit_exact(device: str) -> None:
+    """Every fp16 bit pattern survives load -> fp32 -> store (NaN stays NaN), and fp32
+    results round to fp16 exactly as torch's .half() (ties to even, overflow to inf,
+    subnormals)."""
+    k = kernels("cpp", device)
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    halves = every.view(torch.float16).to(device)
+    x = halves.clone()
+    zeros = torch.zeros_like(x)
+    k.update_(x, zeros, zeros.clone(), coeffs([ACCEPT, 1.0, 0.0, 0.0], device))  # 1*x - 0*0
+    nan = torch.isnan(halves)
+    assert torch.equal(torch.isnan(x), nan)
+    assert torch.equal(x.view(torch.int16)[~nan], halves.view(torch.int16)[~nan])
+    # x + s * g in fp32 for random fp16 patterns (all magnitudes), rounded to fp16.
+    gen = gen_for("fp16_store")
+    n = 1 << 16
+    a, b = (
+        torch.randint(-(1 << 15), 1 << 15, (n,), generator=gen, dtype=torch.int32)
+        .to(torch.int16)
+        .view(torch.float16)
+        .to(device)
+        for _ in range(2)
+    )
+    for s in (1.0, 0.5, 3.0, 2.0**-10, 1.0000001):
+        out = a.clone()
+        k.update_(out, b, torch.empty_like(b), coeffs([ACCEPT, 1.0, -s, 0.0], device))
+        s32 = torch.tensor(s, dtype=torch.float32, device=device)
+        expected = (a.float() + s32 * b.float()).half()
+        nan = torch.isnan(expected)
+        assert torch.equal(torch.isnan(out), nan)
+        assert torch.equal(out.view(torch.int16)[~nan], expected.view(torch.int16)[~nan]), s
+
+
+# =========================================================================================
 # Backend selection and status
 # =========================================================================================
 def test_unknown_backend() -> None:
