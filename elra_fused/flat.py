@@ -128,16 +128,19 @@ class FlatBuffer:
 
 
 def build_flat_buffers(
-    param_groups: list[dict], describe: Callable[[int, int, torch.Tensor], str] | None = None
+    param_groups: list[dict],
+    describe: Callable[[int, int, torch.Tensor], str] | None = None,
+    group_offset: int = 0,
 ) -> list[FlatBuffer]:
     """Move the trainable parameters of each group into flat buffers.
 
     Parameters are bucketed by (group, device, dtype), keeping their order; existing
     values and gradients are copied in. ``describe(group_index, param_index, param)``
-    names a parameter in error messages.
+    names a parameter in error messages; ``group_offset`` is the index of the first
+    group in the optimizer's list.
     """
     buffers: list[FlatBuffer] = []
-    for group_index, group in enumerate(param_groups):
+    for group_index, group in enumerate(param_groups, start=group_offset):
         buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
         for param_index, param in enumerate(group["params"]):
             if not param.requires_grad:

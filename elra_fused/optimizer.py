@@ -194,6 +194,14 @@ class ELRA(torch.optim.Optimizer):
                     f"ELRA: {_describe(group_index, param_index, param)} has dtype "
                     f"{param.dtype}; ELRA needs floating-point parameters"
                 )
+        if getattr(self, "flat", False):
+            # A group added after construction gets flat buffers of its own; a group
+            # the buffers cannot take is removed again, leaving the optimizer as it was.
+            try:
+                self._add_flat_buffers(group_index)
+            except ValueError:
+                self.param_groups.pop()
+                raise
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -224,8 +232,25 @@ class ELRA(torch.optim.Optimizer):
         return backend
 
     def _build_flat(self) -> None:
-        self._buffers = build_flat_buffers(self.param_groups, _describe)
-        for buffer in self._buffers:
+        for group_index in range(len(self.param_groups)):
+            self._add_flat_buffers(group_index)
+
+    def _add_flat_buffers(self, group_index: int) -> None:
+        group = self.param_groups[group_index]
+        for param_index, param in enumerate(group["params"]):
+            if self.backend != "reference" and param.dtype not in ops.SUPPORTED_DTYPES:
+                raise ValueError(
+                    f"ELRA: {_describe(group_index, param_index, param)} has dtype "
+                    f"{param.dtype}, which backend {self.backend!r} does not support"
+                )
+            if param.device != self._device:
+                raise ValueError(
+                    f"ELRA: {_describe(group_index, param_index, param)} is on "
+                    f"{param.device}, the optimizer's parameters on {self._device}"
+                )
+        buffers = build_flat_buffers([group], _describe, group_offset=group_index)
+        self._buffers.extend(buffers)
+        for buffer in buffers:
             if self.memory == "standard":
                 dtype = self.state_dtype or buffer.data.dtype
                 store = GradPrevStore(torch.zeros_like(buffer.data, dtype=dtype))

@@ -17,6 +17,11 @@ to be read back from the device (the control law writes them, the kernels read t
     accept != 0:  x_prev <- x ;  x <- decay * x - step * grad
     accept == 0:  x <- x + back * (decay * x_prev - x) ;  x_prev unchanged
 
+``back`` is a length along G_{t-1} in standard mode (alpha_{t-1} - alpha_t) but a fraction
+of the last step in recover mode (1 - alpha_t / alpha_{t-1}), since there the direction
+is decay * x_prev - x = alpha_{t-1} G_{t-1}. The optimizer forms both from the control
+law's ``Decision.back``.
+
 On a retrace (accept == 0) ``grad`` is never read, so a non-finite gradient cannot leak
 into the weights.
 

@@ -316,3 +316,21 @@ def test_cuda_graph_captures_a_training_step(backend: str) -> None:
     for g, e in zip(graph_model.parameters(), eager_model.parameters(), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert graphed.alpha == pytest.approx(eager.alpha, rel=1e-5)
+
+
+def test_param_group_added_later_gets_its_own_flat_buffer() -> None:
+    model = make_model()
+    opt = ELRA(list(model[0].parameters()), backend=BACKENDS[0], flat=True)
+    opt.add_param_group({"params": list(model[2].parameters()), "wd": 0.5})
+    before = model[2].weight.detach().clone()
+    inputs, target = data()
+    opt.zero_grad()
+    opt.step(forward_backward(model, inputs, target, 0))
+    # first step: x_1 = wd x_0 - alpha_0 G_0 with wd = 0.5 for the added group
+    expected = 0.5 * before - opt.alpha * model[2].weight.grad
+    torch.testing.assert_close(model[2].weight.detach(), expected, rtol=1e-6, atol=1e-7)
+    if opt.backend != "reference":
+        bad = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+        with pytest.raises(ValueError, match="does not support"):
+            opt.add_param_group({"params": [bad]})
+        assert len(opt.param_groups) == 2
