@@ -19,6 +19,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -286,6 +290,45 @@ void accept_range(T* __restrict x, const T* __restrict g, S* __restrict other, f
   }
 }
 
+#if defined(__SSE2__)
+// fp32 accept with a streaming (non-temporal) store of `other`. `other` is written without
+// being read, so a normal store first pulls each of its cache lines in (read for
+// ownership): 20 bytes of traffic per element instead of 16. Streaming it straight to
+// memory measured 1.5x faster on 2 cores at 16M and 64M elements (37 -> 55 GB/s). x is
+// read and written in place, so its plain store costs no extra traffic. The sfence
+// orders the streamed stores before the data is used by any other thread.
+template <bool kRecover>
+void accept_range_f32_stream(float* __restrict x, const float* __restrict g,
+                             float* __restrict other, float decay, float step, int64_t begin,
+                             int64_t end) {
+  constexpr int64_t kVec = 4;  // floats per SSE register
+  int64_t i = begin;
+  // Scalar prologue until `other + i` is 16-byte aligned (_mm_stream_ps requires it).
+  for (; i < end && (reinterpret_cast<uintptr_t>(other + i) & 15u) != 0; ++i) {
+    const float xi = x[i];
+    const float gi = g[i];
+    other[i] = kRecover ? xi : gi;
+    x[i] = decay * xi - step * gi;
+  }
+  const __m128 decay_v = _mm_set1_ps(decay);
+  const __m128 step_v = _mm_set1_ps(step);
+  for (; i + kVec <= end; i += kVec) {
+    const __m128 xi = _mm_loadu_ps(x + i);
+    const __m128 gi = _mm_loadu_ps(g + i);
+    _mm_stream_ps(other + i, kRecover ? xi : gi);
+    // Same operations, same order as the scalar loop: decay * x - step * g.
+    _mm_storeu_ps(x + i, _mm_sub_ps(_mm_mul_ps(decay_v, xi), _mm_mul_ps(step_v, gi)));
+  }
+  for (; i < end; ++i) {
+    const float xi = x[i];
+    const float gi = g[i];
+    other[i] = kRecover ? xi : gi;
+    x[i] = decay * xi - step * gi;
+  }
+  _mm_sfence();
+}
+#endif
+
 // Retrace. The gradient is not an argument: it cannot be read.
 template <typename T, typename S, bool kRecover>
 void retrace_range(T* __restrict x, const S* __restrict other, float back, float decay_m1,
@@ -310,6 +353,14 @@ void update_typed(T* x, const T* g, S* other, const UpdateCoeffs& k, int64_t n) 
   const float back = k.back;
   const float decay_m1 = k.decay_m1;
   if (k.accept) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {
+      parallel_chunks(n, [=](int64_t begin, int64_t end) {
+        accept_range_f32_stream<kRecover>(x, g, other, decay, step, begin, end);
+      });
+      return;
+    }
+#endif
     parallel_chunks(n, [=](int64_t begin, int64_t end) {
       accept_range<T, S, kRecover>(x, g, other, decay, step, begin, end);
     });
