@@ -5,8 +5,10 @@ Question: how long does one optimizer step take, and one full training iteration
 torch's Adam (fused and foreach), plain SGD and the authors' package ``elra`` 0.0.5 --
 all measured in the same run on the same model and data.
 
-Every optimizer starts from the same weights; each timing is the median over
-``--repeats`` iterations after ``--warmup`` iterations. On CUDA the device is synchronised
+Every optimizer starts from the same weights on its own copy of the model; iterations are
+taken in turns (one iteration of each optimizer, then the next round), so load from
+elsewhere on the machine hits all of them alike. Each timing is the median over
+``--repeats`` rounds after ``--warmup`` rounds. On CUDA the device is synchronised
 around every timed region. Ratios are against Adam fused in the same run.
 
 The ``elra`` package (GPL) is only imported, never copied; it is installed into the
@@ -107,46 +109,64 @@ def optimizer_factories(
     return factories
 
 
-def time_optimizer(
-    name: str,
-    make: Callable[[torch.nn.Module], torch.optim.Optimizer],
-    base_model: torch.nn.Module,
+class Contender:
+    """One optimizer on its own copy of the model, timed one iteration at a time."""
+
+    def __init__(
+        self,
+        name: str,
+        make: Callable[[torch.nn.Module], torch.optim.Optimizer],
+        base_model: torch.nn.Module,
+    ) -> None:
+        self.name = name
+        self.model = copy.deepcopy(base_model)
+        # The elra package prints diagnostics on construction and per step; keep the table.
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.opt = make(self.model)
+        self.step_times: list[float] = []
+        self.iter_times: list[float] = []
+
+    def iteration(self, inputs: torch.Tensor, target: torch.Tensor, record: bool) -> None:
+        device = inputs.device
+        synchronize(device)
+        start = time.perf_counter()
+        self.opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(self.model(inputs), target)
+        loss.backward()
+        synchronize(device)
+        before_step = time.perf_counter()
+        if self.name == "elra_pypi":
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.opt.step(loss.item())
+        elif self.name == "elra_fused":
+            self.opt.step(loss)
+        else:
+            self.opt.step()
+        synchronize(device)
+        end = time.perf_counter()
+        if record:
+            self.step_times.append(end - before_step)
+            self.iter_times.append(end - start)
+
+
+def time_round_robin(
+    contenders: list[Contender],
     inputs: torch.Tensor,
     target: torch.Tensor,
     warmup: int,
     repeats: int,
-) -> tuple[float, float]:
-    """Median (step seconds, iteration seconds)."""
-    device = inputs.device
-    model = copy.deepcopy(base_model)
-    # The elra package prints diagnostics on construction and per step; keep the table.
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    with quiet:
-        opt = make(model)
-    step_times: list[float] = []
-    iter_times: list[float] = []
+) -> None:
+    """Iterations taken in turns, so load from elsewhere hits every optimizer alike.
+
+    A contender that fails is reported and dropped; the others go on.
+    """
     for i in range(warmup + repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(inputs), target)
-        loss.backward()
-        synchronize(device)
-        before_step = time.perf_counter()
-        if name == "elra_pypi":
-            with contextlib.redirect_stdout(io.StringIO()):
-                opt.step(loss.item())
-        elif name == "elra_fused":
-            opt.step(loss)
-        else:
-            opt.step()
-        synchronize(device)
-        end = time.perf_counter()
-        if i >= warmup:
-            step_times.append(end - before_step)
-            iter_times.append(end - start)
-    del opt, model
-    return statistics.median(step_times), statistics.median(iter_times)
+        for contender in list(contenders):
+            try:
+                contender.iteration(inputs, target, record=i >= warmup)
+            except Exception as exc:  # a broken baseline must not hide the others
+                print(f"  {contender.name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                contenders.remove(contender)
 
 
 def time_graphed(
@@ -200,23 +220,27 @@ def run(args: argparse.Namespace) -> list[dict]:
         inputs = torch.randn(BATCH, width, generator=gen).to(device)
         target = torch.randn(BATCH, width, generator=gen).to(device) * 0.1
         size_rows = []
+        contenders: list[tuple[str, Contender]] = []
         for (name, backend), make in factories.items():
             try:
-                step_s, iter_s = time_optimizer(
-                    name, make, base, inputs, target, args.warmup, args.repeats
-                )
-            except Exception as exc:  # a broken baseline must not hide the others
+                contenders.append((backend, Contender(name, make, base)))
+            except Exception as exc:
                 print(f"  {name}/{backend} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        running = [c for _, c in contenders]
+        time_round_robin(running, inputs, target, args.warmup, args.repeats)
+        for backend, contender in contenders:
+            if contender not in running:
                 continue
             size_rows.append(
                 {
-                    "optimizer": name,
+                    "optimizer": contender.name,
                     "backend": backend,
                     "n_params": n_params,
-                    "step_median_s": step_s,
-                    "iter_median_s": iter_s,
+                    "step_median_s": statistics.median(contender.step_times),
+                    "iter_median_s": statistics.median(contender.iter_times),
                 }
             )
+        del contenders, running
         if device.type == "cuda":
             # A whole iteration captured in a CUDA graph: possible because step() never
             # syncs. The step alone cannot be separated inside a replay (step_median_s
@@ -273,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sizes", default="1M,16M,64M", help="comma list, e.g. 1M,16M,64M")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--no-install", action="store_true", help="do not pip install elra")
     args = parser.parse_args(argv)
