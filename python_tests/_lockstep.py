@@ -10,8 +10,11 @@ rounding), so whole-trajectory comparisons would test the landscape, not the cod
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 from elra_fused import ELRA, control
@@ -45,6 +48,23 @@ def forward_backward(model, inputs, target, step_index: int) -> torch.Tensor:
     if step_index in SPIKES:
         loss = loss.detach() * 1e3
     return loss
+
+
+#: Tensor methods that read a device value back to the host.
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Inside the block, any host read of a tensor value raises AssertionError."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync in ELRA.step")
+
+    with monkeypatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, forbidden)
+        yield
 
 
 class Shadow:
