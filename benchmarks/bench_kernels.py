@@ -19,6 +19,7 @@ read and every vector written (element size of the storage dtype; coefficients a
     update_ (retrace)       read x, G_prev; write x                  3 N
     update_recover_ (acc.)  read x, G; write x, x_prev               4 N
     update_recover_ (retr.) read x, x_prev; write x                  3 N
+    update_swap_ (accept)   read x, G; write x                       3 N
 
 Compact state rows (dtype "float32+bf16state"): G_prev stored as bfloat16 next to
 float32 x and G, for the two standard-mode ops that touch it. Bytes are counted per
@@ -72,6 +73,8 @@ VECTORS_MOVED = {
     "update_retrace": 3,
     "update_recover_accept": 4,
     "update_recover_retrace": 3,
+    # Swap mode: G_prev is not written (the optimizer swaps the buffers' roles instead).
+    "update_swap_accept": 3,
 }
 # Compact-state ops -> (vectors moved at DTYPE's size, vectors moved at STATE_DTYPE's size)
 MIXED_VECTORS_MOVED = {
@@ -134,6 +137,7 @@ def _unfused_ops(t: dict[str, torch.Tensor]) -> dict[str, Callable[[], object]]:
         "update_retrace": lambda: x.add_(gp, alpha=BACK),
         "update_recover_accept": lambda: (xp.copy_(x), x.mul_(DECAY).add_(g, alpha=-STEP)),
         "update_recover_retrace": lambda: x.add_(xp * DECAY - x, alpha=BACK),
+        "update_swap_accept": lambda: x.mul_(DECAY).add_(g, alpha=-STEP),
     }
 
 
@@ -175,6 +179,7 @@ def _fused_ops(
         "update_retrace": lambda: k.update_(x, g, gp, ret),
         "update_recover_accept": lambda: k.update_recover_(x, g, xp, acc),
         "update_recover_retrace": lambda: k.update_recover_(x, g, xp, ret),
+        "update_swap_accept": lambda: k.update_swap_(x, g, gp, acc),
     }
 
 

@@ -138,8 +138,9 @@ inline void check_dots_recover(const at::Tensor& x_prev, const at::Tensor& x,
   check_coeffs(coeffs, "dots_recover", kRecoverCoeffsLen, x, "x");
 }
 
-// Shared by update_ (other = grad_prev, may be bfloat16: allow_bf16_state) and
-// update_recover_ (other = x_prev, a point: always x's dtype).
+// Shared by update_ (other = grad_prev, may be bfloat16: allow_bf16_state),
+// update_recover_ (other = x_prev, a point: always x's dtype) and update_swap_ (other =
+// grad_prev, which trades roles with grad: always x's dtype).
 inline void check_update(const char* op, const at::Tensor& x, const at::Tensor& grad,
                          const at::Tensor& other, const char* other_name,
                          const at::Tensor& coeffs, bool allow_bf16_state) {

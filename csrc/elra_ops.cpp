@@ -1,4 +1,4 @@
-// CPU kernels of the four ELRA vector passes (semantics: elra_fused/reference_ops.py),
+// CPU kernels of the five ELRA vector passes (semantics: elra_fused/reference_ops.py),
 // their TORCH_LIBRARY_IMPL(CPU) registration and the `elra_fused._C` Python module.
 //
 // Determinism: the reductions split the vector into fixed-size chunks (kChunk elements,
@@ -346,6 +346,57 @@ void retrace_range(T* __restrict x, const S* __restrict other, float back, float
   }
 }
 
+// Swap mode (reference_ops.update_swap_). Accept: x only; neither gradient buffer is
+// touched (12 bytes per fp32 element: the caller swaps the buffers' roles afterwards).
+// Same operations in the same order as accept_range, minus the `other` store.
+template <typename T>
+void accept_swap_range(T* __restrict x, const T* __restrict g, float decay, float step,
+                       int64_t begin, int64_t end) {
+  using C = Codec<T>;
+  using Raw = typename C::Raw;
+  auto* __restrict xr = reinterpret_cast<Raw*>(x);
+  const auto* __restrict gr = reinterpret_cast<const Raw*>(g);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    xr[i] = C::store(decay * C::load(xr[i]) - step * C::load(gr[i]));
+  }
+}
+
+// Swap-mode retrace: x <- x + back * grad_prev and grad <- grad_prev (bit copy), so that
+// after the caller's swap the state is still G_{t-1}. `grad` is only written, never read:
+// a non-finite gradient cannot reach x.
+template <typename T>
+void retrace_swap_range(T* __restrict x, T* __restrict g_out, const T* __restrict gp,
+                        float back, int64_t begin, int64_t end) {
+  using C = Codec<T>;
+  using Raw = typename C::Raw;
+  auto* __restrict xr = reinterpret_cast<Raw*>(x);
+  auto* __restrict gw = reinterpret_cast<Raw*>(g_out);
+  const auto* __restrict gpr = reinterpret_cast<const Raw*>(gp);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const Raw gpi = gpr[i];
+    gw[i] = gpi;
+    xr[i] = C::store(C::load(xr[i]) + back * C::load(gpi));
+  }
+}
+
+template <typename T>
+void update_swap_typed(T* x, T* g, const T* gp, const UpdateCoeffs& k, int64_t n) {
+  const float decay = k.decay;
+  const float step = k.step;
+  const float back = k.back;
+  if (k.accept) {
+    parallel_chunks(n, [=](int64_t begin, int64_t end) {
+      accept_swap_range<T>(x, g, decay, step, begin, end);
+    });
+  } else {
+    parallel_chunks(n, [=](int64_t begin, int64_t end) {
+      retrace_swap_range<T>(x, g, gp, back, begin, end);
+    });
+  }
+}
+
 template <typename T, typename S, bool kRecover>
 void update_typed(T* x, const T* g, S* other, const UpdateCoeffs& k, int64_t n) {
   const float decay = k.decay;
@@ -433,6 +484,19 @@ void update_recover_cpu(const at::Tensor& x, const at::Tensor& grad, const at::T
   });
 }
 
+void update_swap_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& grad_prev,
+                     const at::Tensor& coeffs) {
+  // Swap mode: grad and grad_prev exchange roles, so both must have x's dtype (no compact
+  // bf16 state).
+  check_update("update_swap_", x, grad, grad_prev, "grad_prev", coeffs,
+               /*allow_bf16_state=*/false);
+  const UpdateCoeffs k = load_update_coeffs(coeffs);
+  ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update_swap_", [&] {
+    update_swap_typed<scalar_t>(x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                grad_prev.const_data_ptr<scalar_t>(), k, x.numel());
+  });
+}
+
 }  // namespace
 }  // namespace elra
 
@@ -444,6 +508,7 @@ TORCH_LIBRARY_IMPL(elra_fused, CPU, m) {
   m.impl("dots_recover", &elra::dots_recover_cpu);
   m.impl("update_", &elra::update_cpu);
   m.impl("update_recover_", &elra::update_recover_cpu);
+  m.impl("update_swap_", &elra::update_swap_cpu);
 }
 
 namespace {

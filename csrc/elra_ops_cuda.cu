@@ -1,4 +1,4 @@
-// CUDA kernels of the four ELRA vector passes (semantics: elra_fused/reference_ops.py)
+// CUDA kernels of the five ELRA vector passes (semantics: elra_fused/reference_ops.py)
 // and their TORCH_LIBRARY_IMPL(CUDA) registration.
 //
 // Pattern (as in apex's multi_tensor_l2norm / fused LAMB): reductions write one fp64
@@ -269,6 +269,65 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Swap mode (reference_ops.update_swap_): accept writes only x (grad / grad_prev are
+// untouched: the caller swaps their roles); a retrace writes x and grad <- grad_prev (bit
+// copy) and never loads grad. All three vectors share dtype T.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    update_swap_kernel(T* __restrict__ x, T* __restrict__ g, const T* __restrict__ gp,
+                       const double* __restrict__ coeffs, int64_t n, bool vec_ok) {
+  constexpr int kN = kPackN<T>;
+  using P = Pack<T, kN>;
+  const bool accept = coeffs[kCoefAccept] != 0.0;
+  const float decay = static_cast<float>(coeffs[kCoefDecay]);
+  const float step = static_cast<float>(coeffs[kCoefStep]);
+  const float back = static_cast<float>(coeffs[kCoefBack]);
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t scalar_begin = 0;
+  if (vec_ok) {
+    const int64_t n_vec = n / kN;
+    P* xv = reinterpret_cast<P*>(x);
+    P* gv = reinterpret_cast<P*>(g);
+    if (accept) {
+      for (int64_t k = tid; k < n_vec; k += stride) {
+        const P px = xv[k];
+        const P pg = gv[k];
+        P nx;
+#pragma unroll
+        for (int j = 0; j < kN; ++j) {
+          nx.v[j] = static_cast<T>(decay * to_f(px.v[j]) - step * to_f(pg.v[j]));
+        }
+        xv[k] = nx;
+      }
+    } else {
+      const P* gpv = reinterpret_cast<const P*>(gp);
+      for (int64_t k = tid; k < n_vec; k += stride) {
+        const P px = xv[k];
+        const P pgp = gpv[k];
+        P nx;
+#pragma unroll
+        for (int j = 0; j < kN; ++j) {
+          nx.v[j] = static_cast<T>(to_f(px.v[j]) + back * to_f(pgp.v[j]));
+        }
+        gv[k] = pgp;
+        xv[k] = nx;
+      }
+    }
+    scalar_begin = n_vec * kN;
+  }
+  for (int64_t i = scalar_begin + tid; i < n; i += stride) {  // tail (or unaligned input)
+    const float xf = to_f(x[i]);
+    if (accept) {
+      x[i] = static_cast<T>(decay * xf - step * to_f(g[i]));
+    } else {
+      const T gpi = gp[i];
+      g[i] = gpi;
+      x[i] = static_cast<T>(xf + back * to_f(gpi));
+    }
+  }
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid of the reduction: a function of n and the pack width only (determinism).
@@ -378,6 +437,26 @@ void update_recover_cuda(const at::Tensor& x, const at::Tensor& grad, const at::
   launch_update<true>(x, grad, x_prev, coeffs);
 }
 
+void update_swap_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& grad_prev,
+                      const at::Tensor& coeffs) {
+  check_update("update_swap_", x, grad, grad_prev, "grad_prev", coeffs,
+               /*allow_bf16_state=*/false);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update_swap_", [&] {
+    const bool vec_ok = aligned_pack<scalar_t, scalar_t>(x.const_data_ptr()) &&
+                        aligned_pack<scalar_t, scalar_t>(grad.const_data_ptr()) &&
+                        aligned_pack<scalar_t, scalar_t>(grad_prev.const_data_ptr());
+    const int64_t blocks = elementwise_blocks<scalar_t>(n);
+    update_swap_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), grad_prev.const_data_ptr<scalar_t>(),
+        coeffs.const_data_ptr<double>(), n, vec_ok);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 }  // namespace elra
 
@@ -386,4 +465,5 @@ TORCH_LIBRARY_IMPL(elra_fused, CUDA, m) {
   m.impl("dots_recover", &elra::dots_recover_cuda);
   m.impl("update_", &elra::update_cuda);
   m.impl("update_recover_", &elra::update_recover_cuda);
+  m.impl("update_swap_", &elra::update_swap_cuda);
 }

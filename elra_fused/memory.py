@@ -16,12 +16,21 @@ that, one extra vector each at most (Adam keeps two):
 
 Every store has the same two methods, called once per flat buffer (or parameter) per
 step: ``dots(kernels, x, grad, coeffs)`` and ``update_(kernels, x, grad, coeffs)``.
+
+``reuse_grad_buffer=True`` (standard mode, :class:`SwapGradPrevStore`) makes G_t become
+G_{t-1} by swapping the roles of the gradient and G_{t-1} buffers instead of copying:
+the accept pass then reads x and G and writes only x (12 instead of 16 bytes per fp32
+parameter). The price: after ``step()`` the parameters' ``.grad`` views point at the
+recycled buffer, whose values are stale until the next ``zero_grad()``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from .flat import FlatBuffer
 from .ops import KernelSet
 
 MEMORY_MODES = ("standard", "recover", "offload")
@@ -40,7 +49,13 @@ class GradPrevStore:
     def __init__(self, grad_prev: torch.Tensor) -> None:
         self.tensor = grad_prev
 
-    def dots(self, kernels: KernelSet, x: torch.Tensor, grad: torch.Tensor, coeffs) -> torch.Tensor:
+    def dots(
+        self,
+        kernels: KernelSet,
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        coeffs: torch.Tensor | None,
+    ) -> torch.Tensor:
         return kernels.dots(grad, self.tensor)
 
     def update_(
@@ -72,3 +87,49 @@ class PointPrevStore:
 
     def synchronize(self) -> None:
         """Nothing in flight: the tensor is always current."""
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class SwapGradPrevStore(GradPrevStore):
+    """G_{t-1} that trades places with the gradient buffer after each step.
+
+    The ``update_swap_`` kernel leaves G_t where autograd wrote it (accept) or copies
+    G_{t-1} over it (retrace); then the two buffers swap roles: the old gradient buffer
+    holds G_{t-1}, the old G_{t-1} buffer receives the next gradients. ``.grad`` and the
+    per-parameter state entries are re-pointed at precomputed views (two assignments per
+    parameter, no allocation). While a CUDA graph is captured the copying ``update_`` is
+    used instead: a replay cannot re-point Python attributes.
+    """
+
+    def __init__(
+        self, buffer: FlatBuffer, grad_prev: torch.Tensor, param_states: list[dict[str, Any]]
+    ) -> None:
+        super().__init__(grad_prev)
+        self.buffer = buffer
+        self.param_states = param_states
+        count = len(buffer.params)
+        self._views = {
+            flat.data_ptr(): [buffer.view(flat, i) for i in range(count)]
+            for flat in (buffer.grad, grad_prev)
+        }
+
+    def update_(
+        self, kernels: KernelSet, x: torch.Tensor, grad: torch.Tensor, coeffs: torch.Tensor
+    ) -> None:
+        if _capturing(x.device):
+            kernels.update_(x, grad, self.tensor, coeffs)
+            return
+        kernels.update_swap_(x, grad, self.tensor, coeffs)
+        buffer = self.buffer
+        buffer.grad, self.tensor = self.tensor, buffer.grad
+        grad_views = self._views[buffer.grad.data_ptr()]
+        prev_views = self._views[self.tensor.data_ptr()]
+        for param, grad_view, prev_view, state in zip(
+            buffer.params, grad_views, prev_views, self.param_states, strict=True
+        ):
+            param.grad = grad_view
+            state[GRAD_PREV_KEY] = prev_view

@@ -1,6 +1,6 @@
 """The ELRA kernel ops: schemas, fake implementations, backend selection.
 
-The optimizer's per-step work is four vector ops over flat buffers, defined exactly (in
+The optimizer's per-step work is vector ops over flat buffers, defined exactly (in
 float64) by :mod:`elra_fused.reference_ops`:
 
 * ``dots(grad, grad_prev) -> float64 [2]``  = ``[<G, G>, <G_prev, G>]``
@@ -8,6 +8,9 @@ float64) by :mod:`elra_fused.reference_ops`:
   element from ``coeffs = [decay, inv_alpha_prev]``
 * ``update_(x, grad, grad_prev, coeffs)``  in place, ``coeffs = [accept, decay, step, back]``
 * ``update_recover_(x, grad, x_prev, coeffs)``  in place, same coefficients
+* ``update_swap_(x, grad, grad_prev, coeffs)``  in place, same coefficients, swap mode: the
+  accept pass writes only ``x`` (12 instead of 16 bytes per fp32 element) and the caller
+  swaps the roles of ``grad`` and ``grad_prev``; a retrace copies ``grad_prev`` into ``grad``
 
 Inputs are 1-D contiguous tensors of one dtype (float32, bfloat16 or float16) on one
 device; coefficients are float64 tensors on that device, read by the kernels (never by
@@ -18,7 +21,8 @@ state G_{t-1}) may instead be bfloat16 whatever the dtype of ``grad`` / ``x``
 (:data:`STATE_DTYPE_COMPACT`; e.g. float32 parameters with a 2-byte state). It is read
 as bf16 and upcast exactly to fp32; on accept ``grad_prev <- grad`` rounds to bf16 (round
 to nearest even, NaN kept: bit-identical to ``grad.to(torch.bfloat16)`` on that device).
-``dots_recover`` / ``update_recover_`` stay single-dtype: ``x_prev`` is a point.
+``dots_recover`` / ``update_recover_`` stay single-dtype: ``x_prev`` is a point. So does
+``update_swap_``: its ``grad`` and ``grad_prev`` trade roles every step.
 
 Backends (:data:`BACKENDS`): ``reference`` (plain torch, the oracle), ``triton``
 (GPU, or CPU under ``TRITON_INTERPRET=1`` for tests) and ``cpp`` (``elra_fused._C``:
@@ -87,6 +91,8 @@ _SCHEMAS: dict[str, str] = {
     "dots_recover": "(Tensor x_prev, Tensor x, Tensor grad, Tensor coeffs) -> Tensor",
     "update_": "(Tensor(a!) x, Tensor grad, Tensor(b!) grad_prev, Tensor coeffs) -> ()",
     "update_recover_": "(Tensor(a!) x, Tensor grad, Tensor(b!) x_prev, Tensor coeffs) -> ()",
+    # Swap mode: grad (not grad_prev) is the mutated buffer (written on a retrace only).
+    "update_swap_": "(Tensor(a!) x, Tensor(b!) grad, Tensor grad_prev, Tensor coeffs) -> ()",
 }
 OP_NAMES = tuple(_SCHEMAS)
 
@@ -228,8 +234,9 @@ def validate_update(
 ) -> None:
     _check_first(op, "x", x, dtypes)
     _check_like(op, "grad", grad, "x", x)
-    # grad_prev (standard mode) may be the compact bf16 state; x_prev is a point, like x.
-    _check_like(op, other_name, other, "x", x, state=other_name == "grad_prev")
+    # grad_prev of update_ may be the compact bf16 state; x_prev is a point, like x; the
+    # grad_prev of update_swap_ trades roles with grad, so it has x's dtype too.
+    _check_like(op, other_name, other, "x", x, state=op == "update_")
     _check_coeffs(op, coeffs, ref.UPDATE_COEFFS_LEN, x)
     if check_overlap:
         _check_no_overlap(op, [("x", x), ("grad", grad), (other_name, other)])
@@ -262,11 +269,18 @@ def _fake_update_recover(
     validate_update("update_recover_", x, grad, x_prev, "x_prev", coeffs)
 
 
+def _fake_update_swap(
+    x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
+) -> None:
+    validate_update("update_swap_", x, grad, grad_prev, "grad_prev", coeffs)
+
+
 _FAKES: dict[str, Callable[..., torch.Tensor | None]] = {
     "dots": _fake_dots,
     "dots_recover": _fake_dots_recover,
     "update_": _fake_update,
     "update_recover_": _fake_update_recover,
+    "update_swap_": _fake_update_swap,
 }
 
 
@@ -374,11 +388,19 @@ def _triton_update_recover(
     _triton_module().update_recover_(x, grad, x_prev, coeffs)
 
 
+def _triton_update_swap(
+    x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
+) -> None:
+    validate_update("update_swap_", x, grad, grad_prev, "grad_prev", coeffs, check_overlap=True)
+    _triton_module().update_swap_(x, grad, grad_prev, coeffs)
+
+
 _TRITON_IMPLS: dict[str, Callable[..., torch.Tensor | None]] = {
     "dots": _triton_dots,
     "dots_recover": _triton_dots_recover,
     "update_": _triton_update,
     "update_recover_": _triton_update_recover,
+    "update_swap_": _triton_update_swap,
 }
 
 
@@ -424,17 +446,32 @@ def _ref_update_recover(
     ref.update_recover_(x, grad, x_prev, coeffs)
 
 
+def _ref_update_swap(
+    x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
+) -> None:
+    validate_update("update_swap_", x, grad, grad_prev, "grad_prev", coeffs, REFERENCE_DTYPES)
+    ref.update_swap_(x, grad, grad_prev, coeffs)
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
 class KernelSet(NamedTuple):
-    """The four ops of one backend; signatures as in :mod:`elra_fused.reference_ops`."""
+    """The ops of one backend; signatures as in :mod:`elra_fused.reference_ops`.
+
+    ``update_swap_`` is the last field and defaults to ``None`` so that the positional
+    five-argument construction of earlier versions keeps working; every KernelSet made by
+    :func:`get_kernels` fills it.
+    """
 
     name: str
     dots: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     dots_recover: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     update_: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
     update_recover_: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    update_swap_: (
+        Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None
+    ) = None
 
 
 def _op_kernel_set(backend: str, prefix: str) -> KernelSet:
@@ -442,7 +479,9 @@ def _op_kernel_set(backend: str, prefix: str) -> KernelSet:
     return KernelSet(backend, *(getattr(ns, prefix + name).default for name in OP_NAMES))
 
 
-_REFERENCE = KernelSet("reference", _ref_dots, _ref_dots_recover, _ref_update, _ref_update_recover)
+_REFERENCE = KernelSet(
+    "reference", _ref_dots, _ref_dots_recover, _ref_update, _ref_update_recover, _ref_update_swap
+)
 
 
 def _unavailable_reason(backend: str, device: torch.device) -> str | None:

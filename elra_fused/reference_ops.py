@@ -17,6 +17,11 @@ to be read back from the device (the control law writes them, the kernels read t
     accept != 0:  x_prev <- x ;  x <- decay * x - step * grad
     accept == 0:  x <- x + back * (decay * x_prev - x) ;  x_prev unchanged
 
+* swap mode (standard mode whose caller swaps the roles of the ``grad`` and ``grad_prev``
+  buffers after every step, so that G_t becomes G_{t-1} without being copied):
+    accept != 0:  x <- decay * x - step * grad ;  grad, grad_prev unchanged
+    accept == 0:  x <- x + back * grad_prev ;  grad <- grad_prev (G_{t-1} is kept)
+
 ``back`` is a length along G_{t-1} in standard mode (alpha_{t-1} - alpha_t) but a fraction
 of the last step in recover mode (1 - alpha_t / alpha_{t-1}), since there the direction
 is decay * x_prev - x = alpha_{t-1} G_{t-1}. The optimizer forms both from the control
@@ -80,6 +85,27 @@ def update_(
     with torch.no_grad():
         x.copy_(new_x)
         grad_prev.copy_(new_gp)
+
+
+def update_swap_(
+    x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
+) -> None:
+    """In place: accept step or retrace, swap mode (see module docstring).
+
+    The accept pass reads x and G and writes only x (12 bytes per fp32 element instead of
+    16): the caller then lets the gradient buffer serve as G_{t-1}. On a retrace G_{t-1}
+    is copied into the gradient buffer, so after the caller's swap it is still G_{t-1}.
+    """
+    c = coeffs.double()
+    accept = c[COEF_ACCEPT] != 0
+    xd = x.detach().double()
+    gd = grad.detach().double()
+    gpd = grad_prev.detach().double()
+    new_x = torch.where(accept, c[COEF_DECAY] * xd - c[COEF_STEP] * gd, xd + c[COEF_BACK] * gpd)
+    new_grad = torch.where(accept, gd, gpd)
+    with torch.no_grad():
+        x.copy_(new_x)
+        grad.copy_(new_grad)
 
 
 def update_recover_(

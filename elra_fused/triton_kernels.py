@@ -1,4 +1,4 @@
-"""Triton kernels for the four ELRA vector passes (semantics: ``reference_ops.py``).
+"""Triton kernels for the ELRA vector passes (semantics: ``reference_ops.py``).
 
 Literate layout in the style of the Triton tutorials: each kernel is followed by its
 launcher. The launchers assume validated inputs (``elra_fused.ops`` validates and then
@@ -239,6 +239,60 @@ def update_recover_(
 ) -> None:
     """Recover mode update in place (see reference_ops.update_recover_)."""
     _launch_update(x, grad, x_prev, coeffs, recover=True)
+
+
+# ======================================================================================
+# In-place update, swap mode (the caller swaps the roles of grad and grad_prev)
+# ======================================================================================
+@triton.jit
+def _update_swap_kernel(
+    x_ptr,  # *T: parameters x_t, overwritten with x_{t+1}
+    g_ptr,  # *T: gradient G_t; read on accept only, <- G_{t-1} (bit copy) on a retrace
+    gp_ptr,  # *T: G_{t-1}; read on a retrace only, never written
+    coeffs_ptr,  # *fp64 [accept, decay, step, back]
+    n,  # number of elements in every vector
+    BF16_BITS: tl.constexpr,  # round bf16 stores with integer ops (BF16_BY_BITS)
+    BLOCK: tl.constexpr,  # elements per program
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    accept = tl.load(coeffs_ptr + COEF_ACCEPT)
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    # `accept` is uniform over the grid. NaN != 0 is true, as in the reference.
+    if accept != 0.0:
+        # The update kernel's accept without its state store: 12 bytes per fp32 element.
+        decay = tl.load(coeffs_ptr + COEF_DECAY).to(tl.float32)
+        step = tl.load(coeffs_ptr + COEF_STEP).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        new_x = decay * x - step * g
+    else:
+        # Retrace: G_t is overwritten, never loaded, so a non-finite G_t cannot reach x.
+        back = tl.load(coeffs_ptr + COEF_BACK).to(tl.float32)
+        gp_raw = tl.load(gp_ptr + offs, mask=mask)
+        tl.store(g_ptr + offs, gp_raw, mask=mask)  # grad <- grad_prev (bit copy)
+        new_x = x + back * gp_raw.to(tl.float32)
+    tl.store(x_ptr + offs, _to_storage(new_x, x_ptr.dtype.element_ty, BF16_BITS), mask=mask)
+
+
+def update_swap_(
+    x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
+) -> None:
+    """Swap mode update in place (see reference_ops.update_swap_)."""
+    n = x.numel()
+    if n == 0:
+        return
+    with _device_guard(x):
+        _update_swap_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
+            x,
+            grad,
+            grad_prev,
+            coeffs,
+            n,
+            BF16_BITS=BF16_BY_BITS,
+            BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
 
 
 # ======================================================================================

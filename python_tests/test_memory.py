@@ -9,6 +9,7 @@ import torch
 from _lockstep import NAN_GRAD, Shadow, data, forward_backward, make_model, no_host_reads
 
 from elra_fused import ELRA, ops
+from elra_fused.memory import SwapGradPrevStore
 
 BACKEND = "cpp" if "cpp" in ops.available_backends("cpu") else "reference"
 STEPS = 300
@@ -215,3 +216,69 @@ def test_bf16_state_in_the_reference_layout() -> None:
         opt.zero_grad()
         opt.step(forward_backward(model, inputs, target, step_index))
     assert all(opt.state[p]["grad_prev"].dtype == torch.bfloat16 for p in model.parameters())
+
+
+def run_steps(opt: ELRA, model: torch.nn.Module, steps: int, zero: str = "opt") -> list[bool]:
+    inputs, target = data()
+    decisions = []
+    for step_index in range(steps):
+        if zero == "opt":
+            opt.zero_grad()
+        elif zero == "model_none":
+            model.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=False)
+        opt.step(forward_backward(model, inputs, target, step_index))
+        decisions.append(opt.last_step_retraced)
+    return decisions
+
+
+@pytest.mark.parametrize("zero", ["opt", "model_none", "model_in_place"])
+def test_reused_grad_buffer_gives_bit_identical_steps(zero: str) -> None:
+    """Swapping buffers instead of copying G_t changes no bit, however grads are zeroed."""
+    results = []
+    for reuse in (False, True):
+        model = make_model()
+        opt = ELRA(
+            model.parameters(), backend=BACKEND, wd=0.999, cycle_steps=25, reuse_grad_buffer=reuse
+        )
+        decisions = run_steps(opt, model, STEPS, zero)
+        results.append((decisions, torch.cat([p.detach().reshape(-1) for p in model.parameters()])))
+    assert results[0][0] == results[1][0]
+    assert sum(results[0][0]) >= 3
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_reused_grad_buffer_lockstep_and_round_trip() -> None:
+    model = make_model()
+    inputs, target = data()
+    opt = build(model, "standard", wd=0.999, reuse_grad_buffer=True)
+    assert isinstance(opt._stores[0], SwapGradPrevStore)
+    shadow = Shadow(opt, cycle_steps=25)
+    for step_index in range(60):
+        opt.zero_grad()
+        shadow.step(forward_backward(model, inputs, target, step_index))
+        shadow.assert_matches(step_index)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    expected_decisions = run_steps(opt, model, 20)
+    expected = [p.detach().clone() for p in model.parameters()]
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = make_model(seed=4)
+    model2.load_state_dict(saved["model"])
+    opt2 = build(model2, "standard", wd=0.999, reuse_grad_buffer=True)
+    opt2.load_state_dict(saved["opt"])
+    assert run_steps(opt2, model2, 20) == expected_decisions
+    for p, e in zip(model2.parameters(), expected, strict=True):
+        assert torch.equal(p.detach(), e)
+
+
+def test_reused_grad_buffer_needs_standard_flat_mode() -> None:
+    with pytest.raises(ValueError, match="reuse_grad_buffer"):
+        ELRA(make_model().parameters(), memory="recover", reuse_grad_buffer=True)
+    with pytest.raises(ValueError, match="reuse_grad_buffer"):
+        ELRA(make_model().parameters(), backend="reference", reuse_grad_buffer=True)
+    # A bf16 G_{t-1} cannot trade places with an fp32 gradient: copying store instead.
+    opt = ELRA(make_model().parameters(), state_dtype=torch.bfloat16, reuse_grad_buffer=True)
+    assert not isinstance(opt._stores[0], SwapGradPrevStore)

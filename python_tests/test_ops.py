@@ -58,6 +58,7 @@ UPDATE_EPS = {
     torch.float32: torch.finfo(torch.float32).eps,
     torch.bfloat16: torch.finfo(torch.bfloat16).eps,
     torch.float16: torch.finfo(torch.float16).eps,
+    torch.float64: torch.finfo(torch.float64).eps,  # the reference's own dtype
 }
 
 DECAY = 0.9997  # the paper's multiplicative weight decay
@@ -295,6 +296,251 @@ def test_retrace_never_reads_grad(backend: str, device: str, op: str, bad: float
 
 
 # =========================================================================================
+# update_swap_ (swap mode: the caller swaps the roles of grad and grad_prev)
+# =========================================================================================
+SWAP_BACKENDS = (*FUSED_BACKENDS, "reference")
+
+
+def _swap_cases() -> list:
+    out = []
+    for dev in DEVICES:
+        dev_name = dev if isinstance(dev, str) else dev.values[0]
+        marks = () if isinstance(dev, str) else dev.marks
+        for backend in SWAP_BACKENDS:
+            if backend == "reference":
+                dtypes, sizes = (*DTYPES, torch.float64), (1, 7, 4097, 278011)
+            else:
+                dtypes, sizes = DTYPES, sizes_for(backend, dev_name)
+            for dtype in dtypes:
+                for n in sizes:
+                    name = str(dtype).removeprefix("torch.")
+                    out.append(
+                        pytest.param(
+                            backend,
+                            dev_name,
+                            dtype,
+                            n,
+                            marks=marks,
+                            id=f"{backend}-{dev_name}-{name}-{n}",
+                        )
+                    )
+    return out
+
+
+SWAP_CASES = _swap_cases()
+
+
+@pytest.mark.parametrize("accept", [ACCEPT, RETRACE], ids=["accept", "retrace"])
+@pytest.mark.parametrize(("backend", "device", "dtype", "n"), SWAP_CASES)
+def test_update_swap(backend: str, device: str, dtype: torch.dtype, n: int, accept: float) -> None:
+    k = kernels(backend, device)
+    gen = gen_for("update_swap", backend, dtype, n, accept)
+    x, g, gp = (rand(n, dtype, device, gen) for _ in range(3))
+    c = coeffs([accept, DECAY, STEP, BACK], device)
+    # The float64 oracle on float64 copies, rounded to dtype once at the end.
+    x_exp, g_exp, gp_exp = x.double(), g.double(), gp.double()
+    ref.update_swap_(x_exp, g_exp, gp_exp, c)
+    g_before, gp_before = g.clone(), gp.clone()
+    if accept:
+        envelope = DECAY * x.double().abs() + STEP * g.double().abs()
+    else:
+        envelope = x.double().abs() + BACK * gp.double().abs()
+        g = nan_like(g)  # write-only on a retrace: fully overwritten, never read into x
+    k.update_swap_(x, g, gp, c)
+    assert_close_elementwise(x, x_exp, envelope, dtype)
+    assert torch.equal(gp, gp_before), "grad_prev is read-only"
+    if accept:
+        assert torch.equal(g, g_before), "accept must not write grad"
+    else:
+        assert torch.equal(g.view(-1), gp_before), "retrace: grad must be a bit copy of grad_prev"
+
+
+@pytest.mark.parametrize("backend", SWAP_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_update_swap_accept_writes_only_x(backend: str, device: str, dtype: torch.dtype) -> None:
+    """Bit-level: accept leaves grad and grad_prev untouched, NaN / inf patterns included."""
+    k = kernels(backend, device)
+    gen = gen_for("swap_bits", backend, dtype)
+    n = 4097
+    x, g, gp = (rand(n, dtype, device, gen) for _ in range(3))
+    g[:3] = torch.tensor([float("inf"), -0.0, 1e-30]).to(dtype)
+    gp[:3] = torch.tensor([float("nan"), -float("inf"), -0.0]).to(dtype)
+    g_bits, gp_bits = g.clone(), gp.clone()
+    k.update_swap_(x, g, gp, coeffs([ACCEPT, DECAY, STEP, BACK], device))
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    assert torch.equal(g.view(bits), g_bits.view(bits))
+    assert torch.equal(gp.view(bits), gp_bits.view(bits))
+
+
+@pytest.mark.parametrize("backend", SWAP_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_update_swap_retrace_never_reads_grad(
+    backend: str, device: str, bad: float, dtype: torch.dtype
+) -> None:
+    k = kernels(backend, device)
+    n = 4097
+    gen = gen_for("swap_retrace", backend, dtype)
+    x, gp = rand(n, dtype, device, gen), rand(n, dtype, device, gen)
+    # A NaN payload that is not the canonical one: the copy must be bitwise, not a re-store.
+    gp[0] = float("nan")
+    x[0] = 1.0
+    g = torch.full((n,), bad, dtype=dtype, device=device)
+    gp_before = gp.clone()
+    x_exp = x.double() + BACK * gp.double()
+    k.update_swap_(x, g, gp, coeffs([RETRACE, DECAY, STEP, BACK], device))
+    assert bool(torch.isfinite(x[1:]).all()), "a non-finite gradient leaked into x on a retrace"
+    assert_close_elementwise(x[1:], x_exp[1:], x_exp[1:].abs(), dtype)
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    # The reference copies through float64 (torch.where), which keeps NaN but not its
+    # payload; the fused kernels copy the stored bits.
+    first = 1 if backend == "reference" else 0
+    assert bool(torch.isnan(g[0]))
+    assert torch.equal(g[first:].view(bits), gp_before[first:].view(bits)), "grad <- grad_prev"
+    assert torch.equal(gp.view(bits), gp_before.view(bits))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_swap_bit_identical_runs(backend: str, device: str) -> None:
+    k = kernels(backend, device)
+    n = max(sizes_for(backend, device))
+    gen = gen_for("swap_determinism", backend)
+    x, g, gp = (rand(n, torch.float32, device, gen) for _ in range(3))
+    for accept in (ACCEPT, RETRACE):
+        c = coeffs([accept, DECAY, STEP, BACK], device)
+        runs = []
+        for _ in range(2):
+            xr, gr = x.clone(), g.clone()
+            k.update_swap_(xr, gr, gp, c)
+            runs.append((xr, gr))
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs >= 2 CPU threads")
+def test_cpp_cpu_update_swap_independent_of_thread_count() -> None:
+    k = kernels("cpp", "cpu")
+    gen = gen_for("swap_threads")
+    n = 3_000_017
+    x, g, gp = (rand(n, torch.float32, "cpu", gen) for _ in range(3))
+    c = coeffs([ACCEPT, DECAY, STEP, BACK], "cpu")
+    threads = torch.get_num_threads()
+    many, one = x.clone(), x.clone()
+    try:
+        k.update_swap_(many, g, gp, c)
+        torch.set_num_threads(1)
+        k.update_swap_(one, g, gp, c)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(many, one)
+
+
+@pytest.mark.parametrize("accept", [ACCEPT, RETRACE], ids=["accept", "retrace"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_swap_views_into_one_flat_buffer(backend: str, device: str, accept: float) -> None:
+    """Odd storage offsets (the CUDA scalar path) work and write nothing outside the views
+    they own: x always, grad on a retrace only, grad_prev never."""
+    k = kernels(backend, device)
+    gen = gen_for("swap_views", backend, accept)
+    n, offset = 4097, 3
+    flat = rand(3 * (n + offset) + 1, torch.float32, device, gen)
+    before = flat.clone()
+    x, g, gp = (flat[i * (n + offset) + offset : (i + 1) * (n + offset)] for i in range(3))
+    c = coeffs([accept, DECAY, STEP, BACK], device)
+    x_exp, g_exp, gp_exp = x.double(), g.double(), gp.double()
+    ref.update_swap_(x_exp, g_exp, gp_exp, c)
+    gp_before = gp.clone()
+    k.update_swap_(x, g, gp, c)
+    envelope = x_exp.abs() + STEP * g_exp.abs() + BACK * gp_exp.abs()
+    assert_close_elementwise(x, x_exp, envelope, torch.float32)
+    if not accept:
+        assert torch.equal(g, gp_before)
+    untouched = torch.ones_like(flat, dtype=torch.bool)
+    for i in (0,) if accept else (0, 1):
+        untouched[i * (n + offset) + offset : (i + 1) * (n + offset)] = False
+    assert torch.equal(flat[untouched], before[untouched]), "wrote outside the views"
+
+
+def _bad_swap_cases() -> list[tuple[str, Callable[[], tuple], str]]:
+    """update_swap_-specific dtype rules: grad and grad_prev trade roles, so no compact
+    bf16 state; everything must share x's dtype. Every case raises TypeError."""
+    n = 32
+
+    def v(dtype: torch.dtype) -> torch.Tensor:
+        return torch.randn(n).to(dtype)
+
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    c = coeffs([ACCEPT, DECAY, STEP, BACK], "cpu")
+    share = "all vector arguments must share one dtype"
+    return [
+        ("bf16_grad_prev", lambda: (v(f32), v(f32), v(bf16), c), "grad_prev has dtype .*" + share),
+        ("fp16_x_bf16_grad_prev", lambda: (v(f16), v(f16), v(bf16), c), "grad_prev"),
+        ("bf16_grad", lambda: (v(f32), v(bf16), v(f32), c), "grad has dtype .*" + share),
+        ("fp32_grad_prev_fp16_x", lambda: (v(f16), v(f16), v(f32), c), "grad_prev"),
+    ]
+
+
+@pytest.mark.parametrize("backend", SWAP_BACKENDS)
+@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _bad_swap_cases()])
+@pytest.mark.parametrize("accept", [ACCEPT, RETRACE], ids=["accept", "retrace"])
+def test_bad_update_swap_dtype_raises(backend: str, case: int, accept: float) -> None:
+    k = kernels(backend, "cpu")
+    _, make, match = _bad_swap_cases()[case]
+    x, g, gp, _ = make()
+    args = (x, g, gp, coeffs([accept, DECAY, STEP, BACK], "cpu"))
+    before = [a.clone() for a in args]
+    with pytest.raises(TypeError, match=match):
+        k.update_swap_(*args)
+    for a, b in zip(args, before, strict=True):
+        assert torch.equal(a, b), "a rejected call must not modify its arguments"
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_update_swap_empty(backend: str) -> None:
+    k = kernels(backend, "cpu")
+    e = torch.empty(0)
+    for accept in (ACCEPT, RETRACE):
+        k.update_swap_(e, e.clone(), e.clone(), coeffs([accept, DECAY, STEP, BACK], "cpu"))
+
+
+def test_update_swap_fake_impl() -> None:
+    m = torch.empty(10, device="meta")
+    c = torch.empty(4, dtype=torch.float64, device="meta")
+    torch.ops.elra_fused.update_swap_(m, m.clone(), m.clone(), c)
+    with pytest.raises(TypeError, match="grad_prev has dtype"):
+        torch.ops.elra_fused.update_swap_(m, m.clone(), m.to(torch.bfloat16), c)
+
+
+def test_update_swap_torch_compile_retrace() -> None:
+    """The (b!) mutation of grad is functionalized: a compiled retrace writes grad."""
+    k = kernels("cpp", "cpu")
+    gen = gen_for("swap_compile")
+    x, g, gp = (rand(4097, torch.float32, "cpu", gen) for _ in range(3))
+    c = coeffs([RETRACE, DECAY, STEP, BACK], "cpu")
+
+    def step(x: torch.Tensor, g: torch.Tensor, gp: torch.Tensor, c: torch.Tensor) -> None:
+        k.update_swap_(x, g, gp, c)
+
+    x_e, g_e = x.clone(), g.clone()
+    step(x_e, g_e, gp, c)
+    torch.compile(step, backend="aot_eager", fullgraph=True)(x, g, gp, c)
+    assert torch.equal(x, x_e) and torch.equal(g, g_e) and torch.equal(g, gp)
+
+
+def test_kernel_set_positional_construction_keeps_working() -> None:
+    """update_swap_ was appended last with a default: five-field construction still works."""
+    r = ops.get_kernels("reference", "cpu")
+    old = ops.KernelSet(r.name, r.dots, r.dots_recover, r.update_, r.update_recover_)
+    assert old.update_swap_ is None
+    assert r.update_swap_ is not None
+    for backend in ops.available_backends("cpu"):
+        assert ops.get_kernels(backend, "cpu").update_swap_ is not None
+
+
+# =========================================================================================
 # Determinism
 # =========================================================================================
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -367,6 +613,7 @@ def _opcheck_args(device: str) -> dict[str, list[tuple[torch.Tensor, ...]]]:
         "dots_recover": [(r(), r(), r(), coeffs([DECAY, 10.0], device))],
         "update_": [(r(), r(), r(), c) for c in upd],
         "update_recover_": [(r(), r(), r(), c) for c in upd],
+        "update_swap_": [(r(), r(), r(), c) for c in upd],
     }
 
 
@@ -429,7 +676,7 @@ def _bad_update_cases(device: str) -> list[tuple[str, Callable[[], tuple], type,
     ]
 
 
-@pytest.mark.parametrize("op", ["update_", "update_recover_"])
+@pytest.mark.parametrize("op", ["update_", "update_recover_", "update_swap_"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("case", range(8), ids=[c[0] for c in _bad_update_cases("cpu")])
 def test_bad_update_inputs_raise_and_leave_x_unchanged(backend: str, op: str, case: int) -> None:
@@ -926,6 +1173,8 @@ def test_cuda_ops_never_sync(backend: str) -> None:
         k.dots_recover(gp, x, g, cr)
         k.update_(x, g, gp, cu)
         k.update_recover_(x, g, gp, cu)
+        k.update_swap_(x, g, gp, cu)
+        k.update_swap_(x, g, gp, coeffs([RETRACE, DECAY, STEP, BACK], "cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
