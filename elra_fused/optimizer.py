@@ -233,20 +233,13 @@ class ELRA(torch.optim.Optimizer):
                     f"{sorted(str(d) for d in devices)}; use backend='reference'"
                 )
             return "reference"
-        fused_dtypes = all(p.dtype in ops.SUPPORTED_DTYPES for p in params)
-        if backend == "auto":
-            if not fused_dtypes:
-                return "reference"
-            order = ("cpp", "triton") if self._device.type == "cuda" else ("cpp",)
-            usable = ops.available_backends(self._device)
-            return next((b for b in order if b in usable), "reference")
-        if backend != "reference" and not fused_dtypes:
-            bad = sorted({str(p.dtype) for p in params if p.dtype not in ops.SUPPORTED_DTYPES})
-            raise ValueError(
-                f"ELRA: backend {backend!r} supports float32, bfloat16 and float16 "
-                f"parameters, got {bad}; use backend='reference' (e.g. for float64)"
-            )
-        return backend
+        if backend != "auto":
+            return backend  # unsupported dtypes are rejected when the buffers are built
+        if not all(p.dtype in ops.SUPPORTED_DTYPES for p in params):
+            return "reference"
+        order = ("cpp", "triton") if self._device.type == "cuda" else ("cpp",)
+        usable = ops.available_backends(self._device)
+        return next((b for b in order if b in usable), "reference")
 
     def _build_flat(self) -> None:
         for group_index in range(len(self.param_groups)):
@@ -258,7 +251,8 @@ class ELRA(torch.optim.Optimizer):
             if self.backend != "reference" and param.dtype not in ops.SUPPORTED_DTYPES:
                 raise ValueError(
                     f"ELRA: {_describe(group_index, param_index, param)} has dtype "
-                    f"{param.dtype}, which backend {self.backend!r} does not support"
+                    f"{param.dtype}, which backend {self.backend!r} does not support "
+                    "(float32, bfloat16, float16); use backend='reference' for float64"
                 )
             if param.device != self._device:
                 raise ValueError(

@@ -69,22 +69,32 @@ def dots_recover(
     return torch.stack([torch.dot(g, g), torch.dot(gp, g)])
 
 
+def _stepped_x(
+    c: torch.Tensor, xd: torch.Tensor, gd: torch.Tensor, back_direction: torch.Tensor
+) -> torch.Tensor:
+    """x after an accept (decay x - step G) or a retrace (x + back * direction), float64.
+
+    torch.where keeps the unselected branch out of the result, so a NaN gradient on a
+    retrace never reaches x; both branches are computed (no host sync to choose one).
+    """
+    accepted = c[COEF_DECAY] * xd - c[COEF_STEP] * gd
+    return torch.where(c[COEF_ACCEPT] != 0, accepted, xd + c[COEF_BACK] * back_direction)
+
+
+def _write(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for target, value in pairs:
+            target.copy_(value)
+
+
 def update_(
     x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
 ) -> None:
     """In place: accept step or retrace, standard mode (see module docstring)."""
     c = coeffs.double()
+    xd, gd, gpd = (t.detach().double() for t in (x, grad, grad_prev))
     accept = c[COEF_ACCEPT] != 0
-    xd = x.detach().double()
-    gd = grad.detach().double()
-    gpd = grad_prev.detach().double()
-    # torch.where keeps the unselected branch out of the result, so a NaN gradient on a
-    # retrace never reaches x; both branches are computed (no host sync to choose one).
-    new_x = torch.where(accept, c[COEF_DECAY] * xd - c[COEF_STEP] * gd, xd + c[COEF_BACK] * gpd)
-    new_gp = torch.where(accept, gd, gpd)
-    with torch.no_grad():
-        x.copy_(new_x)
-        grad_prev.copy_(new_gp)
+    _write([(x, _stepped_x(c, xd, gd, gpd)), (grad_prev, torch.where(accept, gd, gpd))])
 
 
 def update_swap_(
@@ -97,15 +107,9 @@ def update_swap_(
     is copied into the gradient buffer, so after the caller's swap it is still G_{t-1}.
     """
     c = coeffs.double()
+    xd, gd, gpd = (t.detach().double() for t in (x, grad, grad_prev))
     accept = c[COEF_ACCEPT] != 0
-    xd = x.detach().double()
-    gd = grad.detach().double()
-    gpd = grad_prev.detach().double()
-    new_x = torch.where(accept, c[COEF_DECAY] * xd - c[COEF_STEP] * gd, xd + c[COEF_BACK] * gpd)
-    new_grad = torch.where(accept, gd, gpd)
-    with torch.no_grad():
-        x.copy_(new_x)
-        grad.copy_(new_grad)
+    _write([(x, _stepped_x(c, xd, gd, gpd)), (grad, torch.where(accept, gd, gpd))])
 
 
 def update_recover_(
@@ -113,15 +117,7 @@ def update_recover_(
 ) -> None:
     """In place: accept step or retrace, recover mode (see module docstring)."""
     c = coeffs.double()
+    xd, gd, xpd = (t.detach().double() for t in (x, grad, x_prev))
     accept = c[COEF_ACCEPT] != 0
-    xd = x.detach().double()
-    gd = grad.detach().double()
-    xpd = x_prev.detach().double()
-    decay = c[COEF_DECAY]
-    new_x = torch.where(
-        accept, decay * xd - c[COEF_STEP] * gd, xd + c[COEF_BACK] * (decay * xpd - xd)
-    )
-    new_xp = torch.where(accept, xd, xpd)
-    with torch.no_grad():
-        x.copy_(new_x)
-        x_prev.copy_(new_xp)
+    direction = c[COEF_DECAY] * xpd - xd  # = alpha_{t-1} G_{t-1}
+    _write([(x, _stepped_x(c, xd, gd, direction)), (x_prev, torch.where(accept, xd, xpd))])

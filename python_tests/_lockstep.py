@@ -11,8 +11,9 @@ rounding), so whole-trajectory comparisons would test the landscape, not the cod
 from __future__ import annotations
 
 import contextlib
+import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -65,6 +66,49 @@ def no_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         for name in HOST_READS:
             patch.setattr(torch.Tensor, name, forbidden)
         yield
+
+
+def run_steps(opt: ELRA, model: torch.nn.Module, indices: range, zero: str = "opt") -> list[bool]:
+    """Zero the grads, forward/backward (with the injected failures), step; the decisions.
+
+    ``zero``: "opt" (opt.zero_grad()), "model_none" (model.zero_grad(set_to_none=True))
+    or "model_in_place" (model.zero_grad(set_to_none=False)).
+    """
+    inputs, target = data()
+    decisions = []
+    for step_index in indices:
+        if zero == "opt":
+            opt.zero_grad()
+        else:
+            model.zero_grad(set_to_none=zero == "model_none")
+        opt.step(forward_backward(model, inputs, target, step_index))
+        decisions.append(opt.last_step_retraced)
+    return decisions
+
+
+def assert_round_trip(
+    make_opt: Callable[[torch.nn.Module], ELRA], before: int = 8, after: int = 17
+) -> None:
+    """Save model and optimizer mid-run, load both into fresh objects (weights_only):
+    the continuation takes the same decisions and reaches bit-identical parameters."""
+    model = make_model()
+    opt = make_opt(model)
+    run_steps(opt, model, range(before))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    expected_decisions = run_steps(opt, model, range(before, before + after))
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = make_model(seed=5)
+    model2.load_state_dict(saved["model"])
+    opt2 = make_opt(model2)
+    opt2.load_state_dict(saved["opt"])
+    assert run_steps(opt2, model2, range(before, before + after)) == expected_decisions
+    for p, e in zip(model2.parameters(), expected, strict=True):
+        assert torch.equal(p.detach(), e)
+    assert opt2.alpha == opt.alpha
 
 
 class Shadow:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from _lockstep import NAN_GRAD, Shadow, data, forward_backward, make_model, no_host_reads
+from _lockstep import (
+    NAN_GRAD,
+    Shadow,
+    assert_round_trip,
+    data,
+    forward_backward,
+    make_model,
+    no_host_reads,
+    run_steps,
+)
 
 from elra_fused import ELRA, ops
 from elra_fused.memory import SwapGradPrevStore
@@ -103,30 +110,7 @@ def test_param_groups_and_dtypes(memory: str) -> None:
 
 @pytest.mark.parametrize("memory", ["standard", "recover", "offload"])
 def test_state_dict_round_trip(memory: str) -> None:
-    model = make_model()
-    inputs, target = data()
-    opt = build(model, memory, wd=0.999)
-    for step_index in range(8):
-        opt.zero_grad()
-        opt.step(forward_backward(model, inputs, target, step_index))
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    for step_index in range(8, 25):
-        opt.zero_grad()
-        opt.step(forward_backward(model, inputs, target, step_index))
-    expected = [p.detach().clone() for p in model.parameters()]
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    model2 = make_model(seed=3)
-    model2.load_state_dict(saved["model"])
-    opt2 = build(model2, memory, wd=0.999)
-    opt2.load_state_dict(saved["opt"])
-    for step_index in range(8, 25):
-        opt2.zero_grad()
-        opt2.step(forward_backward(model2, inputs, target, step_index))
-    for p, e in zip(model2.parameters(), expected, strict=True):
-        assert torch.equal(p.detach(), e)
+    assert_round_trip(lambda model: build(model, memory, wd=0.999))
 
 
 def test_switching_between_point_modes_on_load_works() -> None:
@@ -218,21 +202,6 @@ def test_bf16_state_in_the_reference_layout() -> None:
     assert all(opt.state[p]["grad_prev"].dtype == torch.bfloat16 for p in model.parameters())
 
 
-def run_steps(opt: ELRA, model: torch.nn.Module, steps: int, zero: str = "opt") -> list[bool]:
-    inputs, target = data()
-    decisions = []
-    for step_index in range(steps):
-        if zero == "opt":
-            opt.zero_grad()
-        elif zero == "model_none":
-            model.zero_grad(set_to_none=True)
-        else:
-            model.zero_grad(set_to_none=False)
-        opt.step(forward_backward(model, inputs, target, step_index))
-        decisions.append(opt.last_step_retraced)
-    return decisions
-
-
 @pytest.mark.parametrize("zero", ["opt", "model_none", "model_in_place"])
 def test_reused_grad_buffer_gives_bit_identical_steps(zero: str) -> None:
     """Swapping buffers instead of copying G_t changes no bit, however grads are zeroed."""
@@ -242,7 +211,7 @@ def test_reused_grad_buffer_gives_bit_identical_steps(zero: str) -> None:
         opt = ELRA(
             model.parameters(), backend=BACKEND, wd=0.999, cycle_steps=25, reuse_grad_buffer=reuse
         )
-        decisions = run_steps(opt, model, STEPS, zero)
+        decisions = run_steps(opt, model, range(STEPS), zero)
         results.append((decisions, torch.cat([p.detach().reshape(-1) for p in model.parameters()])))
     assert results[0][0] == results[1][0]
     assert sum(results[0][0]) >= 3
@@ -259,19 +228,7 @@ def test_reused_grad_buffer_lockstep_and_round_trip() -> None:
         opt.zero_grad()
         shadow.step(forward_backward(model, inputs, target, step_index))
         shadow.assert_matches(step_index)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    expected_decisions = run_steps(opt, model, 20)
-    expected = [p.detach().clone() for p in model.parameters()]
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    model2 = make_model(seed=4)
-    model2.load_state_dict(saved["model"])
-    opt2 = build(model2, "standard", wd=0.999, reuse_grad_buffer=True)
-    opt2.load_state_dict(saved["opt"])
-    assert run_steps(opt2, model2, 20) == expected_decisions
-    for p, e in zip(model2.parameters(), expected, strict=True):
-        assert torch.equal(p.detach(), e)
+    assert_round_trip(lambda m: build(m, "standard", wd=0.999, reuse_grad_buffer=True))
 
 
 def test_reused_grad_buffer_needs_standard_flat_mode() -> None:

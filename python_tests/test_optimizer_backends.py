@@ -6,12 +6,20 @@ float64 reference optimizer in lock step (see ``_lockstep.py``).
 
 from __future__ import annotations
 
-import io
 import os
 
 import pytest
 import torch
-from _lockstep import NAN_GRAD, SPIKES, Shadow, data, forward_backward, make_model, no_host_reads
+from _lockstep import (
+    NAN_GRAD,
+    SPIKES,
+    Shadow,
+    assert_round_trip,
+    data,
+    forward_backward,
+    make_model,
+    no_host_reads,
+)
 
 from elra_fused import ELRA, ops
 from elra_fused.flat import ParameterMovedError
@@ -68,31 +76,7 @@ def test_fused_step_makes_no_host_sync(backend: str, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_dict_round_trip_is_bit_identical(backend: str) -> None:
-    model = make_model()
-    inputs, target = data()
-    opt = ELRA(model.parameters(), backend=backend, flat=True, cycle_steps=6)
-    for step_index in range(8):
-        opt.zero_grad()
-        opt.step(forward_backward(model, inputs, target, step_index))
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    for step_index in range(8, 20):
-        opt.zero_grad()
-        opt.step(forward_backward(model, inputs, target, step_index))
-    expected = [p.detach().clone() for p in model.parameters()]
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    model2 = make_model(seed=5)
-    model2.load_state_dict(saved["model"])
-    opt2 = ELRA(model2.parameters(), backend=backend, flat=True, cycle_steps=6)
-    opt2.load_state_dict(saved["opt"])
-    for step_index in range(8, 20):
-        opt2.zero_grad()
-        opt2.step(forward_backward(model2, inputs, target, step_index))
-    for p, e in zip(model2.parameters(), expected, strict=True):
-        assert torch.equal(p.detach(), e)
-    assert opt2.alpha == opt.alpha
+    assert_round_trip(lambda model: ELRA(model.parameters(), backend=backend, cycle_steps=6))
 
 
 def test_auto_backend_choice() -> None:
