@@ -22,7 +22,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/elra_ops.cpp"]
+CPU_SOURCES = [f"{CSRC}/elra_ops.cpp", f"{CSRC}/elra_list_ops.cpp"]
 CUDA_SOURCES = [f"{CSRC}/elra_ops_cuda.cu"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 

@@ -96,13 +96,17 @@ def optimizer_factories(
     """(optimizer name, backend) -> factory. ELRA gets one row per usable backend."""
     factories: dict[tuple[str, str], Callable] = {}
     backends = [b for b in ops.available_backends(device) if b != "triton" or device.type == "cuda"]
+    # The default layout for the device (per-parameter lists on CPU, flat buffers on
+    # CUDA), the other layout, and flat buffers with reuse_grad_buffer.
+    other = "flat" if device.type == "cpu" else "lists"
     for backend in backends:
-        factories[("elra_fused", backend)] = lambda m, b=backend: ELRA(
-            m.parameters(), backend=b, flat=True
+        factories[("elra_fused", backend)] = lambda m, b=backend: ELRA(m.parameters(), backend=b)
+        factories[("elra_fused", f"{backend}+{other}")] = lambda m, b=backend: ELRA(
+            m.parameters(), backend=b, flat=other == "flat"
         )
         if backend != "reference":
             # G_t becomes G_{t-1} by swapping buffers: 20 instead of 24 bytes per step.
-            factories[("elra_fused", f"{backend}+reuse")] = lambda m, b=backend: ELRA(
+            factories[("elra_fused", f"{backend}+flat+reuse")] = lambda m, b=backend: ELRA(
                 m.parameters(), backend=b, reuse_grad_buffer=True
             )
     factories[("adam_fused", "torch")] = lambda m: torch.optim.Adam(m.parameters(), fused=True)

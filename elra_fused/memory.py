@@ -133,3 +133,66 @@ class SwapGradPrevStore(GradPrevStore):
         ):
             param.grad = grad_view
             state[GRAD_PREV_KEY] = prev_view
+
+
+class GradPrevList:
+    """G_{t-1} of each parameter in the per-parameter layout (``flat=False``).
+
+    One instance per (device, wd) segment of a step; ``x`` and ``grad`` are lists of the
+    parameters' own tensors (autograd's gradients: nothing is zero-filled or copied into
+    a buffer). Two ways to keep G_{t-1}:
+
+    * by reference (``keep_reference=True``, G_{t-1} has the parameters' dtype): after an
+      accept the gradient tensor G_t itself becomes G_{t-1} (``update_swap_list_``: the
+      pass reads x and G and writes only x); a retrace copies G_{t-1} into it first, so
+      the new reference again holds G_{t-1}. The optimizer re-points the state entries
+      and records each tensor's version counter: an in-place change of that tensor
+      before the next step (``zero_grad(set_to_none=False)`` elsewhere, gradients
+      accumulated across steps) is detected instead of silently corrupting G_{t-1}.
+      While a CUDA graph is captured the copying pass is used (a replay cannot re-point
+      Python references).
+    * by copy (a compact ``state_dtype``): ``update_list_`` writes G_t into the state.
+    """
+
+    state_key = GRAD_PREV_KEY
+
+    def __init__(
+        self,
+        prevs: list[torch.Tensor],
+        param_states: list[dict[str, Any]],
+        keep_reference: bool,
+    ) -> None:
+        self.prevs = prevs
+        self.param_states = param_states
+        self.keep_reference = keep_reference
+        self.retired: list[torch.Tensor] = []
+
+    def dots(
+        self,
+        kernels: KernelSet,
+        x: list[torch.Tensor],
+        grad: list[torch.Tensor],
+        coeffs: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return kernels.dots_list(grad, self.prevs)
+
+    def update_(
+        self,
+        kernels: KernelSet,
+        x: list[torch.Tensor],
+        grad: list[torch.Tensor],
+        coeffs: torch.Tensor,
+    ) -> None:
+        if not self.keep_reference or _capturing(x[0].device):
+            kernels.update_list_(x, grad, self.prevs, coeffs)
+            return
+        kernels.update_swap_list_(x, grad, self.prevs, coeffs)
+        for state, grad_now in zip(self.param_states, grad, strict=True):
+            state[GRAD_PREV_KEY] = grad_now
+        # The replaced G_{t-1} tensors stay alive until the optimizer lets them go (in
+        # zero_grad, where torch's optimizers free gradients): releasing large tensors
+        # costs time (the allocator returns the pages), which belongs to zero_grad.
+        self.retired, self.prevs = self.prevs, list(grad)
+
+    def synchronize(self) -> None:
+        """Nothing in flight: the tensors are always current."""

@@ -24,6 +24,14 @@ to nearest even, NaN kept: bit-identical to ``grad.to(torch.bfloat16)`` on that 
 ``dots_recover`` / ``update_recover_`` stay single-dtype: ``x_prev`` is a point. So does
 ``update_swap_``: its ``grad`` and ``grad_prev`` trade roles every step.
 
+Tensor lists (the per-parameter layout, one tensor per parameter instead of one flat
+buffer): ``dots_list(grad[], grad_prev[])``, ``update_list_(x[], grad[], grad_prev[],
+coeffs)`` and ``update_swap_list_(x[], grad[], grad_prev[], coeffs)`` apply the
+single-tensor op to element i of every list (each element contiguous, of any shape: it is
+flattened without a copy). ``dots_list`` adds the per-tensor results in list order, one
+fp64 addition after another, on every backend. One coefficient tensor serves the whole
+list.
+
 Backends (:data:`BACKENDS`): ``reference`` (plain torch, the oracle), ``triton``
 (GPU, or CPU under ``TRITON_INTERPRET=1`` for tests) and ``cpp`` (``elra_fused._C``:
 OpenMP CPU kernels + CUDA kernels). :func:`get_kernels` returns a :class:`KernelSet`.
@@ -46,7 +54,7 @@ import importlib
 import importlib.util
 import os
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -93,6 +101,15 @@ _SCHEMAS: dict[str, str] = {
     "update_recover_": "(Tensor(a!) x, Tensor grad, Tensor(b!) x_prev, Tensor coeffs) -> ()",
     # Swap mode: grad (not grad_prev) is the mutated buffer (written on a retrace only).
     "update_swap_": "(Tensor(a!) x, Tensor(b!) grad, Tensor grad_prev, Tensor coeffs) -> ()",
+    # Tensor lists (per-parameter layout): element i is one parameter's tensor; see
+    # "Tensor lists" in the module docstring.
+    "dots_list": "(Tensor[] grad, Tensor[] grad_prev) -> Tensor",
+    "update_list_": (
+        "(Tensor(a!)[] x, Tensor[] grad, Tensor(b!)[] grad_prev, Tensor coeffs) -> ()"
+    ),
+    "update_swap_list_": (
+        "(Tensor(a!)[] x, Tensor(b!)[] grad, Tensor[] grad_prev, Tensor coeffs) -> ()"
+    ),
 }
 OP_NAMES = tuple(_SCHEMAS)
 
@@ -242,6 +259,92 @@ def validate_update(
         _check_no_overlap(op, [("x", x), ("grad", grad), (other_name, other)])
 
 
+def flat_lists(
+    op: str, named: list[tuple[str, Sequence[torch.Tensor]]]
+) -> list[tuple[torch.Tensor, ...]]:
+    """Row i: element i of each (equal-length, non-empty) list as a 1-D view (no copy).
+
+    Everything else about the elements is checked by the single-tensor op they go to.
+    """
+    (first_name, first), *rest = named
+    if len(first) == 0:
+        raise ValueError(f"elra_fused.{op}: {first_name} is empty; pass at least one tensor")
+    for name, tensors in rest:
+        if len(tensors) != len(first):
+            raise ValueError(
+                f"elra_fused.{op}: {first_name} has {len(first)} tensors but {name} has "
+                f"{len(tensors)}"
+            )
+    rows = []
+    for i, row in enumerate(zip(*(tensors for _, tensors in named), strict=True)):
+        flat = []
+        for (name, _), t in zip(named, row, strict=True):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"elra_fused.{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}"
+                )
+            if not t.is_contiguous():
+                raise ValueError(f"elra_fused.{op}: {name}[{i}] must be contiguous")
+            flat.append(t.view(-1))
+        rows.append(tuple(flat))
+    return rows
+
+
+def _each_element(rows: list[tuple[torch.Tensor, ...]], check: Callable[..., None]) -> None:
+    """Validate every row before any is computed; name the list element in the error."""
+    for i, row in enumerate(rows):
+        try:
+            check(*row)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} (in list element {i})") from None
+
+
+def dots_list_with(
+    single: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    validate: Callable[[torch.Tensor, torch.Tensor], None] = lambda g, gp: validate_dots(g, gp),
+) -> Callable:
+    """``dots_list`` from a single-tensor ``dots``: per-tensor results added in list order."""
+
+    def dots_list(grad: Sequence[torch.Tensor], grad_prev: Sequence[torch.Tensor]) -> torch.Tensor:
+        rows = flat_lists("dots_list", [("grad", grad), ("grad_prev", grad_prev)])
+        _each_element(rows, validate)
+        total = single(*rows[0])
+        for row in rows[1:]:
+            total.add_(single(*row))
+        return total
+
+    return dots_list
+
+
+def update_list_with(
+    op: str,
+    single: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None],
+    dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES,
+    check_overlap: bool = False,
+) -> Callable:
+    """``update_list_`` / ``update_swap_list_`` from the single-tensor op: every element is
+    validated as the single op validates it before the first one is written."""
+    single_op = op.replace("_list_", "_")
+
+    def update_list(
+        x: Sequence[torch.Tensor],
+        grad: Sequence[torch.Tensor],
+        grad_prev: Sequence[torch.Tensor],
+        coeffs: torch.Tensor,
+    ) -> None:
+        rows = flat_lists(op, [("x", x), ("grad", grad), ("grad_prev", grad_prev)])
+        _each_element(
+            rows,
+            lambda xi, gi, gpi: validate_update(
+                single_op, xi, gi, gpi, "grad_prev", coeffs, dtypes, check_overlap
+            ),
+        )
+        for row in rows:
+            single(*row, coeffs)
+
+    return update_list
+
+
 # --------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes only, so torch.compile / FakeTensor can trace.
 # --------------------------------------------------------------------------------------
@@ -275,12 +378,23 @@ def _fake_update_swap(
     validate_update("update_swap_", x, grad, grad_prev, "grad_prev", coeffs)
 
 
+def _fake_dots_list(
+    grad: Sequence[torch.Tensor], grad_prev: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    rows = flat_lists("dots_list", [("grad", grad), ("grad_prev", grad_prev)])
+    _each_element(rows, validate_dots)
+    return grad[0].new_empty((2,), dtype=torch.float64)
+
+
 _FAKES: dict[str, Callable[..., torch.Tensor | None]] = {
     "dots": _fake_dots,
     "dots_recover": _fake_dots_recover,
     "update_": _fake_update,
     "update_recover_": _fake_update_recover,
     "update_swap_": _fake_update_swap,
+    "dots_list": _fake_dots_list,
+    "update_list_": update_list_with("update_list_", _fake_update),
+    "update_swap_list_": update_list_with("update_swap_list_", _fake_update_swap),
 }
 
 
@@ -401,6 +515,11 @@ _TRITON_IMPLS: dict[str, Callable[..., torch.Tensor | None]] = {
     "update_": _triton_update,
     "update_recover_": _triton_update_recover,
     "update_swap_": _triton_update_swap,
+    "dots_list": dots_list_with(_triton_dots),
+    "update_list_": update_list_with("update_list_", _triton_update, check_overlap=True),
+    "update_swap_list_": update_list_with(
+        "update_swap_list_", _triton_update_swap, check_overlap=True
+    ),
 }
 
 
@@ -459,9 +578,9 @@ def _ref_update_swap(
 class KernelSet(NamedTuple):
     """The ops of one backend; signatures as in :mod:`elra_fused.reference_ops`.
 
-    ``update_swap_`` is the last field and defaults to ``None`` so that the positional
+    The fields after ``update_recover_`` default to ``None`` so that the positional
     five-argument construction of earlier versions keeps working; every KernelSet made by
-    :func:`get_kernels` fills it.
+    :func:`get_kernels` fills them all.
     """
 
     name: str
@@ -472,6 +591,10 @@ class KernelSet(NamedTuple):
     update_swap_: (
         Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None
     ) = None
+    # Tensor-list forms (per-parameter layout); same argument order with lists.
+    dots_list: Callable[..., torch.Tensor] | None = None
+    update_list_: Callable[..., None] | None = None
+    update_swap_list_: Callable[..., None] | None = None
 
 
 def _op_kernel_set(backend: str, prefix: str) -> KernelSet:
@@ -480,7 +603,15 @@ def _op_kernel_set(backend: str, prefix: str) -> KernelSet:
 
 
 _REFERENCE = KernelSet(
-    "reference", _ref_dots, _ref_dots_recover, _ref_update, _ref_update_recover, _ref_update_swap
+    "reference",
+    _ref_dots,
+    _ref_dots_recover,
+    _ref_update,
+    _ref_update_recover,
+    _ref_update_swap,
+    dots_list_with(_ref_dots, lambda g, gp: validate_dots(g, gp, REFERENCE_DTYPES)),
+    update_list_with("update_list_", _ref_update, REFERENCE_DTYPES),
+    update_list_with("update_swap_list_", _ref_update_swap, REFERENCE_DTYPES),
 )
 
 

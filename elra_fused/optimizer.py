@@ -8,14 +8,21 @@ the host:
 3. the ``update`` pass: x <- wd x - alpha G (accept) or x <- x + (alpha_{t-1} - alpha_t)
    G_{t-1} (retrace), with coefficients read from a device tensor.
 
-Two layouts:
+Two layouts, both run by every backend (``reference``: plain torch, float64-capable, the
+oracle; ``cpp``: C++/OpenMP on CPU, CUDA on GPU; ``triton``):
 
-* per parameter (``flat=False``, the default of the ``reference`` backend): the passes
-  run over each parameter with the plain-torch kernels of :mod:`elra_fused.reference_ops`
-  (float64 math). This is the reference optimizer every fused backend is compared with.
-* flat (``flat=True``, the default of the fused backends): parameters and gradients are
-  views into one buffer per (group, device, dtype) (:mod:`elra_fused.flat`), so each pass
-  is one kernel launch per buffer: ``cpp`` (C++/OpenMP on CPU, CUDA on GPU) or ``triton``.
+* per parameter (``flat=False``; the default except on CUDA): the passes take the
+  parameters' own tensors and autograd's own gradients as tensor lists (one op call per
+  pass, :mod:`elra_fused.ops` "Tensor lists"). G_{t-1} is kept *by reference*: after an
+  accept the gradient tensor itself becomes G_{t-1}, so the update pass reads x and G and
+  writes only x, and backward writes each gradient once (no zero fill, no accumulation
+  into a buffer). Use ``zero_grad()`` (``set_to_none=True``) between steps, as torch's
+  default does; an in-place change of last step's gradient is detected and refused.
+* flat (``flat=True``; the default on CUDA, needed for ``memory="recover"/"offload"``
+  and ``reuse_grad_buffer``): parameters and gradients are views into one buffer per
+  (group, device, dtype) (:mod:`elra_fused.flat`), so each pass is one kernel launch per
+  buffer and every tensor keeps its address (what CUDA-graph capture needs). The price on
+  the host: ``zero_grad`` fills the buffer and backward adds each gradient into it.
 """
 
 from __future__ import annotations
@@ -26,12 +33,13 @@ from typing import Any
 import torch
 
 from . import control, ops
-from . import reference_ops as ref
 from .control import ControlConfig
 from .flat import FlatBuffer, build_flat_buffers, check_grad
 from .memory import (
+    GRAD_PREV_KEY,
     MEMORY_MODES,
     POINT_MODES,
+    GradPrevList,
     GradPrevStore,
     PointPrevStore,
     SwapGradPrevStore,
@@ -74,8 +82,10 @@ class ELRA(torch.optim.Optimizer):
         backend: "auto" (fastest available for the parameters' device and dtypes: cpp,
             then triton on GPU; cpp on CPU; else reference), or "reference", "triton",
             "cpp" to force one.
-        flat: keep parameters and gradients in flat buffers (default: True for the
-            fused backends, False for "reference").
+        flat: keep parameters and gradients in flat buffers. Default (None): True on
+            CUDA (graph capture, one launch per pass), for ``memory="recover"/"offload"``,
+            for ``reuse_grad_buffer`` and for non-contiguous parameters; False (the
+            per-parameter layout, G_{t-1} kept by reference) otherwise.
         memory: what is kept from the previous step (paper section 3.6; see
             :mod:`elra_fused.memory`): "standard" (G_{t-1} on the device), "recover"
             (x_{t-1} on the device, G_{t-1} recovered per element) or "offload" (x_{t-1}
@@ -155,19 +165,16 @@ class ELRA(torch.optim.Optimizer):
         first = self._first_param()
         self._device = first.device
         self.backend = self._resolve_backend(backend)
-        self.flat = (self.backend != "reference") if flat is None else bool(flat)
-        if self.flat:
-            self._kernels = ops.get_kernels(self.backend, self._device)
-        elif self.backend == "reference":
-            # Per-parameter tensors of any shape: the oracle functions themselves.
-            self._kernels = ops.KernelSet(
-                "reference", ref.dots, ref.dots_recover, ref.update_, ref.update_recover_
-            )
-        else:
-            raise ValueError(
-                f"ELRA: backend {self.backend!r} works on flat buffers; flat=False needs "
-                "backend='reference'"
-            )
+        self.flat = self._default_flat() if flat is None else bool(flat)
+        self._kernels = ops.get_kernels(self.backend, self._device)
+        # Per-parameter layout: the version counter of each G_{t-1} tensor when the last
+        # step left it, to detect an in-place change of a gradient kept by reference.
+        self._prev_versions: dict[torch.Tensor, int] = {}
+        # ... and the G_{t-1} tensors the last step replaced, released by zero_grad.
+        self._retired: list[torch.Tensor] = []
+        if not self.flat:
+            for group_index in range(len(self.param_groups)):
+                self._check_group(group_index)
         if memory != "standard" and not self.flat:
             raise ValueError(f"ELRA: memory={memory!r} needs flat buffers (flat=True)")
         if self.reuse_grad_buffer and not (self.flat and memory == "standard"):
@@ -211,14 +218,49 @@ class ELRA(torch.optim.Optimizer):
                     f"ELRA: {_describe(group_index, param_index, param)} has dtype "
                     f"{param.dtype}; ELRA needs floating-point parameters"
                 )
-        if getattr(self, "flat", False):
-            # A group added after construction gets flat buffers of its own; a group
-            # the buffers cannot take is removed again, leaving the optimizer as it was.
+        if hasattr(self, "flat"):
+            # A group added after construction gets flat buffers of its own (or is
+            # checked for the per-parameter layout); a group the optimizer cannot take
+            # is removed again, leaving the optimizer as it was.
             try:
-                self._add_flat_buffers(group_index)
+                if self.flat:
+                    self._add_flat_buffers(group_index)
+                else:
+                    self._check_group(group_index)
             except ValueError:
                 self.param_groups.pop()
                 raise
+
+    def _default_flat(self) -> bool:
+        """flat=None: see the class docstring for why each case picks its layout."""
+        if self.memory != "standard" or self.reuse_grad_buffer:
+            return True
+        if self._device.type == "cuda" and self.backend != "reference":
+            return True
+        return not all(p.is_contiguous() for p in self._trainable())
+
+    def _check_group(self, group_index: int) -> None:
+        """What the backend and the layout need of each parameter of a group."""
+        for param_index, param in enumerate(self.param_groups[group_index]["params"]):
+            name = _describe(group_index, param_index, param)
+            if self.backend != "reference" and param.dtype not in ops.SUPPORTED_DTYPES:
+                raise ValueError(
+                    f"ELRA: {name} has dtype {param.dtype}, which backend {self.backend!r} "
+                    "does not support (float32, bfloat16, float16); use backend='reference' "
+                    "for float64"
+                )
+            if (self.flat or self.backend != "reference") and param.device != self._device:
+                raise ValueError(
+                    f"ELRA: {name} is on {param.device}, the optimizer's parameters on "
+                    f"{self._device}"
+                )
+            if not self.flat and param.requires_grad and not param.is_contiguous():
+                # The per-parameter layout flattens each parameter without a copy.
+                raise ValueError(
+                    f"ELRA: {name} is not contiguous (strides {param.stride()}); flat=False "
+                    "updates each parameter in place as one vector: use flat=True (or the "
+                    "default layout)"
+                )
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -247,18 +289,7 @@ class ELRA(torch.optim.Optimizer):
 
     def _add_flat_buffers(self, group_index: int) -> None:
         group = self.param_groups[group_index]
-        for param_index, param in enumerate(group["params"]):
-            if self.backend != "reference" and param.dtype not in ops.SUPPORTED_DTYPES:
-                raise ValueError(
-                    f"ELRA: {_describe(group_index, param_index, param)} has dtype "
-                    f"{param.dtype}, which backend {self.backend!r} does not support "
-                    "(float32, bfloat16, float16); use backend='reference' for float64"
-                )
-            if param.device != self._device:
-                raise ValueError(
-                    f"ELRA: {_describe(group_index, param_index, param)} is on "
-                    f"{param.device}, the optimizer's parameters on {self._device}"
-                )
+        self._check_group(group_index)
         buffers = build_flat_buffers([group], _describe, group_offset=group_index)
         self._buffers.extend(buffers)
         for buffer in buffers:
@@ -285,9 +316,18 @@ class ELRA(torch.optim.Optimizer):
         In flat mode the gradient buffers are zeroed with one fill each and the ``.grad``
         views are kept (``set_to_none`` is ignored there: a None gradient would make
         autograd allocate a new tensor outside the buffer, which then has to be copied in).
+        Per parameter, ``set_to_none=False`` gives each parameter a new zero tensor
+        instead of zeroing the old one in place: that one may be G_{t-1}.
         """
         if not self.flat:
-            super().zero_grad(set_to_none=set_to_none)
+            self._retired.clear()
+            if set_to_none:
+                super().zero_grad(set_to_none=True)
+                return
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.grad = torch.zeros_like(param.grad)
             return
         for buffer in self._buffers:
             buffer.zero_grad()
@@ -353,7 +393,7 @@ class ELRA(torch.optim.Optimizer):
                 returned = loss()
             loss = returned
         loss_value = self._loss_tensor(loss)
-        work = self._flat_work() if self.flat else self._param_work()
+        work = self._flat_work() if self.flat else self._list_work()
         kernels = self._kernels
 
         # alpha_{t-1}: recover modes divide by it (G_{t-1} = (wd x_{t-1} - x_t) / alpha).
@@ -361,10 +401,10 @@ class ELRA(torch.optim.Optimizer):
         recover = self.memory in POINT_MODES
         totals = torch.zeros(2, dtype=torch.float64, device=self._device)
         dots_coeffs: dict[tuple[float, torch.device], torch.Tensor] = {}
-        for x, grad, store, wd in work.segments:
+        for x, grad, store, wd, device in work.segments:
             coeffs = None
             if recover:
-                key = (wd, x.device)
+                key = (wd, device)
                 if key not in dots_coeffs:
                     inv_alpha = (1.0 / alpha_prev).reshape(1)
                     dots_coeffs[key] = torch.cat([inv_alpha.new_full((1,), wd), inv_alpha])
@@ -380,14 +420,17 @@ class ELRA(torch.optim.Optimizer):
         # step along (wd x_{t-1} - x_t) = alpha_{t-1} G_{t-1}, hence the division.
         back = decision.back / alpha_prev if recover else decision.back
         update_coeffs: dict[tuple[float, torch.device], torch.Tensor] = {}
-        for x, grad, store, wd in work.segments:
-            key = (wd, x.device)
+        for x, grad, store, wd, device in work.segments:
+            key = (wd, device)
             if key not in update_coeffs:
                 wd_tensor = torch.full_like(decision.alpha, wd)
                 stacked = torch.stack([decision.accept, wd_tensor, decision.alpha, back])
-                update_coeffs[key] = stacked.to(x.device, non_blocking=True)
+                update_coeffs[key] = stacked.to(device, non_blocking=True)
             store.update_(kernels, x, grad, update_coeffs[key])
         work.finish(decision)
+        if not self.flat:
+            self._record_prev_versions()
+            self._retired = [t for _, _, store, _, _ in work.segments for t in store.retired]
 
         self._steps_in_cycle += 1
         if self.cycle_steps is not None and self._steps_in_cycle >= self.cycle_steps:
@@ -417,25 +460,91 @@ class ELRA(torch.optim.Optimizer):
             )
         return torch.tensor(float(loss), dtype=torch.float64, device=self._device)
 
-    def _param_work(self) -> _StepWork:
-        """Per-parameter segments (reference layout); grad-less parameters are skipped."""
+    def _list_work(self) -> _StepWork:
+        """Per-parameter segments: one tensor list per (device, wd); grad-less parameters
+        are skipped. Everything is checked before the first kernel runs."""
         work = _StepWork()
+        lists: dict[tuple[torch.device, float], tuple[list, list, list, list]] = {}
         for group_index, group in enumerate(self.param_groups):
             for param_index, param in enumerate(group["params"]):
                 grad = param.grad
                 state = self.state[param]
-                if grad is None:
-                    if "grad_prev" in state:
-                        work.without_grad.append((param, state["grad_prev"]))
-                    continue
+                grad_prev = state.get(GRAD_PREV_KEY)
                 name = _describe(group_index, param_index, param)
+                if grad_prev is not None:
+                    self._check_prev_intact(name, param, grad_prev)
+                if grad is None:
+                    if grad_prev is not None:
+                        work.without_grad.append((param, grad_prev))
+                    continue
                 check_grad(name, param, grad)
-                if "grad_prev" not in state:
+                if self.backend != "reference" and param.dtype not in ops.SUPPORTED_DTYPES:
+                    raise ValueError(
+                        f"ELRA: {name} now has dtype {param.dtype}, which backend "
+                        f"{self.backend!r} does not support (float32, bfloat16, float16)"
+                    )
+                grad = self._list_grad(name, param, grad, grad_prev)
+                if grad_prev is None:
                     # A parameter seen for the first time had no gradient before: its
                     # previous gradient is zero, which is exact for <G_{t-1}, G_t>.
-                    state["grad_prev"] = torch.zeros_like(param, dtype=self.state_dtype)
-                work.segments.append((param, grad, GradPrevStore(state["grad_prev"]), group["wd"]))
+                    dtype = self.state_dtype or param.dtype
+                    grad_prev = torch.zeros_like(
+                        param, dtype=dtype, memory_format=torch.contiguous_format
+                    )
+                    state[GRAD_PREV_KEY] = grad_prev
+                xs, grads, prevs, states = lists.setdefault(
+                    (param.device, group["wd"]), ([], [], [], [])
+                )
+                xs.append(param)
+                grads.append(grad)
+                prevs.append(grad_prev)
+                states.append(state)
+        for (device, wd), (xs, grads, prevs, states) in lists.items():
+            # By reference when G_t can become G_{t-1} as it is (same dtype); a compact
+            # state_dtype is a copy.
+            by_reference = all(g.dtype == gp.dtype for g, gp in zip(grads, prevs, strict=True))
+            store = GradPrevList(prevs, states, keep_reference=by_reference)
+            work.segments.append((xs, grads, store, wd, device))
         return work
+
+    def _check_prev_intact(self, name: str, param: torch.Tensor, grad_prev: torch.Tensor) -> None:
+        """Refuse to step when a G_{t-1} kept by reference was changed in place."""
+        recorded = self._prev_versions.get(param)
+        if recorded is not None and grad_prev._version != recorded:
+            raise RuntimeError(
+                f"ELRA: the gradient of {name} from the previous step was modified in place "
+                "after that step (e.g. zero_grad(set_to_none=False) from the model or "
+                "another optimizer, or a backward() without zero_grad() in between). With "
+                "flat=False ELRA keeps that tensor as G_{t-1}, so it is lost; nothing was "
+                "changed. Call opt.zero_grad() (or model.zero_grad()) between steps, or "
+                "build ELRA with flat=True, which keeps its own copy."
+            )
+
+    def _list_grad(
+        self,
+        name: str,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        grad_prev: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The gradient as the list ops take it: the parameter's device, dtype and
+        contiguous layout, and not the tensor that holds G_{t-1}."""
+        if grad.device != param.device:
+            raise ValueError(f"ELRA: {name} is on {param.device} but its gradient on {grad.device}")
+        same_tensor = grad_prev is not None and grad.data_ptr() == grad_prev.data_ptr()
+        if grad.dtype != param.dtype or not grad.is_contiguous() or same_tensor:
+            # Rare: a gradient assigned by hand, or a second step without backward (the
+            # gradient is still last step's tensor, now G_{t-1}). One copy keeps it apart.
+            grad = grad.to(param.dtype, memory_format=torch.contiguous_format, copy=True)
+            param.grad = grad
+        return grad
+
+    def _record_prev_versions(self) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                grad_prev = self.state[param].get(GRAD_PREV_KEY) if param in self.state else None
+                if grad_prev is not None:
+                    self._prev_versions[param] = grad_prev._version
 
     def _flat_work(self) -> _StepWork:
         """One segment per flat buffer; grad-less parameters keep their value."""
@@ -451,7 +560,7 @@ class ELRA(torch.optim.Optimizer):
                 for index in missing:
                     view = buffer.view(buffer.data, index)
                     work.kept.append((view, view.detach().clone()))
-            work.segments.append((buffer.data, buffer.grad, store, wd))
+            work.segments.append((buffer.data, buffer.grad, store, wd, buffer.data.device))
         return work
 
     # ------------------------------------------------------------------ state dict
@@ -509,15 +618,29 @@ class ELRA(torch.optim.Optimizer):
                     else:
                         view.copy_(param.detach())  # x_{t-1} = x_t: recovered G_{t-1} ~ 0
                     self.state[param][store.state_key] = view
+        else:
+            # torch cast the loaded state to each parameter's dtype (a compact G_{t-1} goes
+            # back to state_dtype) and may have kept the caller's tensors: the optimizer
+            # takes its own contiguous copies, whose versions it then starts tracking.
+            self._prev_versions.clear()
+            for state in self.state.values():
+                loaded = state.get(GRAD_PREV_KEY)
+                if loaded is not None:
+                    state[GRAD_PREV_KEY] = loaded.to(
+                        self.state_dtype or loaded.dtype,
+                        memory_format=torch.contiguous_format,
+                        copy=True,
+                    )
         self._control.copy_(control_state.to(self._control.device, torch.float64))
         self._steps_in_cycle = int(extra.get("steps_in_cycle", 0))
 
 
 class _StepWork:
-    """What one step works on: (x, grad, previous-step store, wd) segments and fix-ups."""
+    """What one step works on: (x, grad, previous-step store, wd, device) segments (x and
+    grad are tensors in the flat layout, lists of tensors per parameter) and fix-ups."""
 
     def __init__(self) -> None:
-        self.segments: list[tuple[torch.Tensor, torch.Tensor, Any, float]] = []
+        self.segments: list[tuple[Any, Any, Any, float, torch.device]] = []
         # per-parameter layout: parameters without gradient that have a G_{t-1}
         self.without_grad: list[tuple[torch.Tensor, torch.Tensor]] = []
         # flat layout: (view, value before the update) of parameters without gradient

@@ -176,20 +176,23 @@ def test_point_modes_make_no_host_sync(memory: str, monkeypatch: pytest.MonkeyPa
     assert opt.last_step_retraced
 
 
-def test_bf16_state_lockstep_and_storage() -> None:
+@pytest.mark.parametrize("flat", [True, False])
+def test_bf16_state_lockstep_and_storage(flat: bool) -> None:
     """G_{t-1} stored in bfloat16: 2 bytes/param, and each step is exact given that state."""
     model = make_model()
     inputs, target = data()
-    opt = build(model, "standard", state_dtype=torch.bfloat16, wd=0.999)
-    assert opt._stores[0].tensor.dtype == torch.bfloat16
+    opt = build(model, "standard", state_dtype=torch.bfloat16, wd=0.999, flat=flat)
     shadow = Shadow(opt, cycle_steps=25)
     for step_index in range(STEPS):
         opt.zero_grad()
         shadow.step(forward_backward(model, inputs, target, step_index))
         shadow.assert_matches(step_index)
     assert opt.retrace_count >= 3
+    assert all(opt.state[p]["grad_prev"].dtype == torch.bfloat16 for p in model.parameters())
     stored = opt.state_dict()["state"][0]["grad_prev"]
     assert stored.dtype == torch.bfloat16
+    if flat:
+        assert opt._stores[0].tensor.dtype == torch.bfloat16
 
 
 def test_bf16_state_in_the_reference_layout() -> None:
@@ -209,7 +212,12 @@ def test_reused_grad_buffer_gives_bit_identical_steps(zero: str) -> None:
     for reuse in (False, True):
         model = make_model()
         opt = ELRA(
-            model.parameters(), backend=BACKEND, wd=0.999, cycle_steps=25, reuse_grad_buffer=reuse
+            model.parameters(),
+            backend=BACKEND,
+            flat=True,
+            wd=0.999,
+            cycle_steps=25,
+            reuse_grad_buffer=reuse,
         )
         decisions = run_steps(opt, model, range(STEPS), zero)
         results.append((decisions, torch.cat([p.detach().reshape(-1) for p in model.parameters()])))
@@ -235,7 +243,8 @@ def test_reused_grad_buffer_needs_standard_flat_mode() -> None:
     with pytest.raises(ValueError, match="reuse_grad_buffer"):
         ELRA(make_model().parameters(), memory="recover", reuse_grad_buffer=True)
     with pytest.raises(ValueError, match="reuse_grad_buffer"):
-        ELRA(make_model().parameters(), backend="reference", reuse_grad_buffer=True)
+        ELRA(make_model().parameters(), flat=False, reuse_grad_buffer=True)
+    assert ELRA(make_model().parameters(), reuse_grad_buffer=True).flat  # the default layout
     # A bf16 G_{t-1} cannot trade places with an fp32 gradient: copying store instead.
     opt = ELRA(make_model().parameters(), state_dtype=torch.bfloat16, reuse_grad_buffer=True)
     assert not isinstance(opt._stores[0], SwapGradPrevStore)

@@ -534,10 +534,90 @@ def test_kernel_set_positional_construction_keeps_working() -> None:
     """update_swap_ was appended last with a default: five-field construction still works."""
     r = ops.get_kernels("reference", "cpu")
     old = ops.KernelSet(r.name, r.dots, r.dots_recover, r.update_, r.update_recover_)
-    assert old.update_swap_ is None
+    assert old.update_swap_ is None and old.dots_list is None
     assert r.update_swap_ is not None
     for backend in ops.available_backends("cpu"):
-        assert ops.get_kernels(backend, "cpu").update_swap_ is not None
+        assert all(f is not None for f in ops.get_kernels(backend, "cpu"))
+
+
+# =========================================================================================
+# Tensor lists (per-parameter layout)
+# =========================================================================================
+#: Parameter-like shapes: a matrix, a vector, a scalar and one spanning several CPU chunks.
+LIST_SHAPES = ((33, 17), (7,), (), (278011,))
+
+
+def _shaped(shapes, dtype: torch.dtype, device: str, gen: torch.Generator) -> list[torch.Tensor]:
+    return [rand(max(1, int(torch.Size(s).numel())), dtype, device, gen).view(s) for s in shapes]
+
+
+LIST_BACKENDS = [*FUSED_BACKENDS, "reference"]
+
+
+@pytest.mark.parametrize("backend", LIST_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("accept", [ACCEPT, RETRACE])
+def test_list_ops_are_the_single_ops_in_list_order(
+    backend: str, device: str, accept: float
+) -> None:
+    """Bit-identical to the single-tensor op applied per element, sums added in order."""
+    k = kernels(backend, device)
+    gen = gen_for("lists", backend, device, accept)
+    grads = _shaped(LIST_SHAPES, torch.float32, device, gen)
+    prevs = _shaped(LIST_SHAPES, torch.float32, device, gen)
+    compact = [p.to(torch.bfloat16) for p in prevs]
+    xs = _shaped(LIST_SHAPES, torch.float32, device, gen)
+    c = coeffs([accept, DECAY, STEP, BACK], device)
+
+    def flat(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.clone().view(-1) for t in ts]
+
+    expected = k.dots(grads[0].view(-1), prevs[0].view(-1))
+    for g, gp in zip(grads[1:], prevs[1:], strict=True):
+        expected = expected + k.dots(g.view(-1), gp.view(-1))
+    assert torch.equal(k.dots_list(grads, prevs), expected)
+    assert k.dots_list(grads, compact).dtype == torch.float64
+
+    for op, single, state in (
+        ("update_list_", k.update_, compact),
+        ("update_swap_list_", k.update_swap_, prevs),
+    ):
+        x_l, g_l, s_l = ([t.clone() for t in ts] for ts in (xs, grads, state))
+        getattr(k, op)(x_l, g_l, s_l, c)
+        x_e, g_e, s_e = flat(xs), flat(grads), flat(state)
+        for row in zip(x_e, g_e, s_e, strict=True):
+            single(*row, c)
+        for got, want in zip([*x_l, *g_l, *s_l], [*x_e, *g_e, *s_e], strict=True):
+            assert torch.equal(got.view(-1), want), op
+
+
+@pytest.mark.parametrize("backend", LIST_BACKENDS)
+def test_list_ops_check_every_element_before_writing(backend: str) -> None:
+    """A bad last element raises naming it, and no element was written."""
+    k = kernels(backend, "cpu")
+    gen = gen_for("bad lists", backend)
+    c = coeffs([ACCEPT, DECAY, STEP, BACK], "cpu")
+    for bad, error, match in (
+        (lambda: torch.zeros(3, dtype=torch.float16), TypeError, "dtype"),
+        (lambda: torch.zeros(4), ValueError, "elements"),
+        (lambda: torch.zeros(3, 2).t(), ValueError, "contiguous"),
+    ):
+        xs = _shaped(((5,), (3,)), torch.float32, "cpu", gen)
+        grads = _shaped(((5,), (3,)), torch.float32, "cpu", gen)
+        prevs = _shaped(((5,), (3,)), torch.float32, "cpu", gen)
+        if match == "contiguous":
+            xs[1] = torch.zeros(2, 3).t()  # 6 elements, non-contiguous
+            grads[1], prevs[1] = torch.zeros(2, 3), torch.zeros(2, 3)
+        else:
+            grads[1] = bad()
+        before = [t.clone() for t in (*xs, *grads, *prevs)]
+        for op in ("update_list_", "update_swap_list_"):
+            with pytest.raises(error, match=match):
+                getattr(k, op)(xs, grads, prevs, c)
+        after = (*xs, *grads, *prevs)
+        assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    with pytest.raises(ValueError, match="has 2 tensors but grad_prev has 1"):
+        k.dots_list(grads, prevs[:1])
 
 
 # =========================================================================================
@@ -607,8 +687,14 @@ def _opcheck_args(device: str) -> dict[str, list[tuple[torch.Tensor, ...]]]:
     def r() -> torch.Tensor:
         return rand(n, torch.float32, device, gen)
 
+    def shaped() -> list[torch.Tensor]:  # one list element per "parameter", any shape
+        return [r().view(1031), rand(3 * 5, torch.float32, device, gen).view(3, 5)]
+
     upd = [coeffs([a, DECAY, STEP, BACK], device) for a in (ACCEPT, RETRACE)]
     return {
+        "dots_list": [(shaped(), shaped())],
+        "update_list_": [(shaped(), shaped(), shaped(), c) for c in upd],
+        "update_swap_list_": [(shaped(), shaped(), shaped(), c) for c in upd],
         "dots": [(r(), r())],
         "dots_recover": [(r(), r(), r(), coeffs([DECAY, 10.0], device))],
         "update_": [(r(), r(), r(), c) for c in upd],

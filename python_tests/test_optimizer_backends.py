@@ -1,7 +1,8 @@
 """Fused backends in the optimizer: same decisions and parameters as the reference.
 
-The fused optimizer (flat buffers + ``cpp`` / ``triton`` kernels) is checked against the
-float64 reference optimizer in lock step (see ``_lockstep.py``).
+The fused optimizer (``cpp`` / ``triton`` kernels, in both layouts: flat buffers and
+per-parameter tensor lists) is checked against the float64 reference optimizer in lock
+step (see ``_lockstep.py``).
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ BACKENDS = fused_backends()
 STEPS = 300
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lockstep_against_float64_reference(backend: str) -> None:
+def test_lockstep_against_float64_reference(backend: str, flat: bool) -> None:
     model = make_model()
     inputs, target = data()
-    opt = ELRA(model.parameters(), backend=backend, flat=True, wd=0.9999, cycle_steps=25)
+    opt = ELRA(model.parameters(), backend=backend, flat=flat, wd=0.9999, cycle_steps=25)
     shadow = Shadow(opt, cycle_steps=25)
     decisions = []
     for step_index in range(STEPS):
@@ -57,11 +59,14 @@ def test_lockstep_against_float64_reference(backend: str) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_step_makes_no_host_sync(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_step_makes_no_host_sync(
+    backend: str, flat: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = make_model()
     inputs, target = data()
-    opt = ELRA(model.parameters(), backend=backend, flat=True, cycle_steps=2)
+    opt = ELRA(model.parameters(), backend=backend, flat=flat, cycle_steps=2)
     for step_index in range(3):
         opt.zero_grad()
         opt.step(forward_backward(model, inputs, target, step_index))
@@ -74,21 +79,121 @@ def test_fused_step_makes_no_host_sync(backend: str, monkeypatch: pytest.MonkeyP
     assert opt.last_step_retraced
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_state_dict_round_trip_is_bit_identical(backend: str) -> None:
-    assert_round_trip(lambda model: ELRA(model.parameters(), backend=backend, cycle_steps=6))
+def test_state_dict_round_trip_is_bit_identical(backend: str, flat: bool) -> None:
+    assert_round_trip(
+        lambda model: ELRA(model.parameters(), backend=backend, flat=flat, cycle_steps=6)
+    )
 
 
 def test_auto_backend_choice() -> None:
     opt = ELRA(make_model().parameters())
     expected = "cpp" if "cpp" in ops.available_backends("cpu") else "reference"
     assert opt.backend == expected
-    assert opt.flat == (expected != "reference")
+    assert not opt.flat  # per-parameter lists on the CPU; flat buffers are the CUDA default
+    assert ELRA(make_model().parameters(), memory="recover").flat
+
+    def channels_last() -> torch.nn.Module:  # its weight is not contiguous
+        return torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+
+    assert ELRA(channels_last().parameters()).flat
+    with pytest.raises(ValueError, match="not contiguous"):
+        ELRA(channels_last().parameters(), flat=False)
     assert ELRA(make_model(torch.float64).parameters()).backend == "reference"
     with pytest.raises(ValueError, match="float64"):
         ELRA(make_model(torch.float64).parameters(), backend="cpp")
     with pytest.raises(ValueError, match="unknown backend"):
         ELRA(make_model().parameters(), backend="cuda-magic")
+
+
+# ---------------------------------------------------------------------------------------
+# Per-parameter layout: G_{t-1} kept by reference
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lists_keep_the_gradient_as_grad_prev(backend: str) -> None:
+    """After a step each G_{t-1} is the gradient tensor autograd made: no copy, no buffer."""
+    model = make_model()
+    inputs, target = data()
+    opt = ELRA(model.parameters(), backend=backend, flat=False, cycle_steps=25)
+    for step_index in (0, 1, NAN_GRAD):  # accepts, then a retrace
+        opt.zero_grad()
+        loss = forward_backward(model, inputs, target, step_index)
+        grads = [p.grad for p in model.parameters()]
+        opt.step(loss)
+        params = list(model.parameters())
+        assert all(opt.state[p]["grad_prev"] is g for p, g in zip(params, grads, strict=True))
+    assert opt.last_step_retraced
+    # The retrace copied G_{t-1} back over the rejected (NaN) gradient.
+    assert all(torch.isfinite(opt.state[p]["grad_prev"]).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("change", ["model_zero_grad_in_place", "backward_without_zero_grad"])
+def test_lists_refuse_a_grad_prev_changed_in_place(change: str) -> None:
+    """The tensor kept as G_{t-1} was written after the step: a clear error, nothing changed."""
+    model = make_model()
+    inputs, target = data()
+    opt = ELRA(model.parameters(), backend=BACKENDS[0], flat=False)
+    opt.zero_grad()
+    opt.step(forward_backward(model, inputs, target, 0))
+    if change == "model_zero_grad_in_place":
+        model.zero_grad(set_to_none=False)
+    loss = forward_backward(model, inputs, target, 1)  # accumulates into G_{t-1}
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = opt.control_state.clone()
+    with pytest.raises(RuntimeError, match="modified in place.*flat=True"):
+        opt.step(loss)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert torch.equal(opt.control_state, state_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lists_zero_grad_without_none_and_repeated_steps(backend: str) -> None:
+    """opt.zero_grad(set_to_none=False) (new zero tensors, G_{t-1} untouched) and a second
+    step on the same gradient (G_t = G_{t-1}, held apart by one copy): lock step with
+    the float64 reference."""
+    model = make_model()
+    inputs, target = data()
+    opt = ELRA(model.parameters(), backend=backend, flat=False, cycle_steps=10)
+    shadow = Shadow(opt, cycle_steps=10)
+    for step_index in range(40):
+        opt.zero_grad(set_to_none=False)
+        if step_index > 0:
+            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        loss = forward_backward(model, inputs, target, step_index)
+        shadow.step(loss)
+        shadow.assert_matches(step_index)
+        if step_index % 7 == 3:  # no backward in between
+            shadow.step(loss)
+            shadow.assert_matches(step_index)
+
+
+def test_lists_follow_a_model_moved_after_construction() -> None:
+    """No buffer to fall out of: a parameter cast after the optimizer was built still
+    trains (reference backend) or gets a clear dtype error (fused backends)."""
+    inputs, target = data()
+
+    def cast_and_backward(model: torch.nn.Module) -> torch.Tensor:
+        model.double()
+        loss = torch.nn.functional.mse_loss(model(inputs.double()), target.double())
+        loss.backward()
+        return loss
+
+    model = make_model()
+    opt = ELRA(model.parameters(), backend="reference", flat=False)
+    loss = cast_and_backward(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(loss)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    if BACKENDS[0] == "reference":
+        return
+    model = make_model()
+    opt = ELRA(model.parameters(), backend=BACKENDS[0], flat=False)
+    loss = cast_and_backward(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="float64"):
+        opt.step(loss)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_flat_zero_grad_keeps_buffer_views() -> None:
@@ -177,12 +282,13 @@ def test_moved_model_raises_and_keeps_weights() -> None:
         assert torch.equal(p.detach(), b)
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_params_train(dtype: torch.dtype) -> None:
+def test_low_precision_params_train(dtype: torch.dtype, flat: bool) -> None:
     backend = BACKENDS[0]
     model = make_model(dtype)
     inputs, target = data(dtype)
-    opt = ELRA(model.parameters(), backend=backend, flat=True, cycle_steps=20)
+    opt = ELRA(model.parameters(), backend=backend, flat=flat, cycle_steps=20)
     losses = []
     for _ in range(60):
         opt.zero_grad()
@@ -193,11 +299,12 @@ def test_low_precision_params_train(dtype: torch.dtype) -> None:
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_torch_compile_model() -> None:
+@pytest.mark.parametrize("flat", [True, False])
+def test_torch_compile_model(flat: bool) -> None:
     backend = BACKENDS[0]
     model = make_model()
     compiled = torch.compile(model)
-    opt = ELRA(model.parameters(), backend=backend)
+    opt = ELRA(model.parameters(), backend=backend, flat=flat)
     inputs, target = data()
     losses = []
     for _ in range(20):
@@ -207,7 +314,8 @@ def test_torch_compile_model() -> None:
         opt.step(loss)
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert opt._buffers[0].gather_grads() == []  # gradients landed in the flat buffer
+    if flat:
+        assert opt._buffers[0].gather_grads() == []  # gradients landed in the flat buffer
 
 
 # ---------------------------------------------------------------------------------------
