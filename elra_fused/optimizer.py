@@ -462,28 +462,42 @@ class ELRA(torch.optim.Optimizer):
 
     def _list_work(self) -> _StepWork:
         """Per-parameter segments: one tensor list per (device, wd); grad-less parameters
-        are skipped. Everything is checked before the first kernel runs."""
+        are skipped. Everything is checked before the first kernel runs; error messages
+        are only formatted when raised (this loop runs over every parameter per step)."""
         work = _StepWork()
         lists: dict[tuple[torch.device, float], tuple[list, list, list, list]] = {}
+        fused = self.backend != "reference"
         for group_index, group in enumerate(self.param_groups):
             for param_index, param in enumerate(group["params"]):
                 grad = param.grad
                 state = self.state[param]
                 grad_prev = state.get(GRAD_PREV_KEY)
-                name = _describe(group_index, param_index, param)
                 if grad_prev is not None:
-                    self._check_prev_intact(name, param, grad_prev)
+                    recorded = self._prev_versions.get(param)
+                    if recorded is not None and grad_prev._version != recorded:
+                        raise _grad_prev_changed(_describe(group_index, param_index, param))
                 if grad is None:
                     if grad_prev is not None:
                         work.without_grad.append((param, grad_prev))
                     continue
-                check_grad(name, param, grad)
-                if self.backend != "reference" and param.dtype not in ops.SUPPORTED_DTYPES:
-                    raise ValueError(
-                        f"ELRA: {name} now has dtype {param.dtype}, which backend "
-                        f"{self.backend!r} does not support (float32, bfloat16, float16)"
-                    )
-                grad = self._list_grad(name, param, grad, grad_prev)
+                if (
+                    grad.layout != torch.strided
+                    or grad.is_complex()
+                    or grad.shape != param.shape
+                    or grad.device != param.device
+                    or (fused and param.dtype not in ops.SUPPORTED_DTYPES)
+                ):
+                    self._reject_list_grad(_describe(group_index, param_index, param), param)
+                if (
+                    grad.dtype != param.dtype
+                    or not grad.is_contiguous()
+                    or (grad_prev is not None and grad.data_ptr() == grad_prev.data_ptr())
+                ):
+                    # Rare: a gradient assigned by hand, or a second step without backward
+                    # (the gradient is still last step's tensor, now G_{t-1}). One copy
+                    # in the parameter's dtype and layout keeps it apart.
+                    grad = grad.to(param.dtype, memory_format=torch.contiguous_format, copy=True)
+                    param.grad = grad
                 if grad_prev is None:
                     # A parameter seen for the first time had no gradient before: its
                     # previous gradient is zero, which is exact for <G_{t-1}, G_t>.
@@ -507,37 +521,17 @@ class ELRA(torch.optim.Optimizer):
             work.segments.append((xs, grads, store, wd, device))
         return work
 
-    def _check_prev_intact(self, name: str, param: torch.Tensor, grad_prev: torch.Tensor) -> None:
-        """Refuse to step when a G_{t-1} kept by reference was changed in place."""
-        recorded = self._prev_versions.get(param)
-        if recorded is not None and grad_prev._version != recorded:
-            raise RuntimeError(
-                f"ELRA: the gradient of {name} from the previous step was modified in place "
-                "after that step (e.g. zero_grad(set_to_none=False) from the model or "
-                "another optimizer, or a backward() without zero_grad() in between). With "
-                "flat=False ELRA keeps that tensor as G_{t-1}, so it is lost; nothing was "
-                "changed. Call opt.zero_grad() (or model.zero_grad()) between steps, or "
-                "build ELRA with flat=True, which keeps its own copy."
+    def _reject_list_grad(self, name: str, param: torch.Tensor) -> None:
+        """Raise the error that fits a gradient the per-parameter layout cannot take."""
+        check_grad(name, param, param.grad)  # sparse, complex, wrong shape
+        if param.grad.device != param.device:
+            raise ValueError(
+                f"ELRA: {name} is on {param.device} but its gradient on {param.grad.device}"
             )
-
-    def _list_grad(
-        self,
-        name: str,
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        grad_prev: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The gradient as the list ops take it: the parameter's device, dtype and
-        contiguous layout, and not the tensor that holds G_{t-1}."""
-        if grad.device != param.device:
-            raise ValueError(f"ELRA: {name} is on {param.device} but its gradient on {grad.device}")
-        same_tensor = grad_prev is not None and grad.data_ptr() == grad_prev.data_ptr()
-        if grad.dtype != param.dtype or not grad.is_contiguous() or same_tensor:
-            # Rare: a gradient assigned by hand, or a second step without backward (the
-            # gradient is still last step's tensor, now G_{t-1}). One copy keeps it apart.
-            grad = grad.to(param.dtype, memory_format=torch.contiguous_format, copy=True)
-            param.grad = grad
-        return grad
+        raise ValueError(
+            f"ELRA: {name} now has dtype {param.dtype}, which backend {self.backend!r} does "
+            "not support (float32, bfloat16, float16)"
+        )
 
     def _record_prev_versions(self) -> None:
         for group in self.param_groups:
@@ -658,6 +652,17 @@ class _StepWork:
                 back = (keep * decision.back).to(param.device, grad_prev.dtype)
                 param.add_(grad_prev * back)
                 grad_prev.mul_(keep.to(grad_prev.device, grad_prev.dtype))
+
+
+def _grad_prev_changed(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"ELRA: the gradient of {name} from the previous step was modified in place after "
+        "that step (e.g. zero_grad(set_to_none=False) from the model or another optimizer, "
+        "or a backward() without zero_grad() in between). With flat=False ELRA keeps that "
+        "tensor as G_{t-1}, so it is lost; nothing was changed. Call opt.zero_grad() (or "
+        "model.zero_grad()) between steps, or build ELRA with flat=True, which keeps its own "
+        "copy."
+    )
 
 
 def _check_wd(wd: Any) -> None:

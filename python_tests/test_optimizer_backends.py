@@ -340,11 +340,12 @@ def mse_step(model, opt, inputs, target) -> torch.Tensor:
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
 @pytest.mark.parametrize("backend", cuda_backends())
-def test_cuda_step_has_no_sync(backend: str) -> None:
+def test_cuda_step_has_no_sync(backend: str, flat: bool) -> None:
     model = make_model().cuda()
     inputs, target = (t.cuda() for t in data())
-    opt = ELRA(model.parameters(), backend=backend)
+    opt = ELRA(model.parameters(), backend=backend, flat=flat)
     mse_step(model, opt, inputs, target)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -361,11 +362,12 @@ def test_cuda_step_has_no_sync(backend: str) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
 @pytest.mark.parametrize("backend", cuda_backends())
-def test_cuda_lockstep_against_reference(backend: str) -> None:
+def test_cuda_lockstep_against_reference(backend: str, flat: bool) -> None:
     model = make_model().cuda()
     inputs, target = (t.cuda() for t in data())
-    opt = ELRA(model.parameters(), backend=backend, cycle_steps=25)
+    opt = ELRA(model.parameters(), backend=backend, flat=flat, cycle_steps=25)
     shadow = Shadow(opt, cycle_steps=25)
     for step_index in range(80):
         opt.zero_grad()
@@ -405,9 +407,11 @@ def test_cuda_graph_captures_a_training_step(backend: str) -> None:
     assert graphed.alpha == pytest.approx(eager.alpha, rel=1e-5)
 
 
-def test_param_group_added_later_gets_its_own_flat_buffer() -> None:
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
+def test_param_group_added_later(flat: bool) -> None:
+    """A group added after construction gets its own flat buffer, or joins the lists."""
     model = make_model()
-    opt = ELRA(list(model[0].parameters()), backend=BACKENDS[0], flat=True)
+    opt = ELRA(list(model[0].parameters()), backend=BACKENDS[0], flat=flat)
     opt.add_param_group({"params": list(model[2].parameters()), "wd": 0.5})
     before = model[2].weight.detach().clone()
     inputs, target = data()
