@@ -7,6 +7,7 @@ step (see ``_lockstep.py``).
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -20,6 +21,7 @@ from _lockstep import (
     forward_backward,
     make_model,
     no_host_reads,
+    run_steps,
 )
 
 from elra_fused import ELRA, ops
@@ -85,6 +87,28 @@ def test_state_dict_round_trip_is_bit_identical(backend: str, flat: bool) -> Non
     assert_round_trip(
         lambda model: ELRA(model.parameters(), backend=backend, flat=flat, cycle_steps=6)
     )
+
+
+@pytest.mark.parametrize("saved_flat", [True, False], ids=["flat_to_lists", "lists_to_flat"])
+def test_state_dict_moves_between_layouts(saved_flat: bool) -> None:
+    """A state saved in one layout loads into the other and continues the same run (up to
+    the summation order of the dots, which differs between the layouts)."""
+    model = make_model()
+    opt = ELRA(model.parameters(), backend=BACKENDS[0], flat=saved_flat, cycle_steps=6)
+    run_steps(opt, model, range(8))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    model2 = make_model(seed=5)
+    model2.load_state_dict(model.state_dict())
+    opt2 = ELRA(model2.parameters(), backend=BACKENDS[0], flat=not saved_flat, cycle_steps=6)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    pairs = list(zip(model.parameters(), model2.parameters(), strict=True))
+    assert all(torch.equal(opt.state[p]["grad_prev"], opt2.state[q]["grad_prev"]) for p, q in pairs)
+    assert run_steps(opt, model, range(8, 12)) == run_steps(opt2, model2, range(8, 12))
+    for p, q in pairs:
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert opt2.alpha == pytest.approx(opt.alpha, rel=1e-5)
 
 
 def test_auto_backend_choice() -> None:
