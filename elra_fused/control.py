@@ -164,6 +164,19 @@ class Decision(NamedTuple):
     back: torch.Tensor
 
 
+def all_finite(*values: torch.Tensor) -> torch.Tensor:
+    """Bool 0-d tensor: are all ``values`` finite?
+
+    ``v * 0`` is 0 for a finite v and NaN for +-inf or NaN, and a sum of zeros stays 0 (it
+    cannot overflow), so one comparison tests them all: a handful of tiny ops instead of
+    four per ``torch.isfinite`` -- the law runs every step and tiny ops are its cost.
+    """
+    zeros = values[0] * 0.0
+    for value in values[1:]:
+        zeros = zeros + value * 0.0
+    return zeros == 0.0
+
+
 def kappa(alpha: torch.Tensor, gain: float) -> torch.Tensor:
     """kappa(a) = 1 + k / (1 + a^2), the paper's empirical noise correction (3.1)."""
     return 1.0 + gain / (1.0 + alpha * alpha)
@@ -182,13 +195,10 @@ def accept_alpha(
     was zero) carries no information about the landscape: alpha is kept.
     """
     denom = grad_prev_sq - grad_dot_prev
-    safe_denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    ratio = torch.where(
-        denom > 0, grad_prev_sq / safe_denom, torch.full_like(denom, config.gamma_max)
-    )
+    turned = denom > 0
+    ratio = torch.where(turned, grad_prev_sq / torch.where(turned, denom, 1.0), config.gamma_max)
     growth = torch.clamp(ratio * kappa(alpha_prev, config.kappa_gain), max=config.gamma_max)
-    growth = torch.where(grad_prev_sq > 0, growth, torch.ones_like(growth))
-    return alpha_prev * growth
+    return alpha_prev * torch.where(grad_prev_sq > 0, growth, 1.0)
 
 
 def limit_alpha(
@@ -201,9 +211,18 @@ def limit_alpha(
     the bounds [alpha_min, alpha_max] (section 3.1) are final. A zero gradient gives no
     floor and no crop (m/0 and c/0 would be infinite).
     """
+    if config.warmup_steps > 0 or config.step_crop is not None:
+        alpha = _norm_limits(alpha, grad_sq, step_index, config)
+    return torch.clamp(alpha, min=config.alpha_min, max=config.alpha_max)
+
+
+def _norm_limits(
+    alpha: torch.Tensor, grad_sq: torch.Tensor, step_index: torch.Tensor, config: ControlConfig
+) -> torch.Tensor:
+    """The warm-up floor and the step crop of :func:`limit_alpha` (both need ||G||)."""
     grad_norm = torch.sqrt(grad_sq)
     has_norm = grad_norm > 0
-    safe_norm = torch.where(has_norm, grad_norm, torch.ones_like(grad_norm))
+    safe_norm = torch.where(has_norm, grad_norm, 1.0)
     if config.warmup_steps > 0:
         in_warmup = step_index < config.warmup_steps
         floor = config.warmup_min_step / safe_norm
@@ -211,7 +230,7 @@ def limit_alpha(
     if config.step_crop is not None:
         crop = config.step_crop / safe_norm
         alpha = torch.where(has_norm, torch.minimum(alpha, crop), alpha)
-    return torch.clamp(alpha, min=config.alpha_min, max=config.alpha_max)
+    return alpha
 
 
 def retrace_alpha(
@@ -231,7 +250,7 @@ def retrace_alpha(
     linear_drop = alpha_prev * grad_prev_sq
     denom = loss - loss_prev + linear_drop
     candidate = alpha_prev * 0.5 * linear_drop / denom
-    usable = torch.isfinite(candidate) & (candidate > 0)
+    usable = all_finite(candidate) & (candidate > 0)
     fallback = alpha_prev * RETRACE_FALLBACK_SHRINK
     alpha = torch.where(usable, candidate, fallback)
     alpha = torch.minimum(alpha, alpha_prev * RETRACE_MAX_SHRINK)
@@ -239,14 +258,18 @@ def retrace_alpha(
 
 
 def needs_retrace(
-    state: torch.Tensor,
+    state: torch.Tensor | tuple[torch.Tensor, ...],
     loss: torch.Tensor,
     grad_sq: torch.Tensor,
     grad_dot_prev: torch.Tensor,
     config: ControlConfig,
 ) -> torch.Tensor:
-    """Bool 0-d tensor: should step t retrace (section 3.2)?"""
-    not_finite = ~(torch.isfinite(loss) & torch.isfinite(grad_sq) & torch.isfinite(grad_dot_prev))
+    """Bool 0-d tensor: should step t retrace (section 3.2)?
+
+    ``state`` is the packed vector or its ``unbind()`` (what :func:`control_step` passes:
+    one op instead of one select per entry read).
+    """
+    not_finite = ~all_finite(loss, grad_sq, grad_dot_prev)
     cycle_closed = state[CYCLE_CLOSED] > 0
     threshold = state[CYCLE_MEAN] + config.retrace_sigmas * state[CYCLE_STD]
     spike = cycle_closed & (loss > threshold)
@@ -272,12 +295,14 @@ def control_step(
         grad_sq: <G_t, G_t>.
         grad_dot_prev: <G_{t-1}, G_t> (ignored on the first step).
     """
+    # One op for all the reads: 0-d views of the entries (tiny tensor ops dominate here).
+    state = state.unbind()
     alpha_prev = state[ALPHA]
     grad_prev_sq = state[GRAD_PREV_SQ]
     loss_prev = state[LOSS_PREV]
     has_prev = state[ACCEPTED] > 0
     step_index = state[ACCEPTED] + state[RETRACES]
-    finite_now = torch.isfinite(loss) & torch.isfinite(grad_sq)
+    finite_now = all_finite(loss, grad_sq)
 
     # First step: x_1 = wd x_0 - alpha_0 G_0; a non-finite start is skipped (no move).
     first_alpha = limit_alpha(alpha_prev, grad_sq, step_index, config)
@@ -295,14 +320,14 @@ def control_step(
         torch.where(retrace, later_retrace_alpha, later_accept_alpha),
         torch.where(finite_now, first_alpha, alpha_prev),
     )
-    back = torch.where(moved_back, alpha_prev - alpha_new, torch.zeros_like(alpha_new))
+    back = torch.where(moved_back, alpha_prev - alpha_new, 0.0)
 
     accept_f = accept.to(torch.float64)
     reject_f = 1.0 - accept_f
     first_accept = accept & ~has_prev
     # Only finite, accepted losses enter the cycle statistics: a retraced spike is the
     # outlier the statistics exist to detect.
-    safe_loss = torch.where(accept, loss, torch.zeros_like(loss))
+    safe_loss = torch.where(accept, loss, 0.0)
     new_state = torch.stack(
         [
             alpha_new,
