@@ -34,6 +34,22 @@ def step(state, loss, grad_sq, dot, **config):
     return control.control_step(state, t(loss), t(grad_sq), t(dot), ControlConfig(**config))
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        (0.0, -0.0, 1e308, -1e308, 5e-324),  # extremes whose sum would overflow
+        (float("inf"),),
+        (1.0, float("-inf")),
+        (float("inf"), float("-inf")),
+        (2.0, float("nan"), 3.0),
+    ],
+)
+def test_all_finite_is_isfinite_of_every_value(values: tuple[float, ...]) -> None:
+    tensors = [torch.tensor(v, dtype=torch.float64) for v in values]
+    expected = all(math.isfinite(v) for v in values)
+    assert bool(control.all_finite(*tensors)) is expected
+
+
 def test_kappa_matches_paper_formula() -> None:
     for a in (0.0, 0.3, 1.0, 7.0):
         assert control.kappa(t(a), 0.15).item() == pytest.approx(1 + 0.15 / (1 + a * a))
