@@ -1,10 +1,20 @@
 """The ELRA control law: the scalar per-step logic of paper sections 3.1, 3.2 and 3.5.
 
-Everything here is a pure function over a packed float64 state vector and 0-d tensors,
-written with ``torch.where`` instead of Python branches on tensor values. It therefore
-runs on the parameters' device, never reads a value back to the host, and can be
-captured in a CUDA graph. This is the one implementation of the law: every backend
-(reference, triton, cpp) calls it between its ``dots`` and ``update`` passes.
+Everything here is a pure function over a packed float64 state and scalars, written with
+``xp.where`` instead of Python branches on values. This is the one implementation of the
+law: every backend (reference, triton, cpp) calls it between its ``dots`` and ``update``
+passes. It is evaluated in one of two number systems (``xp``), with the same bits:
+
+* :data:`TENSOR_MATH` (the default): 0-d float64 tensors on the parameters' device. It
+  never reads a value back to the host and can be captured in a CUDA graph.
+* :data:`FLOAT_MATH`: Python floats with torch's IEEE semantics (NaN propagation,
+  division by zero gives +-inf / NaN). For parameters on the CPU, where the "device" is
+  the host: there a 0-d tensor op costs ~1 us of dispatch, and the ~200 of them cost
+  more than the whole law in floats (~150 us vs ~25 us per step).
+
+Bit-identity of the two is by construction (the same IEEE double operations in the same
+order; a scalar divided by a tensor is written ``k * (1.0 / x)``, which is what torch
+computes for ``k / x``) and is tested step by step.
 
 Notation (paper numbering): x_t parameters, G_t gradient, f_t loss, alpha_t step size,
 ``Ga = ||G_{t-1}||^2``, ``S = <G_{t-1}, G_t>``.
@@ -33,8 +43,10 @@ positive f_0 and stays a "10 % worse" test when f_0 is negative (e.g. the saddle
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -151,7 +163,8 @@ def initial_state(config: ControlConfig, device: torch.device | str) -> torch.Te
 
 
 class Decision(NamedTuple):
-    """What the kernels need from one control step (0-d float64 tensors).
+    """What the kernels need from one control step (0-d float64 tensors, or floats with
+    :data:`FLOAT_MATH`).
 
     accept: 1.0 for an accepted step (x <- wd x - alpha G), 0.0 for a retrace or a
         skipped first step (x <- x + back * G_{t-1}).
@@ -159,17 +172,111 @@ class Decision(NamedTuple):
     back: alpha_{t-1} - alpha_t on a retrace, 0.0 otherwise.
     """
 
-    accept: torch.Tensor
-    alpha: torch.Tensor
-    back: torch.Tensor
+    accept: Any
+    alpha: Any
+    back: Any
 
 
-def all_finite(*values: torch.Tensor) -> torch.Tensor:
-    """Bool 0-d tensor: are all ``values`` finite?
+class TensorMath:
+    """The law's operations on 0-d float64 tensors: sync-free, graph-capturable."""
+
+    where = staticmethod(torch.where)
+    minimum = staticmethod(torch.minimum)
+    maximum = staticmethod(torch.maximum)
+    sqrt = staticmethod(torch.sqrt)
+
+    @staticmethod
+    def clamp(x: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
+        return torch.clamp(x, min=lo, max=hi)
+
+    @staticmethod
+    def div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a / b
+
+    @staticmethod
+    def logical_not(c: torch.Tensor) -> torch.Tensor:
+        return ~c
+
+    @staticmethod
+    def as_float(c: torch.Tensor) -> torch.Tensor:
+        return c.to(torch.float64)
+
+    @staticmethod
+    def unpack(state: torch.Tensor) -> Sequence[torch.Tensor]:
+        return state.unbind()  # one op instead of one select per entry read
+
+    @staticmethod
+    def pack(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(values)
+
+
+class FloatMath:
+    """The same operations on Python floats, with torch's results for NaN and infinities
+    (``min``/``max`` would drop a NaN; ``/`` would raise on a zero divisor)."""
+
+    @staticmethod
+    def where(cond: bool, a: float, b: float) -> float:
+        return a if cond else b
+
+    @staticmethod
+    def minimum(a: float, b: float) -> float:
+        return a if (a != a or a < b) else b  # a != a: a is NaN
+
+    @staticmethod
+    def maximum(a: float, b: float) -> float:
+        return a if (a != a or a > b) else b
+
+    @staticmethod
+    def sqrt(x: float) -> float:
+        return math.sqrt(x) if x >= 0.0 else math.nan  # NaN (and a negative) -> NaN
+
+    @staticmethod
+    def clamp(x: float, lo: float | None = None, hi: float | None = None) -> float:
+        if lo is not None and x < lo:  # NaN compares False and stays NaN
+            x = lo
+        if hi is not None and x > hi:
+            x = hi
+        return x
+
+    @staticmethod
+    def div(a: float, b: float) -> float:
+        try:
+            return a / b
+        except ZeroDivisionError:  # IEEE: +-inf, or NaN for 0/0 and NaN/0
+            if a != a or a == 0.0:
+                return math.nan
+            return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+    @staticmethod
+    def logical_not(c: bool) -> bool:
+        return not c
+
+    @staticmethod
+    def as_float(c: bool) -> float:
+        return 1.0 if c else 0.0
+
+    @staticmethod
+    def unpack(state: Sequence[float]) -> Sequence[float]:
+        return state
+
+    @staticmethod
+    def pack(values: list[float]) -> list[float]:
+        return values
+
+
+#: The two number systems the law runs in (see the module docstring).
+TENSOR_MATH = TensorMath()
+FLOAT_MATH = FloatMath()
+Math = TensorMath | FloatMath
+
+
+def all_finite(*values: Any) -> Any:
+    """Bool: are all ``values`` finite?
 
     ``v * 0`` is 0 for a finite v and NaN for +-inf or NaN, and a sum of zeros stays 0 (it
     cannot overflow), so one comparison tests them all: a handful of tiny ops instead of
-    four per ``torch.isfinite`` -- the law runs every step and tiny ops are its cost.
+    four per ``torch.isfinite`` -- the law runs every step and tiny ops are its cost. The
+    same expression works on tensors and on floats.
     """
     zeros = values[0] * 0.0
     for value in values[1:]:
@@ -177,17 +284,18 @@ def all_finite(*values: torch.Tensor) -> torch.Tensor:
     return zeros == 0.0
 
 
-def kappa(alpha: torch.Tensor, gain: float) -> torch.Tensor:
+def kappa(alpha: Any, gain: float) -> Any:
     """kappa(a) = 1 + k / (1 + a^2), the paper's empirical noise correction (3.1)."""
-    return 1.0 + gain / (1.0 + alpha * alpha)
+    return 1.0 + gain * (1.0 / (1.0 + alpha * alpha))
 
 
 def accept_alpha(
-    alpha_prev: torch.Tensor,
-    grad_prev_sq: torch.Tensor,
-    grad_dot_prev: torch.Tensor,
+    alpha_prev: Any,
+    grad_prev_sq: Any,
+    grad_dot_prev: Any,
     config: ControlConfig,
-) -> torch.Tensor:
+    xp: Math = TENSOR_MATH,
+) -> Any:
     """Eq. (4): alpha_t = alpha_{t-1} * min(Ga / (Ga - S) * kappa, gamma_max).
 
     ``Ga - S <= 0`` means the gradient did not turn against the last step: the parabola
@@ -196,14 +304,14 @@ def accept_alpha(
     """
     denom = grad_prev_sq - grad_dot_prev
     turned = denom > 0
-    ratio = torch.where(turned, grad_prev_sq / torch.where(turned, denom, 1.0), config.gamma_max)
-    growth = torch.clamp(ratio * kappa(alpha_prev, config.kappa_gain), max=config.gamma_max)
-    return alpha_prev * torch.where(grad_prev_sq > 0, growth, 1.0)
+    ratio = xp.where(turned, grad_prev_sq / xp.where(turned, denom, 1.0), config.gamma_max)
+    growth = xp.clamp(ratio * kappa(alpha_prev, config.kappa_gain), hi=config.gamma_max)
+    return alpha_prev * xp.where(grad_prev_sq > 0, growth, 1.0)
 
 
 def limit_alpha(
-    alpha: torch.Tensor, grad_sq: torch.Tensor, step_index: torch.Tensor, config: ControlConfig
-) -> torch.Tensor:
+    alpha: Any, grad_sq: Any, step_index: Any, config: ControlConfig, xp: Math = TENSOR_MATH
+) -> Any:
     """Warm-up floor, step cropping and the hard bounds, in that order.
 
     The floor alpha >= m / ||G|| (footnote 5) holds while ``step_index < warmup_steps``;
@@ -212,34 +320,33 @@ def limit_alpha(
     floor and no crop (m/0 and c/0 would be infinite).
     """
     if config.warmup_steps > 0 or config.step_crop is not None:
-        alpha = _norm_limits(alpha, grad_sq, step_index, config)
-    return torch.clamp(alpha, min=config.alpha_min, max=config.alpha_max)
+        alpha = _norm_limits(alpha, grad_sq, step_index, config, xp)
+    return xp.clamp(alpha, config.alpha_min, config.alpha_max)
 
 
-def _norm_limits(
-    alpha: torch.Tensor, grad_sq: torch.Tensor, step_index: torch.Tensor, config: ControlConfig
-) -> torch.Tensor:
+def _norm_limits(alpha: Any, grad_sq: Any, step_index: Any, config: ControlConfig, xp: Math) -> Any:
     """The warm-up floor and the step crop of :func:`limit_alpha` (both need ||G||)."""
-    grad_norm = torch.sqrt(grad_sq)
+    grad_norm = xp.sqrt(grad_sq)
     has_norm = grad_norm > 0
-    safe_norm = torch.where(has_norm, grad_norm, 1.0)
+    inv_norm = 1.0 / xp.where(has_norm, grad_norm, 1.0)
     if config.warmup_steps > 0:
         in_warmup = step_index < config.warmup_steps
-        floor = config.warmup_min_step / safe_norm
-        alpha = torch.where(in_warmup & has_norm, torch.maximum(alpha, floor), alpha)
+        floor = config.warmup_min_step * inv_norm
+        alpha = xp.where(in_warmup & has_norm, xp.maximum(alpha, floor), alpha)
     if config.step_crop is not None:
-        crop = config.step_crop / safe_norm
-        alpha = torch.where(has_norm, torch.minimum(alpha, crop), alpha)
+        crop = config.step_crop * inv_norm
+        alpha = xp.where(has_norm, xp.minimum(alpha, crop), alpha)
     return alpha
 
 
 def retrace_alpha(
-    alpha_prev: torch.Tensor,
-    grad_prev_sq: torch.Tensor,
-    loss: torch.Tensor,
-    loss_prev: torch.Tensor,
+    alpha_prev: Any,
+    grad_prev_sq: Any,
+    loss: Any,
+    loss_prev: Any,
     config: ControlConfig,
-) -> torch.Tensor:
+    xp: Math = TENSOR_MATH,
+) -> Any:
     """Soft restart (3.2): minimiser of the parabola h(s) = f(x_{t-1} - s G_{t-1}).
 
     h(0) = f_{t-1}, h'(0) = -Ga, h(alpha_{t-1}) = f_t give
@@ -249,54 +356,57 @@ def retrace_alpha(
     """
     linear_drop = alpha_prev * grad_prev_sq
     denom = loss - loss_prev + linear_drop
-    candidate = alpha_prev * 0.5 * linear_drop / denom
+    candidate = xp.div(alpha_prev * 0.5 * linear_drop, denom)
     usable = all_finite(candidate) & (candidate > 0)
     fallback = alpha_prev * RETRACE_FALLBACK_SHRINK
-    alpha = torch.where(usable, candidate, fallback)
-    alpha = torch.minimum(alpha, alpha_prev * RETRACE_MAX_SHRINK)
-    return torch.clamp(alpha, min=config.alpha_min, max=config.alpha_max)
+    alpha = xp.where(usable, candidate, fallback)
+    alpha = xp.minimum(alpha, alpha_prev * RETRACE_MAX_SHRINK)
+    return xp.clamp(alpha, config.alpha_min, config.alpha_max)
 
 
 def needs_retrace(
-    state: torch.Tensor | tuple[torch.Tensor, ...],
-    loss: torch.Tensor,
-    grad_sq: torch.Tensor,
-    grad_dot_prev: torch.Tensor,
+    state: Any,
+    loss: Any,
+    grad_sq: Any,
+    grad_dot_prev: Any,
     config: ControlConfig,
-) -> torch.Tensor:
-    """Bool 0-d tensor: should step t retrace (section 3.2)?
+    xp: Math = TENSOR_MATH,
+) -> Any:
+    """Bool: should step t retrace (section 3.2)?
 
-    ``state`` is the packed vector or its ``unbind()`` (what :func:`control_step` passes:
-    one op instead of one select per entry read).
+    ``state`` is indexed by the entry constants: the packed vector, its ``unbind()`` or
+    (with :data:`FLOAT_MATH`) a sequence of floats.
     """
-    not_finite = ~all_finite(loss, grad_sq, grad_dot_prev)
+    not_finite = xp.logical_not(all_finite(loss, grad_sq, grad_dot_prev))
     cycle_closed = state[CYCLE_CLOSED] > 0
     threshold = state[CYCLE_MEAN] + config.retrace_sigmas * state[CYCLE_STD]
     spike = cycle_closed & (loss > threshold)
     if config.initial_retrace_factor is not None:
         first = state[LOSS_FIRST]
-        initial_limit = first + (config.initial_retrace_factor - 1.0) * first.abs()
-        spike = spike | (~cycle_closed & (loss > initial_limit))
+        initial_limit = first + (config.initial_retrace_factor - 1.0) * abs(first)
+        spike = spike | (xp.logical_not(cycle_closed) & (loss > initial_limit))
     return not_finite | spike
 
 
 def control_step(
-    state: torch.Tensor,
-    loss: torch.Tensor,
-    grad_sq: torch.Tensor,
-    grad_dot_prev: torch.Tensor,
+    state: Any,
+    loss: Any,
+    grad_sq: Any,
+    grad_dot_prev: Any,
     config: ControlConfig,
-) -> tuple[torch.Tensor, Decision]:
+    xp: Math = TENSOR_MATH,
+) -> tuple[Any, Decision]:
     """One step of the law. Returns the new packed state and the kernels' decision.
 
     Args:
-        state: packed float64 control state (see the index constants).
-        loss: f_t, 0-d float64 on the state's device.
+        state: packed float64 control state (see the index constants); a sequence of
+            floats with :data:`FLOAT_MATH`, which then returns a list.
+        loss: f_t, 0-d float64 on the state's device (or a float).
         grad_sq: <G_t, G_t>.
         grad_dot_prev: <G_{t-1}, G_t> (ignored on the first step).
+        xp: :data:`TENSOR_MATH` or :data:`FLOAT_MATH`.
     """
-    # One op for all the reads: 0-d views of the entries (tiny tensor ops dominate here).
-    state = state.unbind()
+    state = xp.unpack(state)
     alpha_prev = state[ALPHA]
     grad_prev_sq = state[GRAD_PREV_SQ]
     loss_prev = state[LOSS_PREV]
@@ -305,35 +415,39 @@ def control_step(
     finite_now = all_finite(loss, grad_sq)
 
     # First step: x_1 = wd x_0 - alpha_0 G_0; a non-finite start is skipped (no move).
-    first_alpha = limit_alpha(alpha_prev, grad_sq, step_index, config)
+    first_alpha = limit_alpha(alpha_prev, grad_sq, step_index, config, xp)
 
-    retrace = needs_retrace(state, loss, grad_sq, grad_dot_prev, config)
+    retrace = needs_retrace(state, loss, grad_sq, grad_dot_prev, config, xp)
     later_accept_alpha = limit_alpha(
-        accept_alpha(alpha_prev, grad_prev_sq, grad_dot_prev, config), grad_sq, step_index, config
+        accept_alpha(alpha_prev, grad_prev_sq, grad_dot_prev, config, xp),
+        grad_sq,
+        step_index,
+        config,
+        xp,
     )
-    later_retrace_alpha = retrace_alpha(alpha_prev, grad_prev_sq, loss, loss_prev, config)
+    later_retrace_alpha = retrace_alpha(alpha_prev, grad_prev_sq, loss, loss_prev, config, xp)
 
-    accept = torch.where(has_prev, ~retrace, finite_now)
+    accept = xp.where(has_prev, xp.logical_not(retrace), finite_now)
     moved_back = has_prev & retrace
-    alpha_new = torch.where(
+    alpha_new = xp.where(
         has_prev,
-        torch.where(retrace, later_retrace_alpha, later_accept_alpha),
-        torch.where(finite_now, first_alpha, alpha_prev),
+        xp.where(retrace, later_retrace_alpha, later_accept_alpha),
+        xp.where(finite_now, first_alpha, alpha_prev),
     )
-    back = torch.where(moved_back, alpha_prev - alpha_new, 0.0)
+    back = xp.where(moved_back, alpha_prev - alpha_new, 0.0)
 
-    accept_f = accept.to(torch.float64)
+    accept_f = xp.as_float(accept)
     reject_f = 1.0 - accept_f
-    first_accept = accept & ~has_prev
+    first_accept = accept & xp.logical_not(has_prev)
     # Only finite, accepted losses enter the cycle statistics: a retraced spike is the
     # outlier the statistics exist to detect.
-    safe_loss = torch.where(accept, loss, 0.0)
-    new_state = torch.stack(
+    safe_loss = xp.where(accept, loss, 0.0)
+    new_state = xp.pack(
         [
             alpha_new,
-            torch.where(accept, grad_sq, grad_prev_sq),
-            torch.where(accept, loss, loss_prev),
-            torch.where(first_accept, loss, state[LOSS_FIRST]),
+            xp.where(accept, grad_sq, grad_prev_sq),
+            xp.where(accept, loss, loss_prev),
+            xp.where(first_accept, loss, state[LOSS_FIRST]),
             state[ACCEPTED] + accept_f,
             state[RETRACES] + reject_f,
             reject_f,

@@ -188,6 +188,11 @@ class ELRA(torch.optim.Optimizer):
             self._build_flat()
         self._control = control.initial_state(self.config, self._device)
         self._steps_in_cycle = 0
+        #: Run the control law on Python floats (same code, same bits; see
+        #: :mod:`elra_fused.control`) instead of 0-d tensor ops. True for CPU parameters,
+        #: where the device is the host; False keeps the law in device tensors, which is
+        #: what a GPU needs (no host sync, CUDA-graph capture).
+        self.host_control = self._device.type == "cpu"
 
     # ------------------------------------------------------------------ set-up
     def _first_param(self) -> torch.Tensor:
@@ -397,8 +402,8 @@ class ELRA(torch.optim.Optimizer):
         kernels = self._kernels
 
         # alpha_{t-1}: recover modes divide by it (G_{t-1} = (wd x_{t-1} - x_t) / alpha).
-        alpha_prev = self._control[control.ALPHA].clone()
         recover = self.memory in POINT_MODES
+        alpha_prev = self._control[control.ALPHA].clone() if recover else None
         totals = torch.zeros(2, dtype=torch.float64, device=self._device)
         dots_coeffs: dict[tuple[float, torch.device], torch.Tensor] = {}
         for x, grad, store, wd, device in work.segments:
@@ -411,25 +416,22 @@ class ELRA(torch.optim.Optimizer):
                 coeffs = dots_coeffs[key]
             totals += store.dots(kernels, x, grad, coeffs).to(self._device, non_blocking=True)
 
-        new_state, decision = control.control_step(
-            self._control, loss_value, totals[0], totals[1], self.config
-        )
-        self._control.copy_(new_state)
+        decision = self._control_step(loss_value, totals)
 
         # A retrace moves back by (alpha_{t-1} - alpha_t) along G_{t-1}; recover modes
         # step along (wd x_{t-1} - x_t) = alpha_{t-1} G_{t-1}, hence the division.
-        back = decision.back / alpha_prev if recover else decision.back
+        if recover:
+            decision = _as_tensors(decision)
+            decision = decision._replace(back=decision.back / alpha_prev)
         update_coeffs: dict[tuple[float, torch.device], torch.Tensor] = {}
         for x, grad, store, wd, device in work.segments:
             key = (wd, device)
             if key not in update_coeffs:
-                wd_tensor = torch.full_like(decision.alpha, wd)
-                stacked = torch.stack([decision.accept, wd_tensor, decision.alpha, back])
-                update_coeffs[key] = stacked.to(device, non_blocking=True)
+                update_coeffs[key] = _update_coeffs(decision, wd, device)
             store.update_(kernels, x, grad, update_coeffs[key])
         work.finish(decision)
         if not self.flat:
-            self._record_prev_versions()
+            self._record_prev_versions(work)
             self._retired = [t for _, _, store, _, _ in work.segments for t in store.retired]
 
         self._steps_in_cycle += 1
@@ -438,6 +440,29 @@ class ELRA(torch.optim.Optimizer):
         return returned
 
     # ------------------------------------------------------------------ internals
+    def _control_step(self, loss: torch.Tensor, totals: torch.Tensor) -> control.Decision:
+        """Run the control law and update the state; the decision comes as 0-d device
+        tensors, or as floats with ``host_control``."""
+        if self.host_control:
+            # The device is the host: reading the values syncs nothing, and the law in
+            # Python floats costs ~25 us instead of ~150 us of tiny tensor ops.
+            grad_sq, grad_dot_prev = totals.tolist()
+            state, decision = control.control_step(
+                self._control.tolist(),
+                loss.item(),
+                grad_sq,
+                grad_dot_prev,
+                self.config,
+                control.FLOAT_MATH,
+            )
+            self._control.copy_(torch.tensor(state, dtype=torch.float64))
+            return decision
+        new_state, decision = control.control_step(
+            self._control, loss, totals[0], totals[1], self.config
+        )
+        self._control.copy_(new_state)
+        return decision
+
     def _loss_tensor(self, loss: Any) -> torch.Tensor:
         if loss is None:
             raise TypeError(
@@ -533,12 +558,14 @@ class ELRA(torch.optim.Optimizer):
             "not support (float32, bfloat16, float16)"
         )
 
-    def _record_prev_versions(self) -> None:
-        for group in self.param_groups:
-            for param in group["params"]:
-                grad_prev = self.state[param].get(GRAD_PREV_KEY) if param in self.state else None
-                if grad_prev is not None:
-                    self._prev_versions[param] = grad_prev._version
+    def _record_prev_versions(self, work: _StepWork) -> None:
+        """Remember the version of every G_{t-1} as this step leaves it."""
+        versions = self._prev_versions
+        for params, _, store, _, _ in work.segments:
+            for param, grad_prev in zip(params, store.prevs, strict=True):
+                versions[param] = grad_prev._version
+        for param, grad_prev in work.without_grad:
+            versions[param] = grad_prev._version
 
     def _flat_work(self) -> _StepWork:
         """One segment per flat buffer; grad-less parameters keep their value."""
@@ -641,6 +668,9 @@ class _StepWork:
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def finish(self, decision: control.Decision) -> None:
+        if not (self.kept or self.without_grad):
+            return
+        decision = _as_tensors(decision)
         accepted = decision.accept > 0
         for view, saved in self.kept:
             view.copy_(torch.where(accepted.to(view.device), saved, view))
@@ -652,6 +682,21 @@ class _StepWork:
                 back = (keep * decision.back).to(param.device, grad_prev.dtype)
                 param.add_(grad_prev * back)
                 grad_prev.mul_(keep.to(grad_prev.device, grad_prev.dtype))
+
+
+def _update_coeffs(decision: control.Decision, wd: float, device: torch.device) -> torch.Tensor:
+    """[accept, decay, step, back] for the update kernels, on ``device``."""
+    if isinstance(decision.alpha, float):  # host control: one small host-to-device copy
+        values = [decision.accept, wd, decision.alpha, decision.back]
+        return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+    wd_tensor = torch.full_like(decision.alpha, wd)
+    stacked = torch.stack([decision.accept, wd_tensor, decision.alpha, decision.back])
+    return stacked.to(device, non_blocking=True)
+
+
+def _as_tensors(decision: control.Decision) -> control.Decision:
+    """The decision as 0-d float64 tensors (host control gives floats)."""
+    return control.Decision(*(torch.as_tensor(v, dtype=torch.float64) for v in decision))
 
 
 def _grad_prev_changed(name: str) -> RuntimeError:

@@ -261,6 +261,7 @@ def test_dynamic_batch_size_reads_the_optimizers_statistics_once_per_cycle(
     x, y = torch.randn(40, 4), torch.randn(40, 1)
     loader = [(x[i : i + 5], y[i : i + 5]) for i in range(0, 40, 5)]
     opt = ELRA(model.parameters())
+    opt.host_control = False  # the law as device tensor ops, as on a GPU
     sizer = DynamicBatchSize(opt, m0=2)
     grouped = GroupedBatches(loader, sizer)
     losses: list[list[torch.Tensor]] = []

@@ -236,3 +236,78 @@ def test_zero_previous_gradient_keeps_alpha() -> None:
 def test_bad_config_raises(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="ELRA"):
         ControlConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# One law, two number systems: FLOAT_MATH must give TENSOR_MATH's bits.
+# ---------------------------------------------------------------------------------------
+SPECIAL = (math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-300, 1e300)
+
+
+def _random_inputs(gen: torch.Generator, steps: int) -> list[tuple[float, float, float]]:
+    """(loss, <G,G>, <G_prev,G>) sequences with drifts, spikes, zeros and non-finite values."""
+    rows = []
+    loss = 2.0
+    for i in range(steps):
+        u = torch.rand(6, generator=gen, dtype=F64).tolist()
+        loss = max(loss * (0.9 + 0.15 * u[0]), 1e-6)
+        grad_sq = 10 ** (4 * u[1] - 2)
+        dot = grad_sq * (2 * u[2] - 1.2)
+        if u[3] < 0.08:  # spike
+            loss_i = loss * 50
+        else:
+            loss_i = loss
+        if u[4] < 0.05:  # a special value somewhere
+            which = SPECIAL[int(u[5] * len(SPECIAL)) % len(SPECIAL)]
+            slot = i % 3
+            loss_i, grad_sq, dot = [
+                which if k == slot else v for k, v in enumerate((loss_i, grad_sq, dot))
+            ]
+        rows.append((loss_i, grad_sq, dot))
+    return rows
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ControlConfig(),
+        ControlConfig(kappa_gain=0.0, gamma_max=1e6, initial_retrace_factor=None),
+        ControlConfig(warmup_steps=40, warmup_min_step=0.1, step_crop=2.0),
+        ControlConfig(alpha0=1e-6, alpha_min=1e-7, alpha_max=1.0, retrace_sigmas=1.0),
+    ],
+    ids=["paper", "noise_free", "warmup_crop", "tight_bounds"],
+)
+def test_float_math_gives_the_tensor_math_bits(config: ControlConfig) -> None:
+    """400 steps, cycles closed every 25: every state entry and decision bit-identical."""
+    gen = torch.Generator().manual_seed(7)
+    tensor_state = control.initial_state(config, "cpu")
+    float_state = tensor_state.tolist()
+    retraces = 0
+    for index, (loss, grad_sq, dot) in enumerate(_random_inputs(gen, 400)):
+        new_t, dec_t = control.control_step(tensor_state, t(loss), t(grad_sq), t(dot), config)
+        new_f, dec_f = control.control_step(
+            float_state, loss, grad_sq, dot, config, control.FLOAT_MATH
+        )
+        assert torch.equal(new_t, torch.tensor(new_f, dtype=F64)), index
+        assert torch.equal(torch.stack(list(dec_t)), torch.tensor(list(dec_f), dtype=F64)), index
+        retraces += dec_f.accept == 0.0
+        tensor_state, float_state = new_t, new_f
+        if index % 25 == 24:
+            tensor_state = control.close_cycle(tensor_state)
+            float_state = tensor_state.tolist()
+    assert 20 < retraces < 380  # both branches exercised
+
+
+def test_float_math_matches_torch_on_special_values() -> None:
+    fm, values = control.FLOAT_MATH, SPECIAL + (1.0, -2.5)
+    for a in values:
+        for b in values:
+            ta, tb = t(a), t(b)
+            for got, want in (
+                (fm.minimum(a, b), torch.minimum(ta, tb)),
+                (fm.maximum(a, b), torch.maximum(ta, tb)),
+                (fm.div(a, b), ta / tb),
+                (fm.clamp(a, 1e-8, 1e6), torch.clamp(ta, 1e-8, 1e6)),
+            ):
+                assert torch.equal(t(got), want) or (math.isnan(got) and want.isnan()), (a, b)
+        assert torch.equal(t(fm.sqrt(a)), torch.sqrt(t(a))) or math.isnan(fm.sqrt(a))

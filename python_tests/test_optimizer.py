@@ -228,6 +228,7 @@ def test_load_state_dict_of_another_optimizer_fails_clearly() -> None:
 def test_step_makes_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     model, data, target = mlp_setup()
     opt = ELRA(model.parameters(), cycle_steps=3)
+    opt.host_control = False  # the law as device tensor ops, as on a GPU
     losses = []
     for _ in range(3):
         opt.zero_grad()

@@ -62,6 +62,26 @@ def test_lockstep_against_float64_reference(backend: str, flat: bool) -> None:
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
+def test_host_control_is_bit_identical_to_the_device_law(flat: bool) -> None:
+    """On CPU the law runs on Python floats; the tensor-op law (what a GPU runs) takes
+    the same decisions and gives the same bits, retraces and NaN gradient included."""
+    runs = []
+    for host in (True, False):
+        model = make_model()
+        opt = ELRA(model.parameters(), backend=BACKENDS[0], flat=flat, wd=0.999, cycle_steps=25)
+        assert opt.host_control  # the CPU default
+        opt.host_control = host
+        decisions = run_steps(opt, model, range(STEPS))
+        runs.append(
+            (decisions, opt.control_state.clone(), [p.detach().clone() for p in model.parameters()])
+        )
+    (d_host, c_host, p_host), (d_dev, c_dev, p_dev) = runs
+    assert d_host == d_dev and sum(d_host) >= 3
+    assert torch.equal(c_host, c_dev)
+    assert all(torch.equal(a, b) for a, b in zip(p_host, p_dev, strict=True))
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_step_makes_no_host_sync(
     backend: str, flat: bool, monkeypatch: pytest.MonkeyPatch
@@ -69,6 +89,7 @@ def test_fused_step_makes_no_host_sync(
     model = make_model()
     inputs, target = data()
     opt = ELRA(model.parameters(), backend=backend, flat=flat, cycle_steps=2)
+    opt.host_control = False  # the law as device tensor ops, as on a GPU
     for step_index in range(3):
         opt.zero_grad()
         opt.step(forward_backward(model, inputs, target, step_index))
