@@ -13,6 +13,8 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 // Dispatch over the three storage dtypes the kernels support (math is always fp32).
 #define ELRA_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)          \
@@ -55,13 +57,16 @@ inline bool is_supported_dtype(c10::ScalarType t) {
 }
 
 // The first vector argument fixes dtype, device and length for the others.
-inline void check_first_vector(const at::Tensor& t, const char* op, const char* name) {
+// `any_shape`: a tensor-list element, which may have any shape (the kernels see its
+// contiguous storage as a vector); the single-tensor ops take 1-D vectors.
+inline void check_first_vector(const at::Tensor& t, const char* op, const char* name,
+                               bool any_shape = false) {
   TORCH_CHECK_TYPE(t.layout() == c10::kStrided, "elra_fused.", op, ": ", name,
                    " must be a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), "elra_fused.", op, ": ", name,
                    " has dtype ", t.scalar_type(),
                    "; supported dtypes are float32, bfloat16 and float16");
-  TORCH_CHECK_VALUE(t.dim() == 1, "elra_fused.", op, ": ", name,
+  TORCH_CHECK_VALUE(any_shape || t.dim() == 1, "elra_fused.", op, ": ", name,
                     " must be a 1-D flat tensor, got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), "elra_fused.", op, ": ", name, " must be contiguous");
 }
@@ -76,7 +81,7 @@ inline bool is_allowed_state_dtype(c10::ScalarType state, c10::ScalarType ref) {
 // while ref is not (elra_fused/ops.py: _check_like(..., state=True)).
 inline void check_like(const at::Tensor& t, const char* op, const char* name,
                        const at::Tensor& ref, const char* ref_name,
-                       bool allow_bf16_state = false) {
+                       bool allow_bf16_state = false, bool any_shape = false) {
   TORCH_CHECK_TYPE(t.layout() == c10::kStrided, "elra_fused.", op, ": ", name,
                    " must be a dense (strided) tensor, got layout ", t.layout());
   if (allow_bf16_state) {
@@ -91,9 +96,14 @@ inline void check_like(const at::Tensor& t, const char* op, const char* name,
   }
   TORCH_CHECK_VALUE(t.device() == ref.device(), "elra_fused.", op, ": ", name, " is on ",
                     t.device(), " but ", ref_name, " is on ", ref.device());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == ref.numel(), "elra_fused.", op, ": ", name,
-                    " must be 1-D with ", ref.numel(), " elements (like ", ref_name,
-                    "), got shape ", t.sizes());
+  if (any_shape) {
+    TORCH_CHECK_VALUE(t.numel() == ref.numel(), "elra_fused.", op, ": ", name, " must have ",
+                      ref.numel(), " elements (like ", ref_name, "), got shape ", t.sizes());
+  } else {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == ref.numel(), "elra_fused.", op, ": ", name,
+                      " must be 1-D with ", ref.numel(), " elements (like ", ref_name,
+                      "), got shape ", t.sizes());
+  }
   TORCH_CHECK_VALUE(t.is_contiguous(), "elra_fused.", op, ": ", name, " must be contiguous");
 }
 
@@ -125,9 +135,10 @@ inline void check_no_overlap(const at::Tensor& a, const char* a_name, const at::
                     " share memory; they must be distinct buffers");
 }
 
-inline void check_dots(const at::Tensor& grad, const at::Tensor& grad_prev) {
-  check_first_vector(grad, "dots", "grad");
-  check_like(grad_prev, "dots", "grad_prev", grad, "grad", /*allow_bf16_state=*/true);
+inline void check_dots(const at::Tensor& grad, const at::Tensor& grad_prev,
+                       const char* op = "dots", bool any_shape = false) {
+  check_first_vector(grad, op, "grad", any_shape);
+  check_like(grad_prev, op, "grad_prev", grad, "grad", /*allow_bf16_state=*/true, any_shape);
 }
 
 inline void check_dots_recover(const at::Tensor& x_prev, const at::Tensor& x,
@@ -143,14 +154,94 @@ inline void check_dots_recover(const at::Tensor& x_prev, const at::Tensor& x,
 // grad_prev, which trades roles with grad: always x's dtype).
 inline void check_update(const char* op, const at::Tensor& x, const at::Tensor& grad,
                          const at::Tensor& other, const char* other_name,
-                         const at::Tensor& coeffs, bool allow_bf16_state) {
-  check_first_vector(x, op, "x");
-  check_like(grad, op, "grad", x, "x");
-  check_like(other, op, other_name, x, "x", allow_bf16_state);
+                         const at::Tensor& coeffs, bool allow_bf16_state,
+                         bool any_shape = false) {
+  check_first_vector(x, op, "x", any_shape);
+  check_like(grad, op, "grad", x, "x", false, any_shape);
+  check_like(other, op, other_name, x, "x", allow_bf16_state, any_shape);
   check_coeffs(coeffs, op, kUpdateCoeffsLen, x, "x");
   check_no_overlap(x, "x", grad, "grad", op);
   check_no_overlap(x, "x", other, other_name, op);
   check_no_overlap(other, other_name, grad, "grad", op);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor lists (dots_list, update_list_, update_swap_list_; semantics in elra_fused/ops.py).
+// Every element is validated before the first one is touched (all-or-nothing).
+// ---------------------------------------------------------------------------------------
+inline void check_lists(const char* op, at::TensorList a, const char* a_name, at::TensorList b,
+                        const char* b_name) {
+  TORCH_CHECK_VALUE(!a.empty(), "elra_fused.", op, ": ", a_name,
+                    " is empty; pass at least one tensor");
+  TORCH_CHECK_VALUE(a.size() == b.size(), "elra_fused.", op, ": ", a_name, " has ", a.size(),
+                    " tensors but ", b_name, " has ", b.size());
+}
+
+// Element i of a list as the 1-D vector the single-tensor ops take (`flatten`: for the
+// per-element loop of the CUDA implementation), or as it is (the CPU kernels only need its
+// contiguous storage: no view per element per call).
+inline at::Tensor list_element(const at::Tensor& t, const char* op, const char* name, size_t i,
+                               bool flatten) {
+  if (!flatten) {
+    return t;
+  }
+  TORCH_CHECK_VALUE(t.is_contiguous(), "elra_fused.", op, ": ", name, "[", i,
+                    "] must be contiguous");
+  return t.view({-1});  // never copies: in-place ops stay in place
+}
+
+// Runs `check` and names the list element in the error it raises.
+template <typename Check>
+void check_element(size_t i, const Check& check) {
+  try {
+    check();
+  } catch (c10::Error& e) {
+    e.add_context("in list element " + std::to_string(i));
+    throw;
+  }
+}
+
+// The validated elements of a dots_list call.
+struct DotsLists {
+  std::vector<at::Tensor> grad, grad_prev;
+};
+
+inline DotsLists checked_dots_lists(at::TensorList grad, at::TensorList grad_prev,
+                                    bool flatten) {
+  check_lists("dots_list", grad, "grad", grad_prev, "grad_prev");
+  DotsLists out{std::vector<at::Tensor>(grad.size()), std::vector<at::Tensor>(grad.size())};
+  for (size_t i = 0; i < grad.size(); ++i) {
+    out.grad[i] = list_element(grad[i], "dots_list", "grad", i, flatten);
+    out.grad_prev[i] = list_element(grad_prev[i], "dots_list", "grad_prev", i, flatten);
+    check_element(i, [&] { check_dots(out.grad[i], out.grad_prev[i], "dots_list", !flatten); });
+  }
+  return out;
+}
+
+// The validated elements of an update_list_ / update_swap_list_ call. Only update_list_
+// (copy semantics) allows a compact bfloat16 grad_prev.
+struct UpdateLists {
+  std::vector<at::Tensor> x, grad, grad_prev;
+};
+
+inline UpdateLists checked_update_lists(const char* op, at::TensorList x, at::TensorList grad,
+                                        at::TensorList grad_prev, const at::Tensor& coeffs,
+                                        bool allow_bf16_state, bool flatten) {
+  check_lists(op, x, "x", grad, "grad");
+  check_lists(op, x, "x", grad_prev, "grad_prev");
+  const size_t n = x.size();
+  UpdateLists out{std::vector<at::Tensor>(n), std::vector<at::Tensor>(n),
+                  std::vector<at::Tensor>(n)};
+  for (size_t i = 0; i < n; ++i) {
+    out.x[i] = list_element(x[i], op, "x", i, flatten);
+    out.grad[i] = list_element(grad[i], op, "grad", i, flatten);
+    out.grad_prev[i] = list_element(grad_prev[i], op, "grad_prev", i, flatten);
+    check_element(i, [&] {
+      check_update(op, out.x[i], out.grad[i], out.grad_prev[i], "grad_prev", coeffs,
+                   allow_bf16_state, !flatten);
+    });
+  }
+  return out;
 }
 
 }  // namespace elra

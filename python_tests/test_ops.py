@@ -642,14 +642,20 @@ def test_cpp_cpu_reductions_independent_of_thread_count() -> None:
     n = 3_000_017
     xp, x, g = (rand(n, torch.float32, "cpu", gen) for _ in range(3))
     c = coeffs([DECAY, 100.0], "cpu")
+    grads = _shaped(LIST_SHAPES, torch.float32, "cpu", gen)
+    prevs = _shaped(LIST_SHAPES, torch.float32, "cpu", gen)
+
+    def reductions() -> tuple[torch.Tensor, ...]:
+        return k.dots(g, xp), k.dots_recover(xp, x, g, c), k.dots_list(grads, prevs)
+
     threads = torch.get_num_threads()
     try:
-        many = (k.dots(g, xp), k.dots_recover(xp, x, g, c))
+        many = reductions()
         torch.set_num_threads(1)
-        one = (k.dots(g, xp), k.dots_recover(xp, x, g, c))
+        one = reductions()
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(many[0], one[0]) and torch.equal(many[1], one[1])
+    assert all(torch.equal(a, b) for a, b in zip(many, one, strict=True))
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
