@@ -40,24 +40,28 @@ at::Tensor dots_list_cuda(at::TensorList grad, at::TensorList grad_prev) {
   return total;
 }
 
-void update_list_cuda(at::TensorList x, at::TensorList grad, at::TensorList grad_prev,
-                      const at::Tensor& coeffs) {
-  static const auto single = single_op<UpdateFn>("elra_fused::update_");
-  const UpdateLists lists = checked_update_lists("update_list_", x, grad, grad_prev, coeffs,
-                                                 /*allow_bf16_state=*/true, /*flatten=*/true);
+// update_list_ / update_swap_list_: validate every element, then the single op on each.
+void update_each(const c10::TypedOperatorHandle<UpdateFn>& single, const char* op,
+                 bool allow_bf16_state, at::TensorList x, at::TensorList grad,
+                 at::TensorList grad_prev, const at::Tensor& coeffs) {
+  const UpdateLists lists = checked_update_lists(op, x, grad, grad_prev, coeffs,
+                                                 allow_bf16_state, /*flatten=*/true);
   for (size_t i = 0; i < lists.x.size(); ++i) {
     single.call(lists.x[i], lists.grad[i], lists.grad_prev[i], coeffs);
   }
 }
 
+void update_list_cuda(at::TensorList x, at::TensorList grad, at::TensorList grad_prev,
+                      const at::Tensor& coeffs) {
+  static const auto single = single_op<UpdateFn>("elra_fused::update_");
+  update_each(single, "update_list_", /*allow_bf16_state=*/true, x, grad, grad_prev, coeffs);
+}
+
 void update_swap_list_cuda(at::TensorList x, at::TensorList grad, at::TensorList grad_prev,
                            const at::Tensor& coeffs) {
   static const auto single = single_op<UpdateFn>("elra_fused::update_swap_");
-  const UpdateLists lists = checked_update_lists("update_swap_list_", x, grad, grad_prev, coeffs,
-                                                 /*allow_bf16_state=*/false, /*flatten=*/true);
-  for (size_t i = 0; i < lists.x.size(); ++i) {
-    single.call(lists.x[i], lists.grad[i], lists.grad_prev[i], coeffs);
-  }
+  update_each(single, "update_swap_list_", /*allow_bf16_state=*/false, x, grad, grad_prev,
+              coeffs);
 }
 
 }  // namespace
