@@ -86,6 +86,23 @@ def run_steps(opt: ELRA, model: torch.nn.Module, indices: range, zero: str = "op
     return decisions
 
 
+def assert_nan_step_makes_no_host_sync(
+    opt: ELRA, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three steps, then the NaN-gradient step (a retrace) and zero_grad with every host
+    read forbidden. The control law runs as device tensor ops, as on a GPU (on the CPU
+    it runs on Python floats by default: ``host_control``)."""
+    opt.host_control = False
+    run_steps(opt, model, range(3))
+    opt.zero_grad()
+    inputs, target = data()
+    loss = forward_backward(model, inputs, target, NAN_GRAD)
+    with no_host_reads(monkeypatch):
+        opt.step(loss)
+        opt.zero_grad()
+    assert opt.last_step_retraced
+
+
 def assert_round_trip(
     make_opt: Callable[[torch.nn.Module], ELRA], before: int = 8, after: int = 17
 ) -> None:

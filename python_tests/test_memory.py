@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from _lockstep import (
-    NAN_GRAD,
     Shadow,
+    assert_nan_step_makes_no_host_sync,
     assert_round_trip,
     data,
     forward_backward,
     make_model,
-    no_host_reads,
     run_steps,
 )
 
@@ -163,18 +162,7 @@ def test_offload_keeps_x_prev_on_the_host() -> None:
 @pytest.mark.parametrize("memory", ["recover", "offload"])
 def test_point_modes_make_no_host_sync(memory: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model()
-    inputs, target = data()
-    opt = build(model, memory)
-    opt.host_control = False  # the law as device tensor ops, as on a GPU
-    for step_index in range(3):
-        opt.zero_grad()
-        opt.step(forward_backward(model, inputs, target, step_index))
-    opt.zero_grad()
-    loss = forward_backward(model, inputs, target, NAN_GRAD)
-
-    with no_host_reads(monkeypatch):
-        opt.step(loss)
-    assert opt.last_step_retraced
+    assert_nan_step_makes_no_host_sync(build(model, memory), model, monkeypatch)
 
 
 @pytest.mark.parametrize("flat", [True, False])

@@ -16,11 +16,11 @@ from _lockstep import (
     NAN_GRAD,
     SPIKES,
     Shadow,
+    assert_nan_step_makes_no_host_sync,
     assert_round_trip,
     data,
     forward_backward,
     make_model,
-    no_host_reads,
     run_steps,
 )
 
@@ -87,19 +87,8 @@ def test_fused_step_makes_no_host_sync(
     backend: str, flat: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = make_model()
-    inputs, target = data()
     opt = ELRA(model.parameters(), backend=backend, flat=flat, cycle_steps=2)
-    opt.host_control = False  # the law as device tensor ops, as on a GPU
-    for step_index in range(3):
-        opt.zero_grad()
-        opt.step(forward_backward(model, inputs, target, step_index))
-    opt.zero_grad()
-    loss = forward_backward(model, inputs, target, NAN_GRAD)
-
-    with no_host_reads(monkeypatch):
-        opt.step(loss)
-        opt.zero_grad()
-    assert opt.last_step_retraced
+    assert_nan_step_makes_no_host_sync(opt, model, monkeypatch)
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
