@@ -27,10 +27,12 @@ oracle; ``cpp``: C++/OpenMP on CPU, CUDA on GPU; ``triton``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 
 from . import control, ops
 from .control import ControlConfig
@@ -52,6 +54,39 @@ PER_GROUP_KEYS = frozenset({"params", "wd", "name"})
 _STATE_KEY = "elra_control"
 
 LossArg = torch.Tensor | float | int | Callable[[], Any] | None
+
+
+def _step_entry(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``ELRA.step`` like torch's ``Optimizer`` does, without its fixed cost when
+    nothing uses it.
+
+    torch wraps every optimizer's step in a profiler range (``record_function``) and its
+    hook loops. Right after a backward, when the CPU's caches are cold, that wrapper
+    measured ~80 us per step on 2 cores (``benchmarks/bench_step.py``, 1M parameters):
+    more than ELRA's own Python. This wrapper calls torch's own wrapper whenever a
+    profiler runs or any step hook is registered (global or on this optimizer), so
+    traces and hooks behave exactly as torch's; otherwise it calls the step directly,
+    plus the bookkeeping torch does after every step (``_optimizer_step_code``).
+    """
+    torch_wrapped = torch.optim.Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self: ELRA, *args: Any, **kwargs: Any) -> Any:
+        if (
+            torch._C._autograd._profiler_enabled()
+            or torch_optimizer._global_optimizer_pre_hooks
+            or torch_optimizer._global_optimizer_post_hooks
+            or self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+        ):
+            return torch_wrapped(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    # torch.optim.Optimizer.__init__ wraps a step that is not marked as hooked.
+    wrapper.hooked = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _describe(group_index: int, param_index: int, param: torch.Tensor) -> str:
@@ -191,7 +226,8 @@ class ELRA(torch.optim.Optimizer):
         #: Run the control law on Python floats (same code, same bits; see
         #: :mod:`elra_fused.control`) instead of 0-d tensor ops. True for CPU parameters,
         #: where the device is the host; False keeps the law in device tensors, which is
-        #: what a GPU needs (no host sync, CUDA-graph capture).
+        #: what a GPU needs (no host sync, CUDA-graph capture). True on a GPU works but
+        #: reads the values back every step.
         self.host_control = self._device.type == "cpu"
 
     # ------------------------------------------------------------------ set-up
@@ -381,6 +417,7 @@ class ELRA(torch.optim.Optimizer):
         ].tolist()
         return (mean, std) if closed > 0 and count > 0 else None
 
+    @_step_entry
     @torch.no_grad()
     def step(self, loss: LossArg = None) -> Any:  # type: ignore[override]
         """One ELRA step.
@@ -397,14 +434,14 @@ class ELRA(torch.optim.Optimizer):
             with torch.enable_grad():
                 returned = loss()
             loss = returned
-        loss_value = self._loss_tensor(loss)
+        loss_value = self._loss_value(loss)
         work = self._flat_work() if self.flat else self._list_work()
         kernels = self._kernels
 
         # alpha_{t-1}: recover modes divide by it (G_{t-1} = (wd x_{t-1} - x_t) / alpha).
         recover = self.memory in POINT_MODES
         alpha_prev = self._control[control.ALPHA].clone() if recover else None
-        totals = torch.zeros(2, dtype=torch.float64, device=self._device)
+        partials: list[torch.Tensor] = []
         dots_coeffs: dict[tuple[float, torch.device], torch.Tensor] = {}
         for x, grad, store, wd, device in work.segments:
             coeffs = None
@@ -414,9 +451,9 @@ class ELRA(torch.optim.Optimizer):
                     inv_alpha = (1.0 / alpha_prev).reshape(1)
                     dots_coeffs[key] = torch.cat([inv_alpha.new_full((1,), wd), inv_alpha])
                 coeffs = dots_coeffs[key]
-            totals += store.dots(kernels, x, grad, coeffs).to(self._device, non_blocking=True)
+            partials.append(store.dots(kernels, x, grad, coeffs))
 
-        decision = self._control_step(loss_value, totals)
+        decision = self._control_step(loss_value, partials)
 
         # A retrace moves back by (alpha_{t-1} - alpha_t) along G_{t-1}; recover modes
         # step along (wd x_{t-1} - x_t) = alpha_{t-1} G_{t-1}, hence the division.
@@ -440,30 +477,50 @@ class ELRA(torch.optim.Optimizer):
         return returned
 
     # ------------------------------------------------------------------ internals
-    def _control_step(self, loss: torch.Tensor, totals: torch.Tensor) -> control.Decision:
-        """Run the control law and update the state; the decision comes as 0-d device
-        tensors, or as floats with ``host_control``."""
+    def _control_step(
+        self, loss: float | torch.Tensor, partials: list[torch.Tensor]
+    ) -> control.Decision:
+        """Sum the segments' [||G_t||^2, <G_t, G_{t-1}>] (in segment order, from zero, in
+        fp64), run the control law and update the state. The decision comes as 0-d
+        device tensors, or as floats with ``host_control``."""
         if self.host_control:
             # The device is the host: reading the values syncs nothing, and the law in
-            # Python floats costs ~25 us instead of ~150 us of tiny tensor ops.
-            grad_sq, grad_dot_prev = totals.tolist()
+            # Python floats costs a few us instead of ~150 us of tiny tensor ops. The
+            # state goes in and out through a numpy view of the state tensor (one call
+            # each way: this path runs once per step, right after backward, when the
+            # CPU's caches are cold and every torch call costs several us).
+            grad_sq = grad_dot_prev = 0.0
+            for partial in partials:
+                part_sq, part_dot = partial.tolist()
+                grad_sq += part_sq
+                grad_dot_prev += part_dot
+            on_host = self._control.device.type == "cpu"  # else: set by hand, syncs
+            state_view = self._control.numpy() if on_host else self._control.cpu().numpy()
             state, decision = control.control_step(
-                self._control.tolist(),
-                loss.item(),
+                state_view.tolist(),
+                loss,
                 grad_sq,
                 grad_dot_prev,
                 self.config,
                 control.FLOAT_MATH,
             )
-            self._control.copy_(torch.tensor(state, dtype=torch.float64))
+            if on_host:
+                state_view[:] = state
+            else:
+                self._control.copy_(torch.tensor(state, dtype=torch.float64))
             return decision
+        totals = torch.zeros(2, dtype=torch.float64, device=self._device)
+        for partial in partials:
+            totals += partial.to(self._device, non_blocking=True)
         new_state, decision = control.control_step(
             self._control, loss, totals[0], totals[1], self.config
         )
         self._control.copy_(new_state)
         return decision
 
-    def _loss_tensor(self, loss: Any) -> torch.Tensor:
+    def _loss_value(self, loss: Any) -> float | torch.Tensor:
+        """f_t as a Python float with ``host_control``, else as a 0-d fp64 tensor on the
+        control state's device (no host read)."""
         if loss is None:
             raise TypeError(
                 "ELRA.step needs the loss: call opt.step(loss) after loss.backward(), or "
@@ -477,12 +534,16 @@ class ELRA(torch.optim.Optimizer):
                 )
             if loss.is_complex():
                 raise TypeError("ELRA.step: the loss must be real, got a complex tensor")
+            if self.host_control:
+                return float(loss.item())  # fp64, like the tensor path (exact for float dtypes)
             return loss.detach().reshape(()).to(self._device, torch.float64, non_blocking=True)
         if isinstance(loss, bool) or not isinstance(loss, (int, float)):
             raise TypeError(
                 f"ELRA.step: the loss must be a 0-d tensor, a number or a closure, "
                 f"got {type(loss).__name__}"
             )
+        if self.host_control:
+            return float(loss)
         return torch.tensor(float(loss), dtype=torch.float64, device=self._device)
 
     def _list_work(self) -> _StepWork:
@@ -687,8 +748,10 @@ class _StepWork:
 def _update_coeffs(decision: control.Decision, wd: float, device: torch.device) -> torch.Tensor:
     """[accept, decay, step, back] for the update kernels, on ``device``."""
     if isinstance(decision.alpha, float):  # host control: one small host-to-device copy
-        values = [decision.accept, wd, decision.alpha, decision.back]
-        return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+        values = torch.tensor(
+            [decision.accept, wd, decision.alpha, decision.back], dtype=torch.float64
+        )
+        return values if device.type == "cpu" else values.to(device, non_blocking=True)
     wd_tensor = torch.full_like(decision.alpha, wd)
     stacked = torch.stack([decision.accept, wd_tensor, decision.alpha, decision.back])
     return stacked.to(device, non_blocking=True)

@@ -411,6 +411,34 @@ def test_cuda_lockstep_against_reference(backend: str, flat: bool) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
+def test_cuda_host_control_takes_the_device_laws_decisions() -> None:
+    """host_control set by hand on a GPU: the law on floats, state read back each step.
+    Same decisions as the device law; values close (CUDA's fp64 exp/log may differ from
+    the host's libm in the last bit)."""
+    inputs, target = (t.cuda() for t in data())
+    runs = []
+    for host in (True, False):
+        model = make_model().cuda()
+        opt = ELRA(model.parameters(), backend=cuda_backends()[0], cycle_steps=25)
+        assert not opt.host_control  # the GPU default
+        opt.host_control = host
+        decisions = []
+        for step_index in range(80):
+            opt.zero_grad()
+            opt.step(forward_backward(model, inputs, target, step_index % 60))
+            decisions.append(opt.last_step_retraced)
+        runs.append(
+            (decisions, opt.control_state.cpu(), [p.detach().cpu() for p in model.parameters()])
+        )
+    (d_host, c_host, p_host), (d_dev, c_dev, p_dev) = runs
+    assert d_host == d_dev and sum(d_host) >= 3
+    torch.testing.assert_close(c_host, c_dev, rtol=1e-9, atol=0.0)
+    for a, b in zip(p_host, p_dev, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("backend", cuda_backends())
 def test_cuda_graph_captures_a_training_step(backend: str) -> None:
     """Forward, backward and opt.step(loss) captured once, replayed like eager steps."""
