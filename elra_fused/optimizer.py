@@ -551,60 +551,62 @@ class ELRA(torch.optim.Optimizer):
         are skipped. Everything is checked before the first kernel runs; error messages
         are only formatted when raised (this loop runs over every parameter per step)."""
         work = _StepWork()
-        lists: dict[tuple[torch.device, float], tuple[list, list, list, list]] = {}
-        fused = self.backend != "reference"
+        segments: dict[tuple[torch.device, float], _ListSegment] = {}
+        # Hoisted: this loop costs ~1-3 us per parameter, most of it attribute reads.
+        state_of = self.state
+        versions = self._prev_versions
+        strided = torch.strided
+        supported = ops.SUPPORTED_DTYPES if self.backend != "reference" else None
         for group_index, group in enumerate(self.param_groups):
+            wd = group["wd"]
             for param_index, param in enumerate(group["params"]):
                 grad = param.grad
-                state = self.state[param]
+                state = state_of[param]
                 grad_prev = state.get(GRAD_PREV_KEY)
                 if grad_prev is not None:
-                    recorded = self._prev_versions.get(param)
+                    recorded = versions.get(param)
                     if recorded is not None and grad_prev._version != recorded:
                         raise _grad_prev_changed(_describe(group_index, param_index, param))
                 if grad is None:
                     if grad_prev is not None:
                         work.without_grad.append((param, grad_prev))
                     continue
+                device = param.device
+                dtype = param.dtype
                 if (
-                    grad.layout != torch.strided
+                    grad.layout != strided
                     or grad.is_complex()
                     or grad.shape != param.shape
-                    or grad.device != param.device
-                    or (fused and param.dtype not in ops.SUPPORTED_DTYPES)
+                    or grad.device != device
+                    or (supported is not None and dtype not in supported)
                 ):
                     self._reject_list_grad(_describe(group_index, param_index, param), param)
                 if (
-                    grad.dtype != param.dtype
+                    grad.dtype != dtype
                     or not grad.is_contiguous()
                     or (grad_prev is not None and grad.data_ptr() == grad_prev.data_ptr())
                 ):
                     # Rare: a gradient assigned by hand, or a second step without backward
                     # (the gradient is still last step's tensor, now G_{t-1}). One copy
                     # in the parameter's dtype and layout keeps it apart.
-                    grad = grad.to(param.dtype, memory_format=torch.contiguous_format, copy=True)
+                    grad = grad.to(dtype, memory_format=torch.contiguous_format, copy=True)
                     param.grad = grad
                 if grad_prev is None:
                     # A parameter seen for the first time had no gradient before: its
                     # previous gradient is zero, which is exact for <G_{t-1}, G_t>.
-                    dtype = self.state_dtype or param.dtype
                     grad_prev = torch.zeros_like(
-                        param, dtype=dtype, memory_format=torch.contiguous_format
+                        param,
+                        dtype=self.state_dtype or dtype,
+                        memory_format=torch.contiguous_format,
                     )
                     state[GRAD_PREV_KEY] = grad_prev
-                xs, grads, prevs, states = lists.setdefault(
-                    (param.device, group["wd"]), ([], [], [], [])
-                )
-                xs.append(param)
-                grads.append(grad)
-                prevs.append(grad_prev)
-                states.append(state)
-        for (device, wd), (xs, grads, prevs, states) in lists.items():
-            # By reference when G_t can become G_{t-1} as it is (same dtype); a compact
-            # state_dtype is a copy.
-            by_reference = all(g.dtype == gp.dtype for g, gp in zip(grads, prevs, strict=True))
-            store = GradPrevList(prevs, states, keep_reference=by_reference)
-            work.segments.append((xs, grads, store, wd, device))
+                segment = segments.get((device, wd))
+                if segment is None:
+                    segment = segments[(device, wd)] = _ListSegment()
+                segment.add(param, grad, grad_prev, state)
+        for (device, wd), segment in segments.items():
+            store = GradPrevList(segment.prevs, segment.states, keep_reference=segment.same_dtypes)
+            work.segments.append((segment.xs, segment.grads, store, wd, device))
         return work
 
     def _reject_list_grad(self, name: str, param: torch.Tensor) -> None:
@@ -715,6 +717,31 @@ class ELRA(torch.optim.Optimizer):
                     )
         self._control.copy_(control_state.to(self._control.device, torch.float64))
         self._steps_in_cycle = int(extra.get("steps_in_cycle", 0))
+
+
+class _ListSegment:
+    """The tensor lists of one (device, wd) segment of the per-parameter layout."""
+
+    __slots__ = ("xs", "grads", "prevs", "states", "same_dtypes")
+
+    def __init__(self) -> None:
+        self.xs: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.prevs: list[torch.Tensor] = []
+        self.states: list[dict[str, Any]] = []
+        # G_t can become G_{t-1} by reference only when they share a dtype (a compact
+        # state_dtype is a copy).
+        self.same_dtypes = True
+
+    def add(
+        self, x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, state: dict[str, Any]
+    ) -> None:
+        self.xs.append(x)
+        self.grads.append(grad)
+        self.prevs.append(grad_prev)
+        self.states.append(state)
+        if grad_prev.dtype != grad.dtype:
+            self.same_dtypes = False
 
 
 class _StepWork:
