@@ -151,7 +151,9 @@ class GradPrevList:
       accumulated across steps) is detected instead of silently corrupting G_{t-1}.
       While a CUDA graph is captured the copying pass is used (a replay cannot re-point
       Python references).
-    * by copy (a compact ``state_dtype``): ``update_list_`` writes G_t into the state.
+    * by copy (a compact ``state_dtype``, or gradients that are views into another
+      buffer, e.g. DDP's ``gradient_as_bucket_view=True``): ``update_list_`` writes G_t
+      into the state.
     """
 
     state_key = GRAD_PREV_KEY

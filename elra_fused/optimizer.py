@@ -605,7 +605,7 @@ class ELRA(torch.optim.Optimizer):
                     segment = segments[(device, wd)] = _ListSegment()
                 segment.add(param, grad, grad_prev, state)
         for (device, wd), segment in segments.items():
-            store = GradPrevList(segment.prevs, segment.states, keep_reference=segment.same_dtypes)
+            store = GradPrevList(segment.prevs, segment.states, keep_reference=segment.by_reference)
             work.segments.append((segment.xs, segment.grads, store, wd, device))
         return work
 
@@ -722,7 +722,7 @@ class ELRA(torch.optim.Optimizer):
 class _ListSegment:
     """The tensor lists of one (device, wd) segment of the per-parameter layout."""
 
-    __slots__ = ("xs", "grads", "prevs", "states", "same_dtypes")
+    __slots__ = ("xs", "grads", "prevs", "states", "by_reference")
 
     def __init__(self) -> None:
         self.xs: list[torch.Tensor] = []
@@ -730,8 +730,10 @@ class _ListSegment:
         self.prevs: list[torch.Tensor] = []
         self.states: list[dict[str, Any]] = []
         # G_t can become G_{t-1} by reference only when they share a dtype (a compact
-        # state_dtype is a copy).
-        self.same_dtypes = True
+        # state_dtype is a copy) and G_t owns its memory: a gradient that is a view into
+        # someone else's buffer (DDP's gradient_as_bucket_view=True) is rewritten in
+        # place by the next backward, so G_{t-1} is copied out of it instead.
+        self.by_reference = True
 
     def add(
         self, x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, state: dict[str, Any]
@@ -740,8 +742,8 @@ class _ListSegment:
         self.grads.append(grad)
         self.prevs.append(grad_prev)
         self.states.append(state)
-        if grad_prev.dtype != grad.dtype:
-            self.same_dtypes = False
+        if grad_prev.dtype != grad.dtype or grad._base is not None:
+            self.by_reference = False
 
 
 class _StepWork:

@@ -162,6 +162,39 @@ def test_lists_keep_the_gradient_as_grad_prev(backend: str) -> None:
     assert all(torch.isfinite(opt.state[p]["grad_prev"]).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lists_copy_gradients_that_are_views_into_a_shared_buffer(backend: str) -> None:
+    """DDP with gradient_as_bucket_view=True makes each .grad a view into its bucket and
+    rewrites the bucket in place in the next backward. Such a G_t is copied into ELRA's
+    own G_{t-1} instead of kept by reference: the run equals one with ordinary gradients,
+    retraces and the NaN gradient included."""
+    inputs, target = data()
+    runs = []
+    for as_views in (False, True):
+        model = make_model()
+        params = list(model.parameters())
+        opt = ELRA(params, backend=backend, flat=False, cycle_steps=25)
+        bucket = torch.zeros(sum(p.numel() for p in params))  # reused every step
+        decisions = []
+        for step_index in range(130):
+            opt.zero_grad()
+            loss = forward_backward(model, inputs, target, step_index)
+            if as_views:
+                offset = 0
+                for p in params:
+                    view = bucket[offset : offset + p.numel()].view_as(p)
+                    view.copy_(p.grad)
+                    p.grad = view
+                    offset += p.numel()
+            opt.step(loss)
+            decisions.append(opt.last_step_retraced)
+            assert all(opt.state[p]["grad_prev"]._base is None for p in params)
+        runs.append((decisions, [p.detach().clone() for p in params]))
+    (d_plain, p_plain), (d_views, p_views) = runs
+    assert d_plain == d_views and sum(d_plain) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(p_plain, p_views, strict=True))
+
+
 @pytest.mark.parametrize("change", ["model_zero_grad_in_place", "backward_without_zero_grad"])
 def test_lists_refuse_a_grad_prev_changed_in_place(change: str) -> None:
     """The tensor kept as G_{t-1} was written after the step: a clear error, nothing changed."""
