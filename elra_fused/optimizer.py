@@ -28,10 +28,12 @@ oracle; ``cpp``: C++/OpenMP on CPU, CUDA on GPU; ``triton``):
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.optim.optimizer as torch_optimizer
 
 from . import control, ops
@@ -132,6 +134,11 @@ class ELRA(torch.optim.Optimizer):
             G_{t-1} by swapping buffers instead of copying (12 instead of 16 bytes per
             fp32 parameter in the update pass). After ``step()`` the ``.grad`` tensors
             hold stale values until ``zero_grad()``: read gradients before the step.
+        process_group: data parallel training (DDP): the group the model is replicated
+            over. ``step(loss)`` then averages f_t over it (one all-reduce of one value
+            per step, no host sync on a GPU), so every replica takes the same accept /
+            retrace decision on the same (DDP-averaged) gradient. Without it each rank's
+            control law sees only its own loss and the replicas drift apart.
 
     Use ``opt.step(loss)`` after ``loss.backward()``, or ``opt.step(closure)``.
     """
@@ -158,8 +165,10 @@ class ELRA(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
         offload_chunk: int = DEFAULT_CHUNK,
         reuse_grad_buffer: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         _check_wd(wd)
+        _check_process_group(process_group)
         if cycle_steps is not None and not (isinstance(cycle_steps, int) and cycle_steps > 0):
             raise ValueError(
                 f"ELRA: cycle_steps must be a positive int or None, got {cycle_steps!r}"
@@ -196,6 +205,7 @@ class ELRA(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.offload_chunk = offload_chunk
         self.reuse_grad_buffer = bool(reuse_grad_buffer)
+        self.process_group = process_group
         super().__init__(params, {"wd": wd})
         first = self._first_param()
         self._device = first.device
@@ -248,29 +258,20 @@ class ELRA(torch.optim.Optimizer):
             _check_wd(param_group["wd"])
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
-        for param_index, param in enumerate(self.param_groups[-1]["params"]):
-            if param.is_complex():
-                raise ValueError(
-                    f"ELRA: {_describe(group_index, param_index, param)} is complex; ELRA "
-                    "supports real floating-point parameters only"
-                )
-            if not param.is_floating_point():
-                raise ValueError(
-                    f"ELRA: {_describe(group_index, param_index, param)} has dtype "
-                    f"{param.dtype}; ELRA needs floating-point parameters"
-                )
-        if hasattr(self, "flat"):
-            # A group added after construction gets flat buffers of its own (or is
-            # checked for the per-parameter layout); a group the optimizer cannot take
-            # is removed again, leaving the optimizer as it was.
-            try:
+        # A group the optimizer cannot take is removed again, leaving it as it was.
+        try:
+            for param_index, param in enumerate(self.param_groups[-1]["params"]):
+                _check_param(_describe(group_index, param_index, param), param)
+            if hasattr(self, "flat"):
+                # A group added after construction gets flat buffers of its own (or is
+                # checked for the per-parameter layout).
                 if self.flat:
                     self._add_flat_buffers(group_index)
                 else:
                     self._check_group(group_index)
-            except ValueError:
-                self.param_groups.pop()
-                raise
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def _default_flat(self) -> bool:
         """flat=None: see the class docstring for why each case picks its layout."""
@@ -519,8 +520,8 @@ class ELRA(torch.optim.Optimizer):
         return decision
 
     def _loss_value(self, loss: Any) -> float | torch.Tensor:
-        """f_t as a Python float with ``host_control``, else as a 0-d fp64 tensor on the
-        control state's device (no host read)."""
+        """f_t (averaged over ``process_group``) as a Python float with ``host_control``,
+        else as a 0-d fp64 tensor on the control state's device (no host read)."""
         if loss is None:
             raise TypeError(
                 "ELRA.step needs the loss: call opt.step(loss) after loss.backward(), or "
@@ -534,6 +535,10 @@ class ELRA(torch.optim.Optimizer):
                 )
             if loss.is_complex():
                 raise TypeError("ELRA.step: the loss must be real, got a complex tensor")
+            if self.process_group is not None:
+                # A copy: all_reduce works in place and the caller's loss stays as it is.
+                value = loss.detach().reshape(()).to(self._device, torch.float64, copy=True)
+                return self._mean_over_group(value)
             if self.host_control:
                 return float(loss.item())  # fp64, like the tensor path (exact for float dtypes)
             return loss.detach().reshape(()).to(self._device, torch.float64, non_blocking=True)
@@ -542,9 +547,22 @@ class ELRA(torch.optim.Optimizer):
                 f"ELRA.step: the loss must be a 0-d tensor, a number or a closure, "
                 f"got {type(loss).__name__}"
             )
+        if self.process_group is not None:
+            value = torch.tensor(float(loss), dtype=torch.float64, device=self._device)
+            return self._mean_over_group(value)
         if self.host_control:
             return float(loss)
         return torch.tensor(float(loss), dtype=torch.float64, device=self._device)
+
+    def _mean_over_group(self, value: torch.Tensor) -> float | torch.Tensor:
+        """The mean of ``value`` (0-d fp64, ours to overwrite) over ``process_group``.
+
+        Every rank receives the same sum and divides it by the same count, so all take
+        bit-identical decisions; a non-finite loss on any rank makes every rank retrace.
+        """
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.process_group)
+        value /= dist.get_world_size(self.process_group)
+        return float(value.item()) if self.host_control else value
 
     def _list_work(self) -> _StepWork:
         """Per-parameter segments: one tensor list per (device, wd); grad-less parameters
@@ -800,6 +818,54 @@ def _grad_prev_changed(name: str) -> RuntimeError:
         "model.zero_grad()) between steps, or build ELRA with flat=True, which keeps its own "
         "copy."
     )
+
+
+def _check_param(name: str, param: torch.Tensor) -> None:
+    """What ELRA needs of every parameter, whatever the backend and layout."""
+    if _is_dtensor(param):
+        raise ValueError(
+            f"ELRA: {name} is a DTensor (FSDP / tensor parallel). Sharded parameters are "
+            "not supported: the dots pass would need a sum over the shards. For data "
+            "parallel training use DDP with process_group=..."
+        )
+    if param.is_complex():
+        raise ValueError(
+            f"ELRA: {name} is complex; ELRA supports real floating-point parameters only"
+        )
+    if not param.is_floating_point():
+        raise ValueError(
+            f"ELRA: {name} has dtype {param.dtype}; ELRA needs floating-point parameters"
+        )
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 keeps it under torch.distributed._tensor
+        from torch.distributed._tensor import DTensor
+    return isinstance(tensor, DTensor)
+
+
+def _check_process_group(process_group: Any) -> None:
+    if process_group is not None:
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(
+                "ELRA: process_group must be a torch.distributed ProcessGroup (e.g. "
+                f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}"
+            )
+        return
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        warnings.warn(
+            f"ELRA: torch.distributed is initialized with {dist.get_world_size()} ranks but "
+            "no process_group was given. If this optimizer steps a data-parallel replica "
+            "(DDP), pass process_group=torch.distributed.group.WORLD (or DDP's group): "
+            "otherwise each rank decides accept / retrace on its own loss and the replicas "
+            "drift apart. Ignore this if you pass a loss that is already averaged over "
+            "the ranks.",
+            stacklevel=3,
+        )
 
 
 def _check_wd(wd: Any) -> None:

@@ -328,6 +328,34 @@ def test_complex_and_integer_params_rejected() -> None:
         ELRA([torch.ones(2, dtype=torch.int64)])
     with pytest.raises(ValueError, match="empty"):
         ELRA([])
+    opt = ELRA([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="complex"):  # a group added later ...
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.cfloat))]})
+    assert len(opt.param_groups) == 1  # ... is not kept
+
+
+def test_sharded_dtensor_params_rejected() -> None:
+    """FSDP / tensor-parallel parameters (DTensor) get a clear error, not a kernel's."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.tensor import Shard, distribute_tensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import Shard, distribute_tensor
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="DTensor.*not supported.*DDP"):
+            ELRA([param])
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("wd", [0.0, 1.5, -0.1, True])
