@@ -12,6 +12,13 @@ passes. It is evaluated in one of two number systems (``xp``), with the same bit
   the host: there a 0-d tensor op costs ~1 us of dispatch, and the ~200 of them cost
   more than the whole law in floats (~150 us vs ~25 us per step).
 
+On a GPU the ~200 tensor ops would be ~200 kernel launches per step (their dispatch
+alone is ~150 us on our CPU; both memory passes at 16M parameters take ~70 us on an H200
+by bandwidth). :func:`compiled_control_step`
+is the same function through ``torch.compile``: inductor fuses the law into one or a
+few kernels (measured on the CPU: 157 -> 33 us per call, bit-identical over 200 random
+steps with spikes and cycle closes).
+
 Bit-identity of the two is by construction (the same IEEE double operations in the same
 order; a scalar divided by a tensor is written ``k * (1.0 / x)``, which is what torch
 computes for ``k / x``) and is tested step by step.
@@ -43,8 +50,9 @@ positive f_0 and stays a "10 % worse" test when f_0 is negative (e.g. the saddle
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -461,6 +469,18 @@ def control_step(
         ]
     )
     return new_state, Decision(accept_f, alpha_new, back)
+
+
+@functools.cache
+def compiled_control_step() -> Callable[..., tuple[torch.Tensor, Decision]]:
+    """:func:`control_step` on :data:`TENSOR_MATH` through ``torch.compile`` (one per
+    process; compiled at its first call, again for another device or config).
+
+    The law is pure pointwise math on 0-d tensors, so it compiles as one graph
+    (``fullgraph=True``) into fused kernels: no host sync, capturable in a CUDA graph
+    once it has compiled (call it before capturing, as the warm-up steps do).
+    """
+    return torch.compile(control_step, fullgraph=True, dynamic=False)
 
 
 def close_cycle(state: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,11 @@ class ELRA(torch.optim.Optimizer):
             per step, no host sync on a GPU), so every replica takes the same accept /
             retrace decision on the same (DDP-averaged) gradient. Without it each rank's
             control law sees only its own loss and the replicas drift apart.
+        compile_control: run the control law through ``torch.compile`` (a few fused
+            kernels instead of ~200 tiny ops per step) where it runs on device tensors.
+            Default (None): True on CUDA. The first step compiles it (seconds); if
+            compiling fails, ELRA warns once and runs the law eagerly. Unused while
+            ``host_control`` is on (the CPU default: the law runs on Python floats).
 
     Use ``opt.step(loss)`` after ``loss.backward()``, or ``opt.step(closure)``.
     """
@@ -166,6 +171,7 @@ class ELRA(torch.optim.Optimizer):
         offload_chunk: int = DEFAULT_CHUNK,
         reuse_grad_buffer: bool = False,
         process_group: dist.ProcessGroup | None = None,
+        compile_control: bool | None = None,
     ) -> None:
         _check_wd(wd)
         _check_process_group(process_group)
@@ -239,6 +245,10 @@ class ELRA(torch.optim.Optimizer):
         #: what a GPU needs (no host sync, CUDA-graph capture). True on a GPU works but
         #: reads the values back every step.
         self.host_control = self._device.type == "cpu"
+        #: Run the device law through :func:`control.compiled_control_step`.
+        self.compile_control = (
+            self._device.type == "cuda" if compile_control is None else bool(compile_control)
+        )
 
     # ------------------------------------------------------------------ set-up
     def _first_param(self) -> torch.Tensor:
@@ -513,9 +523,24 @@ class ELRA(torch.optim.Optimizer):
         totals = torch.zeros(2, dtype=torch.float64, device=self._device)
         for partial in partials:
             totals += partial.to(self._device, non_blocking=True)
-        new_state, decision = control.control_step(
-            self._control, loss, totals[0], totals[1], self.config
-        )
+        args = (self._control, loss, totals[0], totals[1], self.config)
+        # Inside a torch.compile of the user's own step, dynamo traces the plain law.
+        if self.compile_control and not torch.compiler.is_compiling():
+            try:
+                new_state, decision = control.compiled_control_step()(*args)
+            except Exception as exc:  # any compiler failure: run the law eagerly
+                # Compiling happens before the law runs, and the law itself changes
+                # nothing in place: the eager call below starts from the same state.
+                self.compile_control = False
+                warnings.warn(
+                    f"ELRA: torch.compile of the control law failed ({type(exc).__name__}: "
+                    f"{exc}); running it eagerly (~200 small ops per step). Pass "
+                    "compile_control=False to skip the attempt.",
+                    stacklevel=4,
+                )
+                new_state, decision = control.control_step(*args)
+        else:
+            new_state, decision = control.control_step(*args)
         self._control.copy_(new_state)
         return decision
 

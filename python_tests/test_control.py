@@ -311,3 +311,25 @@ def test_float_math_matches_torch_on_special_values() -> None:
             ):
                 assert torch.equal(t(got), want) or (math.isnan(got) and want.isnan()), (a, b)
         assert torch.equal(t(fm.sqrt(a)), torch.sqrt(t(a))) or math.isnan(fm.sqrt(a))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ControlConfig(), ControlConfig(warmup_steps=40, warmup_min_step=0.1, step_crop=2.0)],
+    ids=["paper", "warmup_crop"],
+)
+def test_compiled_law_gives_the_eager_bits(config: ControlConfig) -> None:
+    """compiled_control_step (torch.compile, the GPU default) on the random inputs above:
+    every state entry and decision bit-identical to the eager tensor law."""
+    compiled = control.compiled_control_step()
+    gen = torch.Generator().manual_seed(11)
+    eager_state = compiled_state = control.initial_state(config, "cpu")
+    for index, (loss, grad_sq, dot) in enumerate(_random_inputs(gen, 200)):
+        new_e, dec_e = control.control_step(eager_state, t(loss), t(grad_sq), t(dot), config)
+        new_c, dec_c = compiled(compiled_state, t(loss), t(grad_sq), t(dot), config)
+        assert torch.equal(new_e, new_c), index
+        assert torch.equal(torch.stack(list(dec_e)), torch.stack(list(dec_c))), index
+        eager_state, compiled_state = new_e, new_c
+        if index % 25 == 24:
+            eager_state = control.close_cycle(eager_state)
+            compiled_state = control.close_cycle(compiled_state)

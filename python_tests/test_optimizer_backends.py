@@ -25,7 +25,7 @@ from _lockstep import (
     run_steps,
 )
 
-from elra_fused import ELRA, ops
+from elra_fused import ELRA, control, ops
 from elra_fused.flat import ParameterMovedError
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -64,22 +64,60 @@ def test_lockstep_against_float64_reference(backend: str, flat: bool) -> None:
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
 def test_host_control_is_bit_identical_to_the_device_law(flat: bool) -> None:
-    """On CPU the law runs on Python floats; the tensor-op law (what a GPU runs) takes
-    the same decisions and gives the same bits, retraces and NaN gradient included."""
+    """On CPU the law runs on Python floats; the tensor-op law (what a GPU runs), eager
+    and through torch.compile (the GPU default), takes the same decisions and gives the
+    same bits, retraces and NaN gradient included."""
     runs = []
-    for host in (True, False):
+    for host, compiled in ((True, False), (False, False), (False, True)):
         model = make_model()
-        opt = ELRA(model.parameters(), backend=BACKENDS[0], flat=flat, wd=0.999, cycle_steps=25)
+        opt = ELRA(
+            model.parameters(),
+            backend=BACKENDS[0],
+            flat=flat,
+            wd=0.999,
+            cycle_steps=25,
+            compile_control=compiled,
+        )
         assert opt.host_control  # the CPU default
         opt.host_control = host
         decisions = run_steps(opt, model, range(STEPS))
+        assert opt.compile_control == compiled  # compiled without falling back
         runs.append(
             (decisions, opt.control_state.clone(), [p.detach().clone() for p in model.parameters()])
         )
-    (d_host, c_host, p_host), (d_dev, c_dev, p_dev) = runs
-    assert d_host == d_dev and sum(d_host) >= 3
-    assert torch.equal(c_host, c_dev)
-    assert all(torch.equal(a, b) for a, b in zip(p_host, p_dev, strict=True))
+    (d_host, c_host, p_host), *device_runs = runs
+    assert sum(d_host) >= 3
+    for d_dev, c_dev, p_dev in device_runs:
+        assert d_host == d_dev
+        assert torch.equal(c_host, c_dev)
+        assert all(torch.equal(a, b) for a, b in zip(p_host, p_dev, strict=True))
+
+
+def test_compiled_law_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing torch.compile costs a warning, not the step: same results as eager."""
+
+    def broken_compile():
+        def law(*args):
+            raise RuntimeError("no compiler here")
+
+        return law
+
+    runs = []
+    for compiled in (False, True):
+        model = make_model()
+        opt = ELRA(model.parameters(), backend=BACKENDS[0], compile_control=compiled)
+        opt.host_control = False
+        if compiled:
+            monkeypatch.setattr(control, "compiled_control_step", broken_compile)
+            with pytest.warns(UserWarning, match="compile of the control law failed"):
+                decisions = run_steps(opt, model, range(1))
+            assert not opt.compile_control
+            decisions += run_steps(opt, model, range(1, 20))
+        else:
+            decisions = run_steps(opt, model, range(20))
+        runs.append((decisions, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
@@ -426,6 +464,7 @@ def test_cuda_step_has_no_sync(backend: str, flat: bool) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+    assert opt.compile_control  # the CUDA default: the law compiled, no eager fallback
 
 
 @pytest.mark.cuda
@@ -501,6 +540,7 @@ def test_cuda_graph_captures_a_training_step(backend: str) -> None:
     for g, e in zip(graph_model.parameters(), eager_model.parameters(), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert graphed.alpha == pytest.approx(eager.alpha, rel=1e-5)
+    assert graphed.compile_control and eager.compile_control  # compiled law in the graph
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
