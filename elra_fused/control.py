@@ -14,10 +14,10 @@ passes. It is evaluated in one of two number systems (``xp``), with the same bit
 
 On a GPU the ~200 tensor ops would be ~200 kernel launches per step (their dispatch
 alone is ~150 us on our CPU; both memory passes at 16M parameters take ~70 us on an H200
-by bandwidth). :func:`compiled_control_step`
-is the same function through ``torch.compile``: inductor fuses the law into one or a
-few kernels (measured on the CPU: 157 -> 33 us per call, bit-identical over 200 random
-steps with spikes and cycle closes).
+by bandwidth). :func:`compiled_control_step` is the same function through
+``torch.compile``: inductor fuses the law into one or a few kernels (measured on the
+CPU: 157 -> 33 us per call, bit-identical over 200 random steps with spikes and cycle
+closes).
 
 Bit-identity of the two is by construction (the same IEEE double operations in the same
 order; a scalar divided by a tensor is written ``k * (1.0 / x)``, which is what torch

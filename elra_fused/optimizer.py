@@ -64,10 +64,11 @@ def _step_entry(step: Callable[..., Any]) -> Callable[..., Any]:
 
     torch wraps every optimizer's step in a profiler range (``record_function``) and its
     hook loops. Right after a backward, when the CPU's caches are cold, that wrapper
-    measured ~80 us per step on 2 cores (``benchmarks/bench_step.py``, 1M parameters):
-    more than ELRA's own Python. This wrapper calls torch's own wrapper whenever a
-    profiler runs or any step hook is registered (global or on this optimizer), so
-    traces and hooks behave exactly as torch's; otherwise it calls the step directly,
+    measured ~40-80 us per step on 2 cores (an MLP of 1M parameters, as in
+    ``benchmarks/bench_step.py``), against a whole ELRA step of ~600 us. This wrapper
+    calls torch's own wrapper whenever a profiler runs or any step hook is registered
+    (global or on this optimizer), so traces and hooks behave exactly as torch's;
+    otherwise it calls the step directly,
     plus the bookkeeping torch does after every step (``_optimizer_step_code``).
     """
     torch_wrapped = torch.optim.Optimizer.profile_hook_step(step)
