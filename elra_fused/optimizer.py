@@ -68,8 +68,8 @@ def _step_entry(step: Callable[..., Any]) -> Callable[..., Any]:
     ``benchmarks/bench_step.py``), against a whole ELRA step of ~600 us. This wrapper
     calls torch's own wrapper whenever a profiler runs or any step hook is registered
     (global or on this optimizer), so traces and hooks behave exactly as torch's;
-    otherwise it calls the step directly,
-    plus the bookkeeping torch does after every step (``_optimizer_step_code``).
+    otherwise it calls the step directly, plus the bookkeeping torch does after every
+    step (``_optimizer_step_code``).
     """
     torch_wrapped = torch.optim.Optimizer.profile_hook_step(step)
 
