@@ -76,7 +76,8 @@ def _step_entry(step: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(step)
     def wrapper(self: ELRA, *args: Any, **kwargs: Any) -> Any:
         if (
-            torch._C._autograd._profiler_enabled()
+            torch.compiler.is_compiling()  # dynamo traces torch's wrapper, as before
+            or torch._C._autograd._profiler_enabled()
             or torch_optimizer._global_optimizer_pre_hooks
             or torch_optimizer._global_optimizer_post_hooks
             or self._optimizer_step_pre_hooks
