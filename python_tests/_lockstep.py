@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import socket
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -188,3 +189,10 @@ class Shadow:
                 torch.testing.assert_close(
                     theirs.detach().double(), mine.detach(), rtol=rtol, atol=atol
                 )
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address (for a gloo process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

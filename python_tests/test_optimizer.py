@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from _lockstep import no_host_reads
+from _lockstep import free_port, no_host_reads
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import elra_fused
@@ -336,8 +336,6 @@ def test_complex_and_integer_params_rejected() -> None:
 
 def test_sharded_dtensor_params_rejected() -> None:
     """FSDP / tensor-parallel parameters (DTensor) get a clear error, not a kernel's."""
-    import socket
-
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -345,9 +343,7 @@ def test_sharded_dtensor_params_rejected() -> None:
         from torch.distributed.tensor import Shard, distribute_tensor
     except ImportError:  # torch < 2.5
         from torch.distributed._tensor import Shard, distribute_tensor
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))

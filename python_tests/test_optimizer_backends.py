@@ -21,6 +21,7 @@ from _lockstep import (
     assert_round_trip,
     data,
     forward_backward,
+    free_port,
     make_model,
     run_steps,
 )
@@ -608,22 +609,12 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_with_process_group_keeps_replicas_identical(tmp_path) -> None:
     """With process_group the ranks average f_t: a spike seen by one rank makes both
     retrace, the replicas stay bit-identical, and the run equals one process stepping on
     the whole batch (loss and gradient averaged over the two shards). Without it the
     ranks decide apart and drift (and the optimizer warned)."""
-    torch.multiprocessing.spawn(
-        _ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True
-    )
+    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
     # One process, whole batch: gradient of the mean of the shard losses, as DDP averages.
