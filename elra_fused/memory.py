@@ -145,15 +145,16 @@ class GradPrevList:
     * by reference (``keep_reference=True``, G_{t-1} has the parameters' dtype): after an
       accept the gradient tensor G_t itself becomes G_{t-1} (``update_swap_list_``: the
       pass reads x and G and writes only x); a retrace copies G_{t-1} into it first, so
-      the new reference again holds G_{t-1}. The optimizer re-points the state entries
-      and records each tensor's version counter: an in-place change of that tensor
-      before the next step (``zero_grad(set_to_none=False)`` elsewhere, gradients
-      accumulated across steps) is detected instead of silently corrupting G_{t-1}.
+      the new reference again holds G_{t-1}. The state entries are re-pointed and each
+      tensor's version counter is recorded in ``versions`` (the optimizer's, keyed by
+      parameter): an in-place change of that tensor before the next step
+      (``zero_grad(set_to_none=False)`` elsewhere, gradients accumulated across steps)
+      is detected instead of silently corrupting G_{t-1}.
       While a CUDA graph is captured the copying pass is used (a replay cannot re-point
       Python references).
     * by copy (a compact ``state_dtype``, or gradients that are views into another
       buffer, e.g. DDP's ``gradient_as_bucket_view=True``): ``update_list_`` writes G_t
-      into the state.
+      into the state (whose versions are recorded the same way).
     """
 
     state_key = GRAD_PREV_KEY
@@ -163,10 +164,12 @@ class GradPrevList:
         prevs: list[torch.Tensor],
         param_states: list[dict[str, Any]],
         keep_reference: bool,
+        versions: dict[torch.Tensor, int],
     ) -> None:
         self.prevs = prevs
         self.param_states = param_states
         self.keep_reference = keep_reference
+        self.versions = versions
         self.retired: list[torch.Tensor] = []
 
     def dots(
@@ -185,12 +188,16 @@ class GradPrevList:
         grad: list[torch.Tensor],
         coeffs: torch.Tensor,
     ) -> None:
+        versions = self.versions
         if not self.keep_reference or _capturing(x[0].device):
             kernels.update_list_(x, grad, self.prevs, coeffs)
+            for param, grad_prev in zip(x, self.prevs, strict=True):
+                versions[param] = grad_prev._version
             return
         kernels.update_swap_list_(x, grad, self.prevs, coeffs)
-        for state, grad_now in zip(self.param_states, grad, strict=True):
+        for param, state, grad_now in zip(x, self.param_states, grad, strict=True):
             state[GRAD_PREV_KEY] = grad_now
+            versions[param] = grad_now._version
         # The replaced G_{t-1} tensors stay alive until the optimizer lets them go (in
         # zero_grad, where torch's optimizers free gradients): releasing large tensors
         # costs time (the allocator returns the pages), which belongs to zero_grad.

@@ -481,7 +481,10 @@ class ELRA(torch.optim.Optimizer):
             store.update_(kernels, x, grad, update_coeffs[key])
         work.finish(decision)
         if not self.flat:
-            self._record_prev_versions(work)
+            # The stores recorded the versions of the G_{t-1} they updated; finish() just
+            # wrote those of the parameters without gradient.
+            for param, grad_prev in work.without_grad:
+                self._prev_versions[param] = grad_prev._version
             self._retired = [t for _, _, store, _, _ in work.segments for t in store.retired]
 
         self._steps_in_cycle += 1
@@ -507,8 +510,10 @@ class ELRA(torch.optim.Optimizer):
                 part_sq, part_dot = partial.tolist()
                 grad_sq += part_sq
                 grad_dot_prev += part_dot
-            on_host = self._control.device.type == "cpu"  # else: set by hand, syncs
-            state_view = self._control.numpy() if on_host else self._control.cpu().numpy()
+            # On the CPU .cpu() is the tensor itself; host_control set on a GPU reads and
+            # writes back a copy.
+            host_state = self._control.cpu()
+            state_view = host_state.numpy()
             state, decision = control.control_step(
                 state_view.tolist(),
                 loss,
@@ -517,10 +522,9 @@ class ELRA(torch.optim.Optimizer):
                 self.config,
                 control.FLOAT_MATH,
             )
-            if on_host:
-                state_view[:] = state
-            else:
-                self._control.copy_(torch.tensor(state, dtype=torch.float64))
+            state_view[:] = state
+            if host_state is not self._control:
+                self._control.copy_(host_state)
             return decision
         totals = torch.zeros(2, dtype=torch.float64, device=self._device)
         for partial in partials:
@@ -554,6 +558,7 @@ class ELRA(torch.optim.Optimizer):
                 "ELRA.step needs the loss: call opt.step(loss) after loss.backward(), or "
                 "opt.step(closure) with a closure that returns the loss"
             )
+        reduce = self.process_group is not None
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(
@@ -562,24 +567,24 @@ class ELRA(torch.optim.Optimizer):
                 )
             if loss.is_complex():
                 raise TypeError("ELRA.step: the loss must be real, got a complex tensor")
-            if self.process_group is not None:
-                # A copy: all_reduce works in place and the caller's loss stays as it is.
-                value = loss.detach().reshape(()).to(self._device, torch.float64, copy=True)
-                return self._mean_over_group(value)
-            if self.host_control:
+            if self.host_control and not reduce:
                 return float(loss.item())  # fp64, like the tensor path (exact for float dtypes)
-            return loss.detach().reshape(()).to(self._device, torch.float64, non_blocking=True)
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            # A copy when reducing: all_reduce works in place on what it is given.
+            value = (
+                loss.detach()
+                .reshape(())
+                .to(self._device, torch.float64, non_blocking=True, copy=reduce)
+            )
+        elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
             raise TypeError(
                 f"ELRA.step: the loss must be a 0-d tensor, a number or a closure, "
                 f"got {type(loss).__name__}"
             )
-        if self.process_group is not None:
-            value = torch.tensor(float(loss), dtype=torch.float64, device=self._device)
-            return self._mean_over_group(value)
-        if self.host_control:
+        elif self.host_control and not reduce:
             return float(loss)
-        return torch.tensor(float(loss), dtype=torch.float64, device=self._device)
+        else:
+            value = torch.tensor(float(loss), dtype=torch.float64, device=self._device)
+        return self._mean_over_group(value) if reduce else value
 
     def _mean_over_group(self, value: torch.Tensor) -> float | torch.Tensor:
         """The mean of ``value`` (0-d fp64, ours to overwrite) over ``process_group``.
@@ -650,7 +655,12 @@ class ELRA(torch.optim.Optimizer):
                     segment = segments[(device, wd)] = _ListSegment()
                 segment.add(param, grad, grad_prev, state)
         for (device, wd), segment in segments.items():
-            store = GradPrevList(segment.prevs, segment.states, keep_reference=segment.by_reference)
+            store = GradPrevList(
+                segment.prevs,
+                segment.states,
+                keep_reference=segment.by_reference,
+                versions=self._prev_versions,
+            )
             work.segments.append((segment.xs, segment.grads, store, wd, device))
         return work
 
@@ -665,15 +675,6 @@ class ELRA(torch.optim.Optimizer):
             f"ELRA: {name} now has dtype {param.dtype}, which backend {self.backend!r} does "
             "not support (float32, bfloat16, float16)"
         )
-
-    def _record_prev_versions(self, work: _StepWork) -> None:
-        """Remember the version of every G_{t-1} as this step leaves it."""
-        versions = self._prev_versions
-        for params, _, store, _, _ in work.segments:
-            for param, grad_prev in zip(params, store.prevs, strict=True):
-                versions[param] = grad_prev._version
-        for param, grad_prev in work.without_grad:
-            versions[param] = grad_prev._version
 
     def _flat_work(self) -> _StepWork:
         """One segment per flat buffer; grad-less parameters keep their value."""
