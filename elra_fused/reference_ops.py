@@ -2,8 +2,10 @@
 
 The optimizer's per-step work is two vector passes over the parameters (DESIGN.md,
 "Kernels"). These functions define those passes exactly, in float64 math, for one
-(flat or not) tensor at a time. Fused backends (``cpp``, ``triton``) implement the same
-four functions with the same arguments and must agree with these to dtype tolerance.
+(flat or not) tensor at a time, plus their tensor-list forms (one tensor per parameter).
+Fused backends (``cpp``, ``triton``) implement every op of
+:data:`elra_fused.ops.OP_NAMES` with the same arguments and must agree with these to dtype
+tolerance.
 
 Coefficient tensors are small float64 device tensors so that no Python float ever has
 to be read back from the device (the control law writes them, the kernels read them).
@@ -37,6 +39,8 @@ catastrophically in float32.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -121,3 +125,38 @@ def update_recover_(
     accept = c[COEF_ACCEPT] != 0
     direction = c[COEF_DECAY] * xpd - xd  # = alpha_{t-1} G_{t-1}
     _write([(x, _stepped_x(c, xd, gd, direction)), (x_prev, torch.where(accept, xd, xpd))])
+
+
+# --------------------------------------------------------------------------------------
+# Tensor lists (per-parameter layout): the single-tensor op applied to element i of every
+# list. The per-tensor dot products are added in list order, one float64 addition after
+# another, which is the order every backend promises (so sums are reproducible).
+# --------------------------------------------------------------------------------------
+def dots_list(grad: Sequence[torch.Tensor], grad_prev: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i dots(grad[i], grad_prev[i])``, added in list order."""
+    total = dots(grad[0], grad_prev[0])
+    for g, gp in zip(grad[1:], grad_prev[1:], strict=True):
+        total = total + dots(g, gp)
+    return total
+
+
+def update_list_(
+    x: Sequence[torch.Tensor],
+    grad: Sequence[torch.Tensor],
+    grad_prev: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+) -> None:
+    """:func:`update_` on every element; one coefficient tensor for the whole list."""
+    for row in zip(x, grad, grad_prev, strict=True):
+        update_(*row, coeffs)
+
+
+def update_swap_list_(
+    x: Sequence[torch.Tensor],
+    grad: Sequence[torch.Tensor],
+    grad_prev: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+) -> None:
+    """:func:`update_swap_` on every element; one coefficient tensor for the whole list."""
+    for row in zip(x, grad, grad_prev, strict=True):
+        update_swap_(*row, coeffs)
