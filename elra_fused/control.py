@@ -51,12 +51,30 @@ positive f_0 and stays a "10 % worse" test when f_0 is negative (e.g. the saddle
 from __future__ import annotations
 
 import functools
-import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
+
+from .control_math import FLOAT_MATH, TENSOR_MATH, FloatMath, Math, TensorMath, all_finite
+
+__all__ = [
+    "FLOAT_MATH",
+    "TENSOR_MATH",
+    "ControlConfig",
+    "ControlRunner",
+    "Decision",
+    "FloatMath",
+    "Math",
+    "TensorMath",
+    "all_finite",
+    "close_cycle",
+    "control_step",
+    "initial_state",
+]
 
 # ---------------------------------------------------------------------------------------
 # Paper constants (defaults of the constructor arguments).
@@ -183,113 +201,6 @@ class Decision(NamedTuple):
     accept: Any
     alpha: Any
     back: Any
-
-
-class TensorMath:
-    """The law's operations on 0-d float64 tensors: sync-free, graph-capturable."""
-
-    where = staticmethod(torch.where)
-    minimum = staticmethod(torch.minimum)
-    maximum = staticmethod(torch.maximum)
-    sqrt = staticmethod(torch.sqrt)
-
-    @staticmethod
-    def clamp(x: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
-        return torch.clamp(x, min=lo, max=hi)
-
-    @staticmethod
-    def div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a / b
-
-    @staticmethod
-    def logical_not(c: torch.Tensor) -> torch.Tensor:
-        return ~c
-
-    @staticmethod
-    def as_float(c: torch.Tensor) -> torch.Tensor:
-        return c.to(torch.float64)
-
-    @staticmethod
-    def unpack(state: torch.Tensor) -> Sequence[torch.Tensor]:
-        return state.unbind()  # one op instead of one select per entry read
-
-    @staticmethod
-    def pack(values: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(values)
-
-
-class FloatMath:
-    """The same operations on Python floats, with torch's results for NaN and infinities
-    (``min``/``max`` would drop a NaN; ``/`` would raise on a zero divisor)."""
-
-    @staticmethod
-    def where(cond: bool, a: float, b: float) -> float:
-        return a if cond else b
-
-    @staticmethod
-    def minimum(a: float, b: float) -> float:
-        return a if (a != a or a < b) else b  # a != a: a is NaN
-
-    @staticmethod
-    def maximum(a: float, b: float) -> float:
-        return a if (a != a or a > b) else b
-
-    @staticmethod
-    def sqrt(x: float) -> float:
-        return math.sqrt(x) if x >= 0.0 else math.nan  # NaN (and a negative) -> NaN
-
-    @staticmethod
-    def clamp(x: float, lo: float | None = None, hi: float | None = None) -> float:
-        if lo is not None and x < lo:  # NaN compares False and stays NaN
-            x = lo
-        if hi is not None and x > hi:
-            x = hi
-        return x
-
-    @staticmethod
-    def div(a: float, b: float) -> float:
-        try:
-            return a / b
-        except ZeroDivisionError:  # IEEE: +-inf, or NaN for 0/0 and NaN/0
-            if a != a or a == 0.0:
-                return math.nan
-            return math.copysign(math.inf, a) * math.copysign(1.0, b)
-
-    @staticmethod
-    def logical_not(c: bool) -> bool:
-        return not c
-
-    @staticmethod
-    def as_float(c: bool) -> float:
-        return 1.0 if c else 0.0
-
-    @staticmethod
-    def unpack(state: Sequence[float]) -> Sequence[float]:
-        return state
-
-    @staticmethod
-    def pack(values: list[float]) -> list[float]:
-        return values
-
-
-#: The two number systems the law runs in (see the module docstring).
-TENSOR_MATH = TensorMath()
-FLOAT_MATH = FloatMath()
-Math = TensorMath | FloatMath
-
-
-def all_finite(*values: Any) -> Any:
-    """Bool: are all ``values`` finite?
-
-    ``v * 0`` is 0 for a finite v and NaN for +-inf or NaN, and a sum of zeros stays 0 (it
-    cannot overflow), so one comparison tests them all: a handful of tiny ops instead of
-    four per ``torch.isfinite`` -- the law runs every step and tiny ops are its cost. The
-    same expression works on tensors and on floats.
-    """
-    zeros = values[0] * 0.0
-    for value in values[1:]:
-        zeros = zeros + value * 0.0
-    return zeros == 0.0
 
 
 def kappa(alpha: Any, gain: float) -> Any:
@@ -502,3 +413,112 @@ def close_cycle(state: torch.Tensor) -> torch.Tensor:
     new_state[CYCLE_SUM] = 0.0
     new_state[CYCLE_SUMSQ] = 0.0
     return new_state
+
+
+# ---------------------------------------------------------------------------------------
+# The runner: where and how the law runs each step.
+# ---------------------------------------------------------------------------------------
+class ControlRunner:
+    """Owns the packed control state and runs the law once per step where it is cheapest.
+
+    * ``host=True`` (the CPU default): :func:`control_step` on Python floats
+      (:data:`FLOAT_MATH`, same bits as the tensor law). On the CPU the device is the
+      host, so reading the values syncs nothing, and the law costs a few us instead of
+      ~150 us of tiny tensor ops. Set on a GPU it works but reads the state back every
+      step.
+    * ``host=False, compiled=True`` (the CUDA default): :func:`compiled_control_step`,
+      a few fused kernels; a compiler failure warns once and falls back to eager.
+    * ``host=False, compiled=False``: the law as ~200 eager 0-d tensor ops.
+
+    The device paths never read a value back to the host (CUDA-graph capturable).
+    """
+
+    def __init__(
+        self, config: ControlConfig, device: torch.device, *, host: bool, compiled: bool
+    ) -> None:
+        self.config = config
+        self.state = initial_state(config, device)
+        self.host = host
+        self.compiled = compiled
+
+    def alpha_prev(self) -> float | torch.Tensor:
+        """alpha_{t-1} (read before :meth:`step` commits): a float with ``host``, else a
+        0-d device tensor (a copy, no host read)."""
+        if self.host:
+            return float(self.state.cpu()[ALPHA])
+        return self.state[ALPHA].clone()
+
+    def loss_value(self, loss: torch.Tensor | float, group: Any = None) -> float | torch.Tensor:
+        """f_t as the law takes it: a Python float with ``host``, else a 0-d fp64 tensor on
+        the state's device (no host read). With a process ``group`` (data parallel) it is
+        the mean over the group: every rank receives the same sum and divides it by the
+        same count, so all take bit-identical decisions, and a non-finite loss on any
+        rank makes every rank retrace. ``loss`` has passed :func:`checks.check_loss`."""
+        device = self.state.device
+        if group is None and self.host:
+            return float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss)
+        if isinstance(loss, torch.Tensor):
+            # A copy when reducing: all_reduce works in place on what it is given.
+            value = (
+                loss.detach()
+                .reshape(())
+                .to(device, torch.float64, non_blocking=True, copy=group is not None)
+            )
+        else:
+            value = torch.tensor(float(loss), dtype=torch.float64, device=device)
+        if group is None:
+            return value
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        value /= dist.get_world_size(group)
+        return float(value.item()) if self.host else value
+
+    def step(self, loss: float | torch.Tensor, partials: Sequence[torch.Tensor]) -> Decision:
+        """Sum the segments' [||G_t||^2, <G_t, G_{t-1}>] (in segment order, from zero, in
+        fp64), run the law and commit the new state. The decision comes as 0-d device
+        tensors, or as floats with ``host``."""
+        if self.host:
+            grad_sq = grad_dot_prev = 0.0
+            for partial in partials:
+                part_sq, part_dot = partial.tolist()
+                grad_sq += part_sq
+                grad_dot_prev += part_dot
+            # The state goes in and out through a numpy view (one call each way: this
+            # runs right after backward, when the CPU's caches are cold and every torch
+            # call costs several us). On the CPU .cpu() is the tensor itself; on a GPU
+            # it is a copy, written back below.
+            host_state = self.state.cpu()
+            state_view = host_state.numpy()
+            state, decision = control_step(
+                state_view.tolist(), loss, grad_sq, grad_dot_prev, self.config, FLOAT_MATH
+            )
+            state_view[:] = state
+            if host_state is not self.state:
+                self.state.copy_(host_state)
+            return decision
+        totals = torch.zeros(2, dtype=torch.float64, device=self.state.device)
+        for partial in partials:
+            totals += partial.to(self.state.device, non_blocking=True)
+        args = (self.state, loss, totals[0], totals[1], self.config)
+        # Inside a torch.compile of the user's own step, dynamo traces the plain law.
+        if self.compiled and not torch.compiler.is_compiling():
+            try:
+                new_state, decision = compiled_control_step()(*args)
+            except Exception as exc:  # any compiler failure: run the law eagerly
+                # Compiling happens before the law runs, and the law itself changes
+                # nothing in place: the eager call below starts from the same state.
+                self.compiled = False
+                warnings.warn(
+                    f"ELRA: torch.compile of the control law failed ({type(exc).__name__}: "
+                    f"{exc}); running it eagerly (~200 small ops per step). Pass "
+                    "compile_control=False to skip the attempt.",
+                    stacklevel=6,  # the user's opt.step call
+                )
+                new_state, decision = control_step(*args)
+        else:
+            new_state, decision = control_step(*args)
+        self.state.copy_(new_state)
+        return decision
+
+    def close_cycle(self) -> None:
+        """End the current control cycle (no host read)."""
+        self.state.copy_(close_cycle(self.state))

@@ -32,19 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import ParameterMovedError, check_grad
 
-def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Reject gradients ELRA cannot use, naming the parameter; changes nothing."""
-    if grad.is_sparse:
-        raise ValueError(f"ELRA: {name} has a sparse gradient; ELRA needs dense gradients")
-    if grad.is_complex():
-        raise ValueError(f"ELRA: {name} has a complex gradient; ELRA supports real parameters only")
-    if grad.shape != param.shape:
-        raise ValueError(f"ELRA: {name} has a gradient of shape {tuple(grad.shape)}")
-
-
-class ParameterMovedError(RuntimeError):
-    """A parameter no longer lives in the flat buffer the optimizer updates."""
+__all__ = ["FlatBuffer", "ParameterMovedError", "build_flat_buffers"]
 
 
 @dataclass

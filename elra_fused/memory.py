@@ -11,11 +11,12 @@ that, one extra vector each at most (Adam keeps two):
   the difference of two large dot products, which cancels catastrophically in float32.
   A retrace moves x back along that recovered direction. After a retrace x_{t-1} stays
   and alpha_{t-1} becomes the retrace's alpha, so the relation keeps holding.
-* ``"offload"``: like recover, with x_{t-1} in (pinned) host memory, streamed through
-  two device chunks (:class:`elra_fused.offload.OffloadedPrev`).
+* ``"offload"``: like recover, with x_{t-1} in (pinned) host memory, streamed in chunks
+  (:class:`elra_fused.offload.OffloadedPrev`).
 
-Every store has the same two methods, called once per flat buffer (or parameter) per
-step: ``dots(kernels, x, grad, coeffs)`` and ``update_(kernels, x, grad, coeffs)``.
+Every store implements :class:`PrevStore`: it builds its own kernel coefficients from the
+step's values (a point store divides by alpha_{t-1}), so the functional core
+(:mod:`elra_fused.core`) runs every mode the same way.
 
 ``reuse_grad_buffer=True`` (standard mode, :class:`SwapGradPrevStore`) makes G_t become
 G_{t-1} by swapping the roles of the gradient and G_{t-1} buffers instead of copying:
@@ -26,35 +27,142 @@ recycled buffer, whose values are stale until the next ``zero_grad()``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
+from .checks import MEMORY_MODES
+from .control import Decision
 from .flat import FlatBuffer
 from .ops import KernelSet
 
-MEMORY_MODES = ("standard", "recover", "offload")
+__all__ = [
+    "GRAD_PREV_KEY",
+    "MEMORY_MODES",
+    "POINT_MODES",
+    "X_PREV_KEY",
+    "GradPrevList",
+    "GradPrevStore",
+    "PointPrevStore",
+    "PrevStore",
+    "SwapGradPrevStore",
+    "coefficient_tensor",
+]
+
 #: Modes that keep the previous point x_{t-1} rather than the previous gradient.
 POINT_MODES = ("recover", "offload")
 #: Per-parameter state key of each kind of store (what state_dict() holds).
 GRAD_PREV_KEY = "grad_prev"
 X_PREV_KEY = "x_prev"
 
+Scalar = float | torch.Tensor
 
-class GradPrevStore:
-    """G_{t-1} kept as a tensor on the parameters' device (``memory="standard"``)."""
 
+class PrevStore(Protocol):
+    """What the functional core needs of a previous-step store.
+
+    ``x`` and ``grad`` are one flat buffer each, or (per-parameter layout) lists of the
+    parameters' own tensors. Coefficient tensors are shared by every store of the same
+    ``coeff_kind``, ``wd`` and device in one step (the core caches them).
+    """
+
+    #: Key of the per-parameter state entry the store keeps (what state_dict() holds).
+    state_key: str
+    #: Stores of one kind build the same coefficients from the same (wd, device).
+    coeff_kind: str
+    #: Whether the coefficients need alpha_{t-1} (read before the control law runs).
+    needs_alpha_prev: bool
+
+    def dots_coeffs(
+        self, wd: float, alpha_prev: Scalar | None, device: torch.device
+    ) -> torch.Tensor | None: ...
+
+    def update_coeffs(
+        self, decision: Decision, wd: float, alpha_prev: Scalar | None, device: torch.device
+    ) -> torch.Tensor: ...
+
+    def dots(
+        self, kernels: KernelSet, x: Any, grad: Any, coeffs: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+    def update_(self, kernels: KernelSet, x: Any, grad: Any, coeffs: torch.Tensor) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+def coefficient_tensor(values: Sequence[Scalar], device: torch.device) -> torch.Tensor:
+    """``values`` as one float64 coefficient vector on ``device``, without a host read.
+
+    Floats (the host-side control law) become one small host tensor, copied once to a
+    non-CPU device; 0-d device tensors (the device law) are stacked where they are.
+    """
+    anchor = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    if anchor is None:
+        host = torch.tensor(values, dtype=torch.float64)
+        return host if device.type == "cpu" else host.to(device, non_blocking=True)
+    stacked = torch.stack(
+        [v if isinstance(v, torch.Tensor) else torch.full_like(anchor, v) for v in values]
+    )
+    return stacked.to(device, non_blocking=True)
+
+
+class GradCoefficients:
+    """Coefficients of the stores that keep G_{t-1}: the update pass takes
+    ``[accept, decay, step, back]`` with back = alpha_{t-1} - alpha_t along G_{t-1}."""
+
+    __slots__ = ()
     state_key = GRAD_PREV_KEY
+    coeff_kind = "grad"
+    needs_alpha_prev = False
+
+    def dots_coeffs(
+        self, wd: float, alpha_prev: Scalar | None, device: torch.device
+    ) -> torch.Tensor | None:
+        return None  # dots(G_t, G_{t-1}) needs none
+
+    def update_coeffs(
+        self, decision: Decision, wd: float, alpha_prev: Scalar | None, device: torch.device
+    ) -> torch.Tensor:
+        return coefficient_tensor([decision.accept, wd, decision.alpha, decision.back], device)
+
+    def synchronize(self) -> None:
+        """Nothing in flight: the tensors are always current."""
+
+
+class PointCoefficients:
+    """Coefficients of the stores that keep x_{t-1} (memory "recover" / "offload").
+
+    dots: ``[wd, 1 / alpha_{t-1}]`` to recover G_{t-1} = (wd x_{t-1} - x_t) / alpha_{t-1}
+    per element. update: a retrace steps along (wd x_{t-1} - x_t) = alpha_{t-1} G_{t-1},
+    so its back coefficient is (alpha_{t-1} - alpha_t) / alpha_{t-1}.
+    """
+
+    state_key = X_PREV_KEY
+    coeff_kind = "point"
+    needs_alpha_prev = True
+
+    def dots_coeffs(self, wd: float, alpha_prev: Scalar, device: torch.device) -> torch.Tensor:
+        return coefficient_tensor([wd, 1.0 / alpha_prev], device)
+
+    def update_coeffs(
+        self, decision: Decision, wd: float, alpha_prev: Scalar, device: torch.device
+    ) -> torch.Tensor:
+        back = decision.back / alpha_prev
+        return coefficient_tensor([decision.accept, wd, decision.alpha, back], device)
+
+    def synchronize(self) -> None:
+        """Nothing in flight: the tensor is always current."""
+
+
+class GradPrevStore(GradCoefficients):
+    """G_{t-1} of one flat buffer, on the parameters' device (``memory="standard"``)."""
 
     def __init__(self, grad_prev: torch.Tensor) -> None:
         self.tensor = grad_prev
 
     def dots(
-        self,
-        kernels: KernelSet,
-        x: torch.Tensor,
-        grad: torch.Tensor,
-        coeffs: torch.Tensor | None,
+        self, kernels: KernelSet, x: torch.Tensor, grad: torch.Tensor, coeffs: None
     ) -> torch.Tensor:
         return kernels.dots(grad, self.tensor)
 
@@ -63,14 +171,9 @@ class GradPrevStore:
     ) -> None:
         kernels.update_(x, grad, self.tensor, coeffs)
 
-    def synchronize(self) -> None:
-        """Nothing in flight: the tensor is always current."""
 
-
-class PointPrevStore:
-    """x_{t-1} kept on the parameters' device (``memory="recover"``)."""
-
-    state_key = X_PREV_KEY
+class PointPrevStore(PointCoefficients):
+    """x_{t-1} of one flat buffer, on the parameters' device (``memory="recover"``)."""
 
     def __init__(self, x_prev: torch.Tensor) -> None:
         self.tensor = x_prev
@@ -84,9 +187,6 @@ class PointPrevStore:
         self, kernels: KernelSet, x: torch.Tensor, grad: torch.Tensor, coeffs: torch.Tensor
     ) -> None:
         kernels.update_recover_(x, grad, self.tensor, coeffs)
-
-    def synchronize(self) -> None:
-        """Nothing in flight: the tensor is always current."""
 
 
 def _capturing(device: torch.device) -> bool:
@@ -110,6 +210,8 @@ class SwapGradPrevStore(GradPrevStore):
     ) -> None:
         super().__init__(grad_prev)
         self.buffer = buffer
+        #: The optimizer's state entry of each parameter (replaced by load_state_dict,
+        #: which hands the new ones over through :meth:`FlatLayout.load_state`).
         self.param_states = param_states
         count = len(buffer.params)
         self._views = {
@@ -135,49 +237,53 @@ class SwapGradPrevStore(GradPrevStore):
             state[GRAD_PREV_KEY] = prev_view
 
 
-class GradPrevList:
-    """G_{t-1} of each parameter in the per-parameter layout (``flat=False``).
+class GradPrevList(GradCoefficients):
+    """G_{t-1} of each parameter of one (device, wd) segment of the per-parameter layout.
 
-    One instance per (device, wd) segment of a step; ``x`` and ``grad`` are lists of the
-    parameters' own tensors (autograd's gradients: nothing is zero-filled or copied into
-    a buffer). Two ways to keep G_{t-1}:
+    Built anew each step by :class:`elra_fused.layouts.ListLayout` (:meth:`add` per
+    parameter with a gradient): ``xs`` and ``grads`` are the parameters' own tensors
+    (autograd's gradients: nothing is zero-filled or copied into a buffer). Two ways to
+    keep G_{t-1}:
 
-    * by reference (``keep_reference=True``, G_{t-1} has the parameters' dtype): after an
-      accept the gradient tensor G_t itself becomes G_{t-1} (``update_swap_list_``: the
-      pass reads x and G and writes only x); a retrace copies G_{t-1} into it first, so
-      the new reference again holds G_{t-1}. The state entries are re-pointed and each
-      tensor's version counter is recorded in ``versions`` (the optimizer's, keyed by
-      parameter): an in-place change of that tensor before the next step
-      (``zero_grad(set_to_none=False)`` elsewhere, gradients accumulated across steps)
-      is detected instead of silently corrupting G_{t-1}.
-      While a CUDA graph is captured the copying pass is used (a replay cannot re-point
-      Python references).
+    * by reference (G_{t-1} has the parameters' dtype and every gradient owns its memory):
+      after an accept the gradient tensor G_t itself becomes G_{t-1}
+      (``update_swap_list_``: the pass reads x and G and writes only x); a retrace copies
+      G_{t-1} into it first, so the new reference again holds G_{t-1}. The state entries
+      are re-pointed and each tensor's version counter is recorded in ``versions`` (the
+      layout's, keyed by parameter): an in-place change of that tensor before the next
+      step (``zero_grad(set_to_none=False)`` elsewhere, gradients accumulated across
+      steps) is detected instead of silently corrupting G_{t-1}. While a CUDA graph is
+      captured the copying pass is used (a replay cannot re-point Python references).
     * by copy (a compact ``state_dtype``, or gradients that are views into another
-      buffer, e.g. DDP's ``gradient_as_bucket_view=True``): ``update_list_`` writes G_t
-      into the state (whose versions are recorded the same way).
+      buffer, e.g. DDP's ``gradient_as_bucket_view=True``, which the next backward
+      rewrites in place): ``update_list_`` writes G_t into the state (whose versions are
+      recorded the same way).
     """
 
-    state_key = GRAD_PREV_KEY
+    __slots__ = ("xs", "grads", "prevs", "param_states", "by_reference", "versions", "retired")
 
-    def __init__(
-        self,
-        prevs: list[torch.Tensor],
-        param_states: list[dict[str, Any]],
-        keep_reference: bool,
-        versions: dict[torch.Tensor, int],
-    ) -> None:
-        self.prevs = prevs
-        self.param_states = param_states
-        self.keep_reference = keep_reference
+    def __init__(self, versions: dict[torch.Tensor, int]) -> None:
+        self.xs: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.prevs: list[torch.Tensor] = []
+        self.param_states: list[dict[str, Any]] = []
+        self.by_reference = True
         self.versions = versions
+        #: The G_{t-1} tensors this step replaced (released by the layout's zero_grad).
         self.retired: list[torch.Tensor] = []
 
+    def add(
+        self, x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, state: dict[str, Any]
+    ) -> None:
+        self.xs.append(x)
+        self.grads.append(grad)
+        self.prevs.append(grad_prev)
+        self.param_states.append(state)
+        if grad_prev.dtype != grad.dtype or grad._base is not None:
+            self.by_reference = False
+
     def dots(
-        self,
-        kernels: KernelSet,
-        x: list[torch.Tensor],
-        grad: list[torch.Tensor],
-        coeffs: torch.Tensor | None,
+        self, kernels: KernelSet, x: list[torch.Tensor], grad: list[torch.Tensor], coeffs: None
     ) -> torch.Tensor:
         return kernels.dots_list(grad, self.prevs)
 
@@ -189,7 +295,7 @@ class GradPrevList:
         coeffs: torch.Tensor,
     ) -> None:
         versions = self.versions
-        if not self.keep_reference or _capturing(x[0].device):
+        if not self.by_reference or _capturing(x[0].device):
             kernels.update_list_(x, grad, self.prevs, coeffs)
             for param, grad_prev in zip(x, self.prevs, strict=True):
                 versions[param] = grad_prev._version
@@ -202,6 +308,3 @@ class GradPrevList:
         # zero_grad, where torch's optimizers free gradients): releasing large tensors
         # costs time (the allocator returns the pages), which belongs to zero_grad.
         self.retired, self.prevs = self.prevs, list(grad)
-
-    def synchronize(self) -> None:
-        """Nothing in flight: the tensors are always current."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .memory import X_PREV_KEY
+from .memory import PointCoefficients
 from .ops import KernelSet
 
 #: Default staging chunk: 256 Ki elements (1 MiB in fp32): large enough that each copy
@@ -41,10 +41,8 @@ DEFAULT_CHUNK = 1 << 18
 STAGING_SLOTS = 2
 
 
-class OffloadedPrev:
+class OffloadedPrev(PointCoefficients):
     """x_{t-1} of one flat buffer in host memory, streamed through two staging chunks."""
-
-    state_key = X_PREV_KEY
 
     def __init__(self, x: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> None:
         if not (isinstance(chunk, int) and chunk > 0):

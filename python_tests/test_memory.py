@@ -93,7 +93,7 @@ def test_param_groups_and_dtypes(memory: str) -> None:
         memory=memory,
         offload_chunk=ODD_CHUNK,
     )
-    assert sorted(str(b.data.dtype) for b in opt._buffers) == ["torch.float16", "torch.float32"]
+    assert sorted(str(b.data.dtype) for b in opt.layout.buffers) == ["torch.float16", "torch.float32"]
     shadow = Shadow(opt)
     inputs, target = data()
     for step_index in range(40):
@@ -121,7 +121,7 @@ def test_switching_between_point_modes_on_load_works() -> None:
         opt.step(forward_backward(model, inputs, target, step_index))
     other = build(make_model(seed=2), "offload")
     other.load_state_dict(opt.state_dict())
-    assert torch.equal(other._stores[0].tensor, opt._stores[0].tensor)
+    assert torch.equal(other.layout.stores[0].tensor, opt.layout.stores[0].tensor)
 
 
 @pytest.mark.parametrize(("saved", "loading"), [("standard", "recover"), ("offload", "standard")])
@@ -153,7 +153,7 @@ def test_bad_memory_arguments() -> None:
 def test_offload_keeps_x_prev_on_the_host() -> None:
     model = make_model()
     opt = build(model, "offload")
-    store = opt._stores[0]
+    store = opt.layout.stores[0]
     assert store.tensor.device.type == "cpu"
     assert store.chunk == ODD_CHUNK
     assert len(store.staging) == 2 and all(s.numel() == ODD_CHUNK for s in store.staging)
@@ -181,7 +181,7 @@ def test_bf16_state_lockstep_and_storage(flat: bool) -> None:
     stored = opt.state_dict()["state"][0]["grad_prev"]
     assert stored.dtype == torch.bfloat16
     if flat:
-        assert opt._stores[0].tensor.dtype == torch.bfloat16
+        assert opt.layout.stores[0].tensor.dtype == torch.bfloat16
 
 
 def test_bf16_state_in_the_reference_layout() -> None:
@@ -219,7 +219,7 @@ def test_reused_grad_buffer_lockstep_and_round_trip() -> None:
     model = make_model()
     inputs, target = data()
     opt = build(model, "standard", wd=0.999, reuse_grad_buffer=True)
-    assert isinstance(opt._stores[0], SwapGradPrevStore)
+    assert isinstance(opt.layout.stores[0], SwapGradPrevStore)
     shadow = Shadow(opt, cycle_steps=25)
     for step_index in range(60):
         opt.zero_grad()
@@ -236,4 +236,4 @@ def test_reused_grad_buffer_needs_standard_flat_mode() -> None:
     assert ELRA(make_model().parameters(), reuse_grad_buffer=True).flat  # the default layout
     # A bf16 G_{t-1} cannot trade places with an fp32 gradient: copying store instead.
     opt = ELRA(make_model().parameters(), state_dtype=torch.bfloat16, reuse_grad_buffer=True)
-    assert not isinstance(opt._stores[0], SwapGradPrevStore)
+    assert not isinstance(opt.layout.stores[0], SwapGradPrevStore)

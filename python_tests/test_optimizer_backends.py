@@ -422,7 +422,7 @@ def test_torch_compile_model(flat: bool) -> None:
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     if flat:
-        assert opt._buffers[0].gather_grads() == []  # gradients landed in the flat buffer
+        assert opt.layout.buffers[0].gather_grads() == []  # gradients landed in the flat buffer
 
 
 # ---------------------------------------------------------------------------------------

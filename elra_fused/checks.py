@@ -1,0 +1,217 @@
+"""Every check of a user's argument, parameter, gradient or loss, and the errors it raises.
+
+Each check changes nothing: it runs before anything is applied, so a rejected call leaves
+the optimizer and the model as they were. Messages name the parameter
+(:func:`describe`) and say how to fix the call. The kernels' own argument checks live
+with their schemas in :mod:`elra_fused.ops`; the control law's constants are checked by
+:class:`elra_fused.control.ControlConfig`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ._torch_compat import is_dtensor
+
+#: Param-group keys a user may set per group. alpha is global (paper section 3.1), so
+#: only the multiplicative weight decay can differ between groups.
+PER_GROUP_KEYS = frozenset({"params", "wd", "name"})
+#: What is kept from the previous step (paper section 3.6; :mod:`elra_fused.memory`).
+MEMORY_MODES = ("standard", "recover", "offload")
+
+
+class ParameterMovedError(RuntimeError):
+    """A parameter no longer lives in the flat buffer the optimizer updates."""
+
+
+def describe(group_index: int, param_index: int, param: torch.Tensor) -> str:
+    """How error messages name a parameter."""
+    return f"parameter {param_index} of param group {group_index} (shape {tuple(param.shape)})"
+
+
+# ------------------------------------------------------------------ constructor arguments
+def check_wd(wd: Any) -> None:
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0.0 < wd <= 1.0:
+        raise ValueError(
+            f"ELRA: wd is the paper's multiplicative weight decay x <- wd * x and must lie "
+            f"in (0, 1] (1.0 = off, e.g. 0.9997), got {wd!r}"
+        )
+
+
+def check_cycle_steps(cycle_steps: Any) -> None:
+    if cycle_steps is not None and not (isinstance(cycle_steps, int) and cycle_steps > 0):
+        raise ValueError(f"ELRA: cycle_steps must be a positive int or None, got {cycle_steps!r}")
+
+
+def check_backend_name(backend: str, known: Iterable[str]) -> None:
+    if backend != "auto" and backend not in known:
+        raise ValueError(
+            f"ELRA: unknown backend {backend!r}; choose 'auto' or one of {tuple(known)}"
+        )
+
+
+def check_memory(memory: str, state_dtype: Any, flat: bool | None, reuse_grad_buffer: bool) -> None:
+    """The memory mode and what goes with it (``flat=None``: not chosen yet)."""
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"ELRA: memory must be one of {MEMORY_MODES}, got {memory!r}")
+    if state_dtype is not None and memory != "standard":
+        raise ValueError(
+            f"ELRA: state_dtype applies to memory='standard' (a stored G_{{t-1}}); "
+            f"memory={memory!r} stores x_{{t-1}} in the parameters' dtype"
+        )
+    if state_dtype is not None and not (
+        isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+    ):
+        raise ValueError(f"ELRA: state_dtype must be a floating dtype, got {state_dtype!r}")
+    if flat is False and memory != "standard":
+        raise ValueError(f"ELRA: memory={memory!r} needs flat buffers (flat=True)")
+    if reuse_grad_buffer and (flat is False or memory != "standard"):
+        raise ValueError(
+            "ELRA: reuse_grad_buffer swaps the flat gradient and G_{t-1} buffers: it "
+            "needs flat=True and memory='standard'"
+        )
+
+
+def check_process_group(process_group: Any) -> None:
+    """A ProcessGroup or None; warns when distributed training runs without one."""
+    if process_group is not None:
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(
+                "ELRA: process_group must be a torch.distributed ProcessGroup (e.g. "
+                f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}"
+            )
+        return
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        warnings.warn(
+            f"ELRA: torch.distributed is initialized with {dist.get_world_size()} ranks but "
+            "no process_group was given. If this optimizer steps a data-parallel replica "
+            "(DDP), pass process_group=torch.distributed.group.WORLD (or DDP's group): "
+            "otherwise each rank decides accept / retrace on its own loss and the replicas "
+            "drift apart. Ignore this if you pass a loss that is already averaged over "
+            "the ranks.",
+            stacklevel=3,
+        )
+
+
+def check_group_keys(param_group: dict[str, Any]) -> None:
+    unknown = set(param_group) - PER_GROUP_KEYS
+    if unknown:
+        raise ValueError(
+            f"ELRA: param group keys {sorted(unknown)} are not supported; only 'wd' can "
+            "be set per group (alpha is global and adapts by itself, paper section 3.1)"
+        )
+    if "wd" in param_group:
+        check_wd(param_group["wd"])
+
+
+# ------------------------------------------------------------------ parameters
+def check_param(name: str, param: torch.Tensor) -> None:
+    """What ELRA needs of every parameter, whatever the backend and layout."""
+    if is_dtensor(param):
+        raise ValueError(
+            f"ELRA: {name} is a DTensor (FSDP / tensor parallel). Sharded parameters are "
+            "not supported: the dots pass would need a sum over the shards. For data "
+            "parallel training use DDP with process_group=..."
+        )
+    if param.is_complex():
+        raise ValueError(
+            f"ELRA: {name} is complex; ELRA supports real floating-point parameters only"
+        )
+    if not param.is_floating_point():
+        raise ValueError(
+            f"ELRA: {name} has dtype {param.dtype}; ELRA needs floating-point parameters"
+        )
+
+
+def check_group_params(
+    params: list[torch.Tensor],
+    group_index: int,
+    *,
+    backend: str,
+    supported_dtypes: tuple[torch.dtype, ...],
+    device: torch.device,
+    flat: bool,
+) -> None:
+    """What the backend and the layout need of each parameter of a group."""
+    for param_index, param in enumerate(params):
+        name = describe(group_index, param_index, param)
+        if backend != "reference" and param.dtype not in supported_dtypes:
+            raise ValueError(
+                f"ELRA: {name} has dtype {param.dtype}, which backend {backend!r} does not "
+                "support (float32, bfloat16, float16); use backend='reference' for float64"
+            )
+        if (flat or backend != "reference") and param.device != device:
+            raise ValueError(
+                f"ELRA: {name} is on {param.device}, the optimizer's parameters on {device}"
+            )
+        if not flat and param.requires_grad and not param.is_contiguous():
+            # The per-parameter layout flattens each parameter without a copy.
+            raise ValueError(
+                f"ELRA: {name} is not contiguous (strides {param.stride()}); flat=False "
+                "updates each parameter in place as one vector: use flat=True (or the "
+                "default layout)"
+            )
+
+
+# ------------------------------------------------------------------ gradients
+def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Reject gradients ELRA cannot use, naming the parameter; changes nothing."""
+    if grad.is_sparse:
+        raise ValueError(f"ELRA: {name} has a sparse gradient; ELRA needs dense gradients")
+    if grad.is_complex():
+        raise ValueError(f"ELRA: {name} has a complex gradient; ELRA supports real parameters only")
+    if grad.shape != param.shape:
+        raise ValueError(f"ELRA: {name} has a gradient of shape {tuple(grad.shape)}")
+
+
+def reject_list_grad(name: str, param: torch.Tensor, backend: str) -> None:
+    """Raise the error that fits a gradient the per-parameter layout cannot take."""
+    check_grad(name, param, param.grad)  # sparse, complex, wrong shape
+    if param.grad.device != param.device:
+        raise ValueError(
+            f"ELRA: {name} is on {param.device} but its gradient on {param.grad.device}"
+        )
+    raise ValueError(
+        f"ELRA: {name} now has dtype {param.dtype}, which backend {backend!r} does "
+        "not support (float32, bfloat16, float16)"
+    )
+
+
+def grad_prev_changed(name: str) -> RuntimeError:
+    """The error for a G_{t-1} kept by reference that was changed in place."""
+    return RuntimeError(
+        f"ELRA: the gradient of {name} from the previous step was modified in place after "
+        "that step (e.g. zero_grad(set_to_none=False) from the model or another optimizer, "
+        "or a backward() without zero_grad() in between). With flat=False ELRA keeps that "
+        "tensor as G_{t-1}, so it is lost; nothing was changed. Call opt.zero_grad() (or "
+        "model.zero_grad()) between steps, or build ELRA with flat=True, which keeps its own "
+        "copy."
+    )
+
+
+# ------------------------------------------------------------------ loss
+def check_loss(loss: Any) -> None:
+    """A real scalar tensor or a number (a closure has been called already)."""
+    if loss is None:
+        raise TypeError(
+            "ELRA.step needs the loss: call opt.step(loss) after loss.backward(), or "
+            "opt.step(closure) with a closure that returns the loss"
+        )
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"ELRA.step: the loss must be a scalar (one element), got shape "
+                f"{tuple(loss.shape)}; reduce it (e.g. .mean()) before calling step"
+            )
+        if loss.is_complex():
+            raise TypeError("ELRA.step: the loss must be real, got a complex tensor")
+    elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(
+            f"ELRA.step: the loss must be a 0-d tensor, a number or a closure, "
+            f"got {type(loss).__name__}"
+        )

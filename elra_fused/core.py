@@ -1,0 +1,81 @@
+"""The functional core: one ELRA step over segments, with no optimizer object.
+
+Like torch's ``adam()`` (and torchao's ``single_param_adam``), :func:`elra_step` is the
+whole per-step algorithm as one function of its inputs:
+
+1. ``dots`` over every segment: the partial [<G_t, G_t>, <G_{t-1}, G_t>] of each
+   (fp64, in segment order);
+2. the control law (:class:`elra_fused.control.ControlRunner`) on f_t and the summed
+   partials: accept (eq. 4) or retrace (section 3.2), committing the new control state;
+3. ``update`` over every segment: x <- wd x - alpha_t G_t (accept) or
+   x <- x + (alpha_{t-1} - alpha_t) G_{t-1} (retrace), with G_{t-1} rolled forward.
+
+A segment is one flat buffer, or one tensor list of the per-parameter layout
+(:mod:`elra_fused.layouts` gathers them); its store (:mod:`elra_fused.memory`) builds the
+kernel coefficients of its memory mode. None of it reads a device value back to the host
+unless the law runs there (``ControlRunner.host``). The float64 oracle of the tests is
+this same function on the ``reference`` kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .control import ControlRunner, Decision
+from .memory import PrevStore
+from .ops import KernelSet
+
+
+@dataclass(slots=True)
+class Segment:
+    """What one pass of each kernel works on.
+
+    Attributes:
+        x: the parameters: one flat buffer, or a list of the parameters' tensors.
+        grad: G_t in the same form.
+        store: what is kept from the previous step, and its coefficients.
+        wd: the multiplicative weight decay of the segment's param group.
+        device: where x lives (the coefficients go there).
+    """
+
+    x: torch.Tensor | list[torch.Tensor]
+    grad: torch.Tensor | list[torch.Tensor]
+    store: PrevStore
+    wd: float
+    device: torch.device
+
+
+def elra_step(
+    segments: Sequence[Segment],
+    loss: float | torch.Tensor,
+    law: ControlRunner,
+    kernels: KernelSet,
+) -> Decision:
+    """One ELRA step over ``segments``; returns the law's decision (floats with a host law,
+    0-d device tensors otherwise).
+
+    ``loss`` is f_t as :meth:`ControlRunner.loss_value` gives it. Coefficient tensors are
+    built once per (memory kind, wd, device) and shared by the segments that match.
+    """
+    alpha_prev = law.alpha_prev() if any(seg.store.needs_alpha_prev for seg in segments) else None
+    dots_coeffs: dict[tuple[str, float, torch.device], Any] = {}
+    partials = []
+    for seg in segments:
+        key = (seg.store.coeff_kind, seg.wd, seg.device)
+        if key not in dots_coeffs:
+            dots_coeffs[key] = seg.store.dots_coeffs(seg.wd, alpha_prev, seg.device)
+        partials.append(seg.store.dots(kernels, seg.x, seg.grad, dots_coeffs[key]))
+
+    decision = law.step(loss, partials)
+
+    update_coeffs: dict[tuple[str, float, torch.device], torch.Tensor] = {}
+    for seg in segments:
+        key = (seg.store.coeff_kind, seg.wd, seg.device)
+        if key not in update_coeffs:
+            update_coeffs[key] = seg.store.update_coeffs(decision, seg.wd, alpha_prev, seg.device)
+        seg.store.update_(kernels, seg.x, seg.grad, update_coeffs[key])
+    return decision

@@ -1,0 +1,303 @@
+"""How the optimizer lays out its parameters for the kernels: flat buffers or tensor lists.
+
+A layout owns everything that depends on where the tensors live: its set-up per param
+group, gathering one step's :class:`~elra_fused.core.Segment` list (with the checks that
+must pass before anything is written), the fix-ups after the step (``finish``),
+``zero_grad``, loading a state dict into its stores, and its bookkeeping. The optimizer
+holds one layout object and never asks which kind it is.
+
+* :class:`ListLayout` (``flat=False``; the default except on CUDA): the passes take the
+  parameters' own tensors and autograd's own gradients as tensor lists (one op call per
+  pass). G_{t-1} is kept *by reference* (:class:`~elra_fused.memory.GradPrevList`): after
+  an accept the gradient tensor itself becomes G_{t-1}, so the update pass reads x and G
+  and writes only x, and backward writes each gradient once.
+* :class:`FlatLayout` (``flat=True``; the default on CUDA, needed for
+  ``memory="recover"/"offload"`` and ``reuse_grad_buffer``): parameters and gradients are
+  views into one buffer per (group, device, dtype) (:mod:`elra_fused.flat`), so each pass
+  is one kernel launch per buffer and every tensor keeps its address (what CUDA-graph
+  capture needs). The price on the host: ``zero_grad`` fills the buffer and backward adds
+  each gradient into it.
+
+A parameter without a gradient in a step is skipped by both: an accept leaves it alone
+(no decay in standard mode), a retrace still undoes its last step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from . import checks, control
+from .core import Segment
+from .flat import FlatBuffer, build_flat_buffers
+from .memory import (
+    GRAD_PREV_KEY,
+    GradPrevList,
+    GradPrevStore,
+    PointPrevStore,
+    PrevStore,
+    SwapGradPrevStore,
+)
+from .offload import OffloadedPrev
+
+ParamGroups = list[dict[str, Any]]
+OptimizerState = dict[torch.Tensor, dict[str, Any]]
+
+
+class StepWork:
+    """What one step works on: the segments and the parameters that had no gradient
+    (``skipped``: what the layout's ``finish`` needs to fix them up)."""
+
+    __slots__ = ("segments", "skipped")
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+        self.skipped: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+class Layout(Protocol):
+    """What the optimizer needs of a layout (both kinds below implement it)."""
+
+    is_flat: bool
+
+    def add_group(self, group_index: int, group: dict[str, Any], state: OptimizerState) -> None: ...
+
+    def gather(self, param_groups: ParamGroups, state: OptimizerState) -> StepWork: ...
+
+    def finish(self, work: StepWork, decision: control.Decision) -> None: ...
+
+    def zero_grad(self, param_groups: ParamGroups, set_to_none: bool) -> None: ...
+
+    def load_state(self, state: OptimizerState) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+def _as_tensors(decision: control.Decision) -> control.Decision:
+    """The decision as 0-d float64 tensors (a host law gives floats)."""
+    return control.Decision(*(torch.as_tensor(v, dtype=torch.float64) for v in decision))
+
+
+class ListLayout:
+    """Per-parameter tensor lists; G_{t-1} kept by reference where it can be."""
+
+    is_flat = False
+
+    def __init__(
+        self, state_dtype: torch.dtype | None, backend: str, supported: tuple[torch.dtype, ...]
+    ) -> None:
+        self.state_dtype = state_dtype
+        self.backend = backend
+        #: Storage dtypes the kernels take (None: the reference takes any float dtype).
+        self.supported = supported if backend != "reference" else None
+        #: The version counter of each G_{t-1} tensor when the last step left it, to
+        #: detect an in-place change of a gradient kept by reference.
+        self.prev_versions: dict[torch.Tensor, int] = {}
+        #: The G_{t-1} tensors the last step replaced, released by zero_grad.
+        self.retired: list[torch.Tensor] = []
+
+    def add_group(self, group_index: int, group: dict[str, Any], state: OptimizerState) -> None:
+        """Nothing to build: each step gathers the parameters' own tensors."""
+
+    def gather(self, param_groups: ParamGroups, state: OptimizerState) -> StepWork:
+        """One segment per (device, wd); grad-less parameters are skipped. Everything is
+        checked before the first kernel runs; error messages are only formatted when
+        raised (this loop runs over every parameter per step)."""
+        work = StepWork()
+        segments: dict[tuple[torch.device, float], GradPrevList] = {}
+        # Hoisted: this loop costs ~1-3 us per parameter, most of it attribute reads.
+        versions = self.prev_versions
+        strided = torch.strided
+        supported = self.supported
+        for group_index, group in enumerate(param_groups):
+            wd = group["wd"]
+            for param_index, param in enumerate(group["params"]):
+                grad = param.grad
+                param_state = state[param]
+                grad_prev = param_state.get(GRAD_PREV_KEY)
+                if grad_prev is not None:
+                    recorded = versions.get(param)
+                    if recorded is not None and grad_prev._version != recorded:
+                        name = checks.describe(group_index, param_index, param)
+                        raise checks.grad_prev_changed(name)
+                if grad is None:
+                    if grad_prev is not None:
+                        work.skipped.append((param, grad_prev))
+                    continue
+                device = param.device
+                dtype = param.dtype
+                if (
+                    grad.layout != strided
+                    or grad.is_complex()
+                    or grad.shape != param.shape
+                    or grad.device != device
+                    or (supported is not None and dtype not in supported)
+                ):
+                    name = checks.describe(group_index, param_index, param)
+                    checks.reject_list_grad(name, param, self.backend)
+                if (
+                    grad.dtype != dtype
+                    or not grad.is_contiguous()
+                    or (grad_prev is not None and grad.data_ptr() == grad_prev.data_ptr())
+                ):
+                    # Rare: a gradient assigned by hand, or a second step without backward
+                    # (the gradient is still last step's tensor, now G_{t-1}). One copy
+                    # in the parameter's dtype and layout keeps it apart.
+                    grad = grad.to(dtype, memory_format=torch.contiguous_format, copy=True)
+                    param.grad = grad
+                if grad_prev is None:
+                    # A parameter seen for the first time had no gradient before: its
+                    # previous gradient is zero, which is exact for <G_{t-1}, G_t>.
+                    grad_prev = torch.zeros_like(
+                        param,
+                        dtype=self.state_dtype or dtype,
+                        memory_format=torch.contiguous_format,
+                    )
+                    param_state[GRAD_PREV_KEY] = grad_prev
+                store = segments.get((device, wd))
+                if store is None:
+                    store = segments[(device, wd)] = GradPrevList(versions)
+                store.add(param, grad, grad_prev, param_state)
+        for (device, wd), store in segments.items():
+            work.segments.append(Segment(store.xs, store.grads, store, wd, device))
+        return work
+
+    def finish(self, work: StepWork, decision: control.Decision) -> None:
+        """Parameters without gradient: their G_t is zero. An accept leaves x alone (no
+        decay) and the stored G_{t-1} becomes 0; a retrace still undoes their last step.
+        Then record what the next step checks and what zero_grad releases."""
+        if work.skipped:
+            decision = _as_tensors(decision)
+            keep = 1.0 - decision.accept
+            for param, grad_prev in work.skipped:
+                back = (keep * decision.back).to(param.device, grad_prev.dtype)
+                param.add_(grad_prev * back)
+                grad_prev.mul_(keep.to(grad_prev.device, grad_prev.dtype))
+                self.prev_versions[param] = grad_prev._version
+        self.retired = [t for seg in work.segments for t in seg.store.retired]
+
+    def zero_grad(self, param_groups: ParamGroups, set_to_none: bool) -> None:
+        """``set_to_none=False`` gives each parameter a new zero tensor instead of zeroing
+        the old one in place: that one may be G_{t-1}."""
+        self.retired.clear()
+        for group in param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad = None if set_to_none else torch.zeros_like(param.grad)
+
+    def load_state(self, state: OptimizerState) -> None:
+        """torch cast the loaded state to each parameter's dtype (a compact G_{t-1} goes
+        back to state_dtype) and may have kept the caller's tensors: the layout takes its
+        own contiguous copies, whose versions it then starts tracking."""
+        self.prev_versions.clear()
+        self.retired.clear()
+        for param_state in state.values():
+            loaded = param_state.get(GRAD_PREV_KEY)
+            if loaded is not None:
+                param_state[GRAD_PREV_KEY] = loaded.to(
+                    self.state_dtype or loaded.dtype,
+                    memory_format=torch.contiguous_format,
+                    copy=True,
+                )
+
+    def synchronize(self) -> None:
+        """Nothing in flight."""
+
+
+class FlatLayout:
+    """Flat buffers per (group, device, dtype), each with one previous-step store."""
+
+    is_flat = True
+
+    def __init__(
+        self,
+        memory: str,
+        state_dtype: torch.dtype | None,
+        offload_chunk: int,
+        reuse_grad_buffer: bool,
+    ) -> None:
+        self.memory = memory
+        self.state_dtype = state_dtype
+        self.offload_chunk = offload_chunk
+        self.reuse_grad_buffer = reuse_grad_buffer
+        self.buffers: list[FlatBuffer] = []
+        self.stores: list[PrevStore] = []
+
+    def add_group(self, group_index: int, group: dict[str, Any], state: OptimizerState) -> None:
+        """Move the group's trainable parameters into flat buffers, one store each."""
+        buffers = build_flat_buffers([group], checks.describe, group_offset=group_index)
+        self.buffers.extend(buffers)
+        for buffer in buffers:
+            store = self._make_store(buffer, state)
+            self.stores.append(store)
+            for index, param in enumerate(buffer.params):
+                state[param][store.state_key] = buffer.view(store.tensor, index)
+
+    def _make_store(self, buffer: FlatBuffer, state: OptimizerState) -> PrevStore:
+        if self.memory == "recover":
+            # x_{t-1} starts as x_0: finite, and ignored by the first step anyway.
+            return PointPrevStore(buffer.data.detach().clone())
+        if self.memory == "offload":
+            return OffloadedPrev(buffer.data, self.offload_chunk)
+        dtype = self.state_dtype or buffer.data.dtype
+        grad_prev = torch.zeros_like(buffer.data, dtype=dtype)
+        if self.reuse_grad_buffer and dtype == buffer.data.dtype:
+            return SwapGradPrevStore(buffer, grad_prev, [state[p] for p in buffer.params])
+        return GradPrevStore(grad_prev)  # a compact G_{t-1} cannot trade places with G
+
+    def gather(self, param_groups: ParamGroups, state: OptimizerState) -> StepWork:
+        """One segment per flat buffer; grad-less parameters keep their value."""
+        work = StepWork()
+        for buffer, store in zip(self.buffers, self.stores, strict=True):
+            buffer.check()
+            missing = buffer.gather_grads()
+            wd = param_groups[buffer.group_index]["wd"]
+            if missing and wd != 1.0 and self.memory == "standard":
+                # G = 0 already leaves x alone except for the decay; undo that on accept
+                # so a parameter without gradient is skipped as in the reference. (Point
+                # modes must decay it: x_{t-1} and x_t have to stay on the decay line.)
+                for index in missing:
+                    view = buffer.view(buffer.data, index)
+                    work.skipped.append((view, view.detach().clone()))
+            work.segments.append(Segment(buffer.data, buffer.grad, store, wd, buffer.data.device))
+        return work
+
+    def finish(self, work: StepWork, decision: control.Decision) -> None:
+        """Restore the undecayed value of grad-less parameters on an accept."""
+        if not work.skipped:
+            return
+        accepted = _as_tensors(decision).accept > 0
+        for view, saved in work.skipped:
+            view.copy_(torch.where(accepted.to(view.device), saved, view))
+
+    def zero_grad(self, param_groups: ParamGroups, set_to_none: bool) -> None:
+        """One fill per gradient buffer; the ``.grad`` views stay (``set_to_none`` is
+        ignored: a None gradient would make autograd allocate a new tensor outside the
+        buffer, which then has to be copied in)."""
+        for buffer in self.buffers:
+            buffer.zero_grad()
+
+    def load_state(self, state: OptimizerState) -> None:
+        """torch rebuilt the per-parameter state as new tensors: copy the values back into
+        the stores' flat buffers and restore the views."""
+        for buffer, store in zip(self.buffers, self.stores, strict=True):
+            store.synchronize()
+            for index, param in enumerate(buffer.params):
+                view = buffer.view(store.tensor, index)
+                loaded = state[param].get(store.state_key)
+                if loaded is not None:
+                    view.copy_(loaded)
+                elif isinstance(store, GradPrevStore):
+                    view.zero_()  # never had a gradient: G_{t-1} = 0
+                else:
+                    view.copy_(param.detach())  # x_{t-1} = x_t: recovered G_{t-1} ~ 0
+                state[param][store.state_key] = view
+            if isinstance(store, SwapGradPrevStore):
+                # The loader replaced the state entries the store re-points each step.
+                store.param_states = [state[p] for p in buffer.params]
+
+    def synchronize(self) -> None:
+        """Offload: copies to the host may be in flight."""
+        for store in self.stores:
+            store.synchronize()
