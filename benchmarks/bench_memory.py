@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
+import _harness as harness  # also puts the repo root on sys.path
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from elra_fused import ELRA  # noqa: E402
+from elra_fused import ELRA
 
 DEPTH = 4
 BATCH = 16
@@ -40,17 +36,6 @@ ELRA_MODES: dict[str, dict] = {
     "offload": {"memory": "offload"},
     "bf16_state": {"memory": "standard", "state_dtype": torch.bfloat16},
 }
-
-
-def make_model(n_params: int, device: torch.device) -> torch.nn.Module:
-    width = int((n_params / DEPTH) ** 0.5)
-    layers: list[torch.nn.Module] = []
-    for i in range(DEPTH):
-        layers.append(torch.nn.Linear(width, width))
-        if i < DEPTH - 1:
-            layers.append(torch.nn.ReLU())
-    torch.manual_seed(0)
-    return torch.nn.Sequential(*layers).to(device)
 
 
 def baselines() -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
@@ -119,14 +104,11 @@ def measure(
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(inputs), target)
         loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = harness.synced_clock(device)
         opt.step(loss) if is_elra else opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        end = harness.synced_clock(device)
         if i >= STEPS_BEFORE_MEASURE:
-            step_times.append(time.perf_counter() - start)
+            step_times.append(end - start)
     device_bytes, host_bytes = state_bytes(opt)
     # On a CPU-only machine "device" is the host: report all of it as device memory,
     # except offload's x_{t-1}, which is the host copy by design.
@@ -146,9 +128,9 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    device = torch.device(args.device)
+    device = harness.resolve_device(args.device)
     n_target = int(float(args.params.rstrip("Mm")) * 1e6)
-    base = make_model(n_target, device)
+    base = harness.make_mlp(n_target, DEPTH, device)
     width = base[0].in_features
     gen = torch.Generator().manual_seed(1)
     inputs = torch.randn(BATCH, width, generator=gen).to(device)
@@ -183,42 +165,45 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return rows, measured
 
 
-def print_table(rows: list[dict], measured: list[dict], device: str) -> None:
+def print_results(rows: list[dict], measured: list[dict], device: str) -> None:
     n = measured[0]["n_params"]
     print(
         f"device {device}; model {n / 1e6:.1f}M fp32 parameters; state after "
         f"{STEPS_BEFORE_MEASURE} steps; step medians"
     )
-    header = (
-        f"{'optimizer':<13} {'mode':<11} {'device B/param':>15} {'host B/param':>13} "
-        f"{'step ms':>9} {'step/standard':>14} {'peak GiB':>9}"
-    )
-    print(header)
-    print("-" * len(header))
+    columns = [
+        "optimizer",
+        "mode",
+        "device B/param",
+        "host B/param",
+        "step ms",
+        "step/standard",
+        "peak GiB",
+    ]
+    lines = []
     for r, m in zip(rows, measured, strict=True):
-        ratio = r["step_ratio_vs_standard"]
-        peak = m["peak_allocated_bytes"]
-        print(
-            f"{r['optimizer']:<13} {r['mode'] or '-':<11} {r['device_bytes_per_param']:>15.3f} "
-            f"{r['host_bytes_per_param']:>13.3f} {m['step_median_s'] * 1e3:>9.1f} "
-            f"{'-' if ratio is None else f'{ratio:.2f}':>14} "
-            f"{'-' if peak is None else f'{peak / 2**30:.2f}':>9}"
+        lines.append(
+            [
+                r["optimizer"],
+                r["mode"] or "-",
+                f"{r['device_bytes_per_param']:.3f}",
+                f"{r['host_bytes_per_param']:.3f}",
+                harness.cell(m["step_median_s"], ".1f", scale=1e3),
+                harness.cell(r["step_ratio_vs_standard"], ".2f"),
+                harness.cell(m["peak_allocated_bytes"], ".2f", scale=2**-30),
+            ]
         )
+    harness.print_table(columns, lines, left_aligned=2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--params", default="50M", help="model size, e.g. 50M")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path)
+    parser = harness.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--params", default="50M", help="model size, e.g. 50M (10^6 units)")
+    harness.add_timing_flags(parser, repeats=5)
     args = parser.parse_args(argv)
     rows, measured = run(args)
-    print_table(rows, measured, args.device)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    print_results(rows, measured, args.device)
+    harness.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

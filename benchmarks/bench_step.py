@@ -25,20 +25,15 @@ import contextlib
 import copy
 import importlib
 import io
-import json
-import math
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
+import _harness as harness  # also puts the repo root on sys.path
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from elra_fused import ELRA, ops  # noqa: E402
+from elra_fused import ELRA, ops
 
 ELRA_PYPI_VERSION = "0.0.5"
 #: Hidden layers of the benchmark MLP; the width is chosen to hit the parameter count.
@@ -54,23 +49,6 @@ def parse_size(text: str) -> int:
     if text.endswith("M"):
         return int(float(text[:-1]) * (1 << 20))
     return int(text)
-
-
-def make_model(n_params: int, device: torch.device) -> torch.nn.Module:
-    """An MLP of DEPTH square layers with about ``n_params`` parameters."""
-    width = int(math.sqrt(n_params / DEPTH))
-    layers: list[torch.nn.Module] = []
-    for i in range(DEPTH):
-        layers.append(torch.nn.Linear(width, width))
-        if i < DEPTH - 1:
-            layers.append(torch.nn.ReLU())
-    torch.manual_seed(0)
-    return torch.nn.Sequential(*layers).to(device)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def elra_pypi_class(install: bool) -> type | None:
@@ -140,13 +118,11 @@ class Contender:
 
     def iteration(self, inputs: torch.Tensor, target: torch.Tensor, record: bool) -> None:
         device = inputs.device
-        synchronize(device)
-        start = time.perf_counter()
+        start = harness.synced_clock(device)
         self.opt.zero_grad()
         loss = torch.nn.functional.mse_loss(self.model(inputs), target)
         loss.backward()
-        synchronize(device)
-        before_step = time.perf_counter()
+        before_step = harness.synced_clock(device)
         if self.name == "elra_pypi":
             with contextlib.redirect_stdout(io.StringIO()):
                 self.opt.step(loss.item())
@@ -154,8 +130,7 @@ class Contender:
             self.opt.step(loss)
         else:
             self.opt.step()
-        synchronize(device)
-        end = time.perf_counter()
+        end = harness.synced_clock(device)
         if record:
             self.step_times.append(end - before_step)
             self.iter_times.append(end - start)
@@ -210,22 +185,21 @@ def time_graphed(
         iteration()
     times = []
     for i in range(warmup + repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = harness.synced_clock(inputs.device)
         graph.replay()
-        torch.cuda.synchronize()
+        end = harness.synced_clock(inputs.device)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(end - start)
     return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    device = torch.device(args.device)
+    device = harness.resolve_device(args.device)
     rows: list[dict] = []
     factories = optimizer_factories(device, not args.no_install)
     for size_text in args.sizes.split(","):
         n_target = parse_size(size_text)
-        base = make_model(n_target, device)
+        base = harness.make_mlp(n_target, DEPTH, device)
         n_params = sum(p.numel() for p in base.parameters())
         width = base[0].in_features
         gen = torch.Generator(device="cpu").manual_seed(1)
@@ -286,39 +260,32 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], device: str) -> None:
+def print_results(rows: list[dict], device: str) -> None:
     print(f"device {device}; threads {torch.get_num_threads()}; batch {BATCH}; medians")
-    header = (
-        f"{'optimizer':<13} {'backend':<15} {'params':>10} {'step ms':>9} {'iter ms':>9} "
-        f"{'step/adam_fused':>16}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        ratio = r["step_ratio_vs_adam_fused"]
-        step_ms = "-" if r["step_median_s"] is None else f"{r['step_median_s'] * 1e3:.2f}"
-        print(
-            f"{r['optimizer']:<13} {r['backend']:<15} {r['n_params']:>10} "
-            f"{step_ms:>9} {r['iter_median_s'] * 1e3:>9.2f} "
-            f"{'-' if ratio is None else f'{ratio:.2f}':>16}"
-        )
+    columns = ["optimizer", "backend", "params", "step ms", "iter ms", "step/adam_fused"]
+    lines = [
+        [
+            r["optimizer"],
+            r["backend"],
+            r["n_params"],
+            harness.cell(r["step_median_s"], ".2f", scale=1e3),
+            harness.cell(r["iter_median_s"], ".2f", scale=1e3),
+            harness.cell(r["step_ratio_vs_adam_fused"], ".2f"),
+        ]
+        for r in rows
+    ]
+    harness.print_table(columns, lines, left_aligned=2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = harness.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1M,16M,64M", help="comma list, e.g. 1M,16M,64M")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--json", type=Path)
+    harness.add_timing_flags(parser, repeats=11, warmup=2)
     parser.add_argument("--no-install", action="store_true", help="do not pip install elra")
     args = parser.parse_args(argv)
     rows = run(args)
-    print_table(rows, args.device)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    print_results(rows, args.device)
+    harness.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,13 @@ Usage: ``python benchmarks/paper_2d.py [--json PATH] [--budget N]``
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
+import _harness as harness  # also puts the repo root on sys.path
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from elra_fused import ELRA  # noqa: E402
+from elra_fused import ELRA
 
 BUDGET = 10_000
 #: ELRA settings for deterministic (noise-free) problems; see the module docstring.
@@ -39,6 +34,8 @@ RMSPROP = {"lr": 0.05}
 #: Paper section 4.1.1: Adam alpha=0.01, default betas for the saddle.
 ADAM_SADDLE = {"lr": 0.01}
 
+#: The optimizers compared, in column order.
+OPTIMIZERS = ("ELRA", "Adam", "RMSprop")
 #: The paper's ELRA / Adam / RMSprop columns ("inf" = never, None = not reported).
 PAPER = {
     "bowl_1e-1": {"ELRA": 9, "Adam": 128, "RMSprop": 142},
@@ -139,36 +136,29 @@ def _fmt(value: float | int | None, budget: int) -> str:
     return str(value)
 
 
-def print_table(results: dict[str, dict[str, int | None]], budget: int) -> None:
+def print_results(results: dict[str, dict[str, int | None]], budget: int) -> None:
     print(f"ELRA settings (all problems): {ELRA_DETERMINISTIC}, other arguments default")
     print(f"Adam {ADAM_BOWL} (saddle: {ADAM_SADDLE}), RMSprop {RMSPROP}; budget {budget} steps")
-    header = (
-        f"{'problem':<20} {'ELRA':>7} {'paper':>7} {'Adam':>7} {'paper':>7} "
-        f"{'RMSprop':>8} {'paper':>7}"
-    )
-    print(header)
-    print("-" * len(header))
+    columns = ["problem"]
+    for opt in OPTIMIZERS:
+        columns += [opt, "paper"]
+    rows = []
     for name, row in results.items():
-        paper = PAPER[name]
-        paper_cells = {k: "n/a" if paper[k] is None else _fmt(paper[k], budget) for k in paper}
-        print(
-            f"{name:<20} {_fmt(row['ELRA'], budget):>7} {paper_cells['ELRA']:>7} "
-            f"{_fmt(row['Adam'], budget):>7} {paper_cells['Adam']:>7} "
-            f"{_fmt(row['RMSprop'], budget):>8} {paper_cells['RMSprop']:>7}"
-        )
+        cells = [name]
+        for opt in OPTIMIZERS:
+            paper = PAPER[name][opt]
+            cells += [_fmt(row[opt], budget), "n/a" if paper is None else _fmt(paper, budget)]
+        rows.append(cells)
+    harness.print_table(columns, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
+    parser = harness.base_parser(__doc__.splitlines()[0], device=False)  # float64 on the CPU only
     parser.add_argument("--budget", type=int, default=BUDGET, help="step budget per run")
     args = parser.parse_args(argv)
     results = run(args.budget)
-    print_table(results, args.budget)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    print_results(results, args.budget)
+    harness.write_json(args.json, results)
 
 
 if __name__ == "__main__":

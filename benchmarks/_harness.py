@@ -1,0 +1,222 @@
+"""What every benchmark script shares: device handling, timing, the command line, the
+table on stdout and the JSON file.
+
+Each script under ``benchmarks/`` answers one question; this module holds the parts that
+are not the question, so that all scripts measure and report the same way:
+
+* ``resolve_device`` / ``synchronize`` / ``synced_clock``: a CUDA device runs
+  asynchronously, so a host clock only means something right after a synchronisation.
+* ``time_call`` / ``time_repeated``: one call timed the device's way (CUDA events on a
+  GPU, ``time.perf_counter`` on the CPU), and the median (plus the minimum) over repeats
+  after a warm-up.
+* ``base_parser`` / ``add_timing_flags``: the flags every script takes (``--device``,
+  ``--json``, ``--repeats``, ``--warmup``), spelled and defaulted the same everywhere.
+* ``make_mlp``: the square MLP the optimizer benchmarks train.
+* ``cell`` / ``print_table``: a plain-text table, one row per JSON record.
+* ``write_json``: the records as JSON (what ``benchmarks/results/*.json`` hold).
+
+The scripts import it as ``_harness`` (``python benchmarks/<script>.py`` puts
+``benchmarks/`` first on ``sys.path``); it also puts the repository root on ``sys.path``
+so that the scripts import ``elra_fused`` from the checkout without an install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+#: Adaptive repeat count of ``time_repeated(repeats=None)``: repeat until about this much
+#: time is spent per measurement, within these bounds (short ops get many samples, a
+#: 64M-element pass on a slow CPU still gets enough for a median).
+TARGET_SECONDS = 1.0
+MIN_REPEATS, MAX_REPEATS = 5, 200
+
+
+# --- device -----------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """The ``--device`` argument as a device; a clear exit when CUDA is asked for but
+    absent (instead of an error deep inside the first allocation)."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, whose ops run in place)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synced_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work is done.
+
+    For wall time of a region that mixes host and device work (an optimizer step: host
+    bookkeeping plus launches): the difference of two readings includes both, which
+    device-side events would not.
+    """
+    synchronize(device)
+    return time.perf_counter()
+
+
+# --- timing -----------------------------------------------------------------------------
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds taken by one call of ``fn``, measured the device's way.
+
+    On CUDA, events recorded around the call measure the device time of its kernels
+    (host-side launch cost that overlaps earlier work does not count); on the CPU the
+    call is synchronous and a host clock measures it.
+    """
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and minimum seconds per call over the timed repeats.
+
+    The median is the reported figure; the minimum is kept because on a shared machine
+    preemption inflates the median (the minimum shows the code's own speed when the
+    cores were free).
+    """
+
+    median_s: float
+    min_s: float
+
+
+def time_repeated(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int | None = None,
+) -> Timing:
+    """``fn`` called ``warmup`` times untimed, then timed ``repeats`` times.
+
+    ``repeats=None`` picks the count from the first timed call: as many as fit in about
+    ``TARGET_SECONDS``, between ``MIN_REPEATS`` and ``MAX_REPEATS`` (that first call is
+    one of the samples).
+    """
+    for _ in range(warmup):
+        time_call(fn, device)
+    first = time_call(fn, device)
+    if repeats is None:
+        repeats = int(min(MAX_REPEATS, max(MIN_REPEATS, TARGET_SECONDS / max(first, 1e-6))))
+    samples = [first, *(time_call(fn, device) for _ in range(repeats - 1))]
+    return Timing(statistics.median(samples), min(samples))
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+def base_parser(description: str, *, device: bool = True) -> argparse.ArgumentParser:
+    """A parser with the flags every script takes: ``--json`` and (unless the script runs
+    on the CPU only) ``--device``."""
+    parser = argparse.ArgumentParser(description=description)
+    if device:
+        parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
+    return parser
+
+
+def add_timing_flags(
+    parser: argparse.ArgumentParser, *, repeats: int | None, warmup: int | None = None
+) -> None:
+    """``--repeats`` (timed rounds; default ``repeats``, ``None`` = adaptive, see
+    ``time_repeated``) and, when the script has a separate warm-up, ``--warmup``."""
+    adaptive = f"about {TARGET_SECONDS:g} s per measurement ({MIN_REPEATS}-{MAX_REPEATS})"
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=repeats,
+        help=f"timed repeats (default: {adaptive if repeats is None else repeats})",
+    )
+    if warmup is not None:
+        parser.add_argument(
+            "--warmup", type=int, default=warmup, help=f"untimed rounds first (default {warmup})"
+        )
+
+
+# --- workload ---------------------------------------------------------------------------
+
+
+def make_mlp(n_params: int, depth: int, device: torch.device) -> torch.nn.Sequential:
+    """An MLP of ``depth`` square Linear layers (ReLU between) with about ``n_params``
+    parameters; the weights are the same in every run (seed 0)."""
+    width = int((n_params / depth) ** 0.5)
+    layers: list[torch.nn.Module] = []
+    for i in range(depth):
+        layers.append(torch.nn.Linear(width, width))
+        if i < depth - 1:
+            layers.append(torch.nn.ReLU())
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*layers).to(device)
+
+
+# --- output -----------------------------------------------------------------------------
+
+
+def cell(value: float | None, spec: str, *, scale: float = 1.0, missing: str = "-") -> str:
+    """``value * scale`` formatted with ``spec`` (``scale=1e3``: seconds shown as ms), or
+    ``missing`` where there is no value."""
+    return missing if value is None else format(value * scale, spec)
+
+
+def print_table(
+    columns: Sequence[str], rows: Iterable[Sequence[object]], *, left_aligned: int = 1
+) -> None:
+    """A plain-text table: header, rule, one line per row.
+
+    Each column is as wide as its widest entry; the first ``left_aligned`` columns
+    (names) are left-aligned, the others (figures) right-aligned so digits line up.
+    Cells are printed with ``str``: format numbers before (see ``cell``).
+    """
+    text = [[str(value) for value in row] for row in rows]
+    widths = [max([len(title), *(len(row[i]) for row in text)]) for i, title in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            value.ljust(width) if i < left_aligned else value.rjust(width)
+            for i, (value, width) in enumerate(zip(values, widths, strict=True))
+        ).rstrip()
+
+    header = line(list(columns))
+    print(header)
+    print("-" * len(header))
+    for row in text:
+        print(line(row))
+
+
+def write_json(path: Path | None, records: object) -> None:
+    """Write ``records`` as indented JSON to ``path`` (parents created); nothing when
+    ``path`` is None (no ``--json`` given)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    print(f"wrote {path}")
