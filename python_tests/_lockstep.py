@@ -1,8 +1,9 @@
 """Shared by the optimizer tests: a tiny model, its data, and the lock-step oracle check.
 
-Lock step: before every step the float64 reference optimizer (per-parameter passes,
-``memory="standard"``) is loaded with the tested optimizer's exact state -- parameters,
-gradients, the previous-step vector and the control state -- and takes the same step.
+Lock step: before every step the float64 oracle (the functional core on the reference
+kernels, per-parameter passes, ``memory="standard"``) takes the tested optimizer's exact
+state -- parameters, gradients, the previous-step vector and the control state -- and
+the same step.
 Comparing single steps from a shared state keeps the check sharp: over hundreds of steps
 two correct implementations drift apart chaotically (alpha reacts exponentially to
 rounding), so whole-trajectory comparisons would test the landscape, not the code.
@@ -19,7 +20,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from elra_fused import ELRA, control
+from elra_fused import ELRA, control, ops
+from elra_fused.control import ControlRunner
+from elra_fused.core import elra_step
+from elra_fused.layouts import ListLayout
 
 #: Injected failures: loss spikes (retraced by the f_0 / 5 sigma rules) and a NaN gradient.
 SPIKES = (50, 200)
@@ -130,59 +134,62 @@ def assert_round_trip(
 
 
 class Shadow:
-    """A float64 reference optimizer that mirrors ``opt``'s parameters, one group each."""
+    """The float64 oracle beside ``opt``: the functional core (:func:`elra_step`) on the
+    reference kernels, over float64 copies of ``opt``'s parameters in the per-parameter
+    layout, with G_{t-1} kept as a vector (``memory="standard"``)."""
 
-    def __init__(self, opt: ELRA, **config) -> None:
+    def __init__(self, opt: ELRA) -> None:
         self.opt = opt
         self.groups = [list(g["params"]) for g in opt.param_groups]
         self.params = [
             [torch.nn.Parameter(p.detach().double().clone()) for p in group]
             for group in self.groups
         ]
-        self.shadow = ELRA(
-            [
-                {"params": mine, "wd": g["wd"]}
-                for mine, g in zip(self.params, opt.param_groups, strict=True)
-            ],
-            backend="reference",
-            **config,
-        )
+        self.kernels = ops.get_kernels("reference", "cpu")
+        self.law = ControlRunner(opt.config, torch.device("cpu"), host=False, compiled=False)
 
     def step(self, loss: torch.Tensor) -> None:
-        """Load opt's exact state, then step both; the caller compares afterwards."""
-        sd = self.opt.state_dict()
-        alpha_prev = sd["elra_control"]["control"][control.ALPHA].item()
-        state = {}
-        index = 0
-        for group_params, group in zip(self.groups, self.opt.param_groups, strict=True):
-            for p in group_params:
-                entry = sd["state"].get(index, {})
-                if "x_prev" in entry:  # point modes: G_{t-1} = (wd x_{t-1} - x_t) / alpha
-                    grad_prev = (
-                        group["wd"] * entry["x_prev"].double() - p.detach().double()
-                    ) / alpha_prev
-                else:
-                    grad_prev = entry.get("grad_prev", torch.zeros_like(p)).double()
-                state[index] = {"grad_prev": grad_prev}
-                index += 1
-        sd = {**sd, "state": state}
-        sd["elra_control"] = {**sd["elra_control"], "memory": "standard"}
-        self.shadow.load_state_dict(sd)
-        for mine_group, theirs_group in zip(self.params, self.groups, strict=True):
+        """Take opt's exact state (parameters, gradients, G_{t-1}, control state), then
+        step both; the caller compares afterwards."""
+        self.law.state.copy_(self.opt.control_state)
+        alpha_prev = self.law.state[control.ALPHA].item()
+        state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for mine_group, theirs_group, group in zip(
+            self.params, self.groups, self.opt.param_groups, strict=True
+        ):
             for mine, theirs in zip(mine_group, theirs_group, strict=True):
                 mine.data.copy_(theirs.detach())
                 mine.grad = None if theirs.grad is None else theirs.grad.detach().double().clone()
+                entry = self.opt.state.get(theirs, {})
+                if "x_prev" in entry:  # point modes: G_{t-1} = (wd x_{t-1} - x_t) / alpha
+                    grad_prev = (
+                        group["wd"] * entry["x_prev"].double() - theirs.detach().double()
+                    ) / alpha_prev
+                else:
+                    grad_prev = entry.get("grad_prev", torch.zeros_like(theirs)).double()
+                state[mine] = {"grad_prev": grad_prev.clone()}
+        groups = [
+            {"params": mine, "wd": g["wd"]}
+            for mine, g in zip(self.params, self.opt.param_groups, strict=True)
+        ]
+        layout = ListLayout(None, "reference", ops.REFERENCE_DTYPES)
+        work = layout.gather(groups, state)
         self.opt.step(loss)
-        self.shadow.step(loss.double())
+        decision = elra_step(
+            work.segments, self.law.loss_value(loss.double()), self.law, self.kernels
+        )
+        layout.finish(work, decision)
 
     def assert_matches(
         self, step_index: int, rtol: float = 2e-6, atol: float = 2e-6, alpha_rtol: float = 1e-5
     ) -> None:
-        assert self.opt.last_step_retraced == self.shadow.last_step_retraced, step_index
-        assert math.isclose(self.opt.alpha, self.shadow.alpha, rel_tol=alpha_rtol, abs_tol=1e-12), (
+        retraced = self.law.state[control.LAST_RETRACED].item() > 0
+        alpha = self.law.state[control.ALPHA].item()
+        assert self.opt.last_step_retraced == retraced, step_index
+        assert math.isclose(self.opt.alpha, alpha, rel_tol=alpha_rtol, abs_tol=1e-12), (
             step_index,
             self.opt.alpha,
-            self.shadow.alpha,
+            alpha,
         )
         for mine_group, theirs_group in zip(self.params, self.groups, strict=True):
             for mine, theirs in zip(mine_group, theirs_group, strict=True):

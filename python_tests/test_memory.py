@@ -35,7 +35,7 @@ def test_lockstep_with_retraces_and_weight_decay(memory: str) -> None:
     model = make_model()
     inputs, target = data()
     opt = build(model, memory, wd=0.999)
-    shadow = Shadow(opt, cycle_steps=25)
+    shadow = Shadow(opt)
     for step_index in range(STEPS):
         opt.zero_grad()
         shadow.step(forward_backward(model, inputs, target, step_index))
@@ -171,7 +171,7 @@ def test_bf16_state_lockstep_and_storage(flat: bool) -> None:
     model = make_model()
     inputs, target = data()
     opt = build(model, "standard", state_dtype=torch.bfloat16, wd=0.999, flat=flat)
-    shadow = Shadow(opt, cycle_steps=25)
+    shadow = Shadow(opt)
     for step_index in range(STEPS):
         opt.zero_grad()
         shadow.step(forward_backward(model, inputs, target, step_index))
@@ -220,12 +220,29 @@ def test_reused_grad_buffer_lockstep_and_round_trip() -> None:
     inputs, target = data()
     opt = build(model, "standard", wd=0.999, reuse_grad_buffer=True)
     assert isinstance(opt.layout.stores[0], SwapGradPrevStore)
-    shadow = Shadow(opt, cycle_steps=25)
+    shadow = Shadow(opt)
     for step_index in range(60):
         opt.zero_grad()
         shadow.step(forward_backward(model, inputs, target, step_index))
         shadow.assert_matches(step_index)
     assert_round_trip(lambda m: build(m, "standard", wd=0.999, reuse_grad_buffer=True))
+
+
+def test_reused_grad_buffer_state_dict_after_load_and_steps() -> None:
+    """After load_state_dict the swapping store re-points the loaded state entries: a
+    state_dict taken steps later holds the real G_{t-1}, as without the swap."""
+    saved = []
+    for reuse in (False, True):
+        model = make_model()
+        opt = build(model, "standard", flat=True, reuse_grad_buffer=reuse)
+        run_steps(opt, model, range(6))
+        opt.load_state_dict(opt.state_dict())
+        run_steps(opt, model, range(6, 9))
+        opt.zero_grad()
+        saved.append([opt.state_dict()["state"][i]["grad_prev"] for i in range(4)])
+    assert any(bool(t.abs().sum() > 0) for t in saved[0])
+    for plain, swapped in zip(*saved, strict=True):
+        assert torch.equal(plain, swapped)
 
 
 def test_reused_grad_buffer_needs_standard_flat_mode() -> None:

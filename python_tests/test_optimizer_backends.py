@@ -51,7 +51,7 @@ def test_lockstep_against_float64_reference(backend: str, flat: bool) -> None:
     model = make_model()
     inputs, target = data()
     opt = ELRA(model.parameters(), backend=backend, flat=flat, wd=0.9999, cycle_steps=25)
-    shadow = Shadow(opt, cycle_steps=25)
+    shadow = Shadow(opt)
     decisions = []
     for step_index in range(STEPS):
         opt.zero_grad()
@@ -262,7 +262,7 @@ def test_lists_zero_grad_without_none_and_repeated_steps(backend: str) -> None:
     model = make_model()
     inputs, target = data()
     opt = ELRA(model.parameters(), backend=backend, flat=False, cycle_steps=10)
-    shadow = Shadow(opt, cycle_steps=10)
+    shadow = Shadow(opt)
     for step_index in range(40):
         opt.zero_grad(set_to_none=False)
         if step_index > 0:
@@ -476,7 +476,7 @@ def test_cuda_lockstep_against_reference(backend: str, flat: bool) -> None:
     model = make_model().cuda()
     inputs, target = (t.cuda() for t in data())
     opt = ELRA(model.parameters(), backend=backend, flat=flat, cycle_steps=25)
-    shadow = Shadow(opt, cycle_steps=25)
+    shadow = Shadow(opt)
     for step_index in range(80):
         opt.zero_grad()
         shadow.step(forward_backward(model, inputs, target, step_index % 60))
