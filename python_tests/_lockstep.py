@@ -203,3 +203,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def mlp_setup(
+    seed: int = 0,
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The tiny MLP of make_model() with its own random data (seeded globally)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    data = torch.randn(64, 6)
+    target = data[:, :1] * 2 - data[:, 1:2]
+    return model, data, target
+
+
+def mlp_step(model, data, target, opt: ELRA) -> torch.Tensor:
+    """zero_grad, forward, backward, step; the loss."""
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(data), target)
+    loss.backward()
+    opt.step(loss)
+    return loss.detach()

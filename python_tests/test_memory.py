@@ -93,7 +93,8 @@ def test_param_groups_and_dtypes(memory: str) -> None:
         memory=memory,
         offload_chunk=ODD_CHUNK,
     )
-    assert sorted(str(b.data.dtype) for b in opt.layout.buffers) == ["torch.float16", "torch.float32"]
+    dtypes = sorted(str(b.data.dtype) for b in opt.layout.buffers)
+    assert dtypes == ["torch.float16", "torch.float32"]
     shadow = Shadow(opt)
     inputs, target = data()
     for step_index in range(40):

@@ -648,6 +648,3 @@ def test_ddp_with_process_group_keeps_replicas_identical(tmp_path) -> None:
     assert drift > 1e-3, drift  # far outside the tolerance used above
 
 
-def test_process_group_must_be_a_process_group() -> None:
-    with pytest.raises(TypeError, match="process_group must be a torch.distributed"):
-        ELRA(make_model().parameters(), process_group="world")

@@ -1,0 +1,91 @@
+"""Bad input (elra_fused.checks): a clear error naming the culprit, nothing changed."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from _lockstep import free_port, make_model, mlp_setup
+
+import elra_fused
+
+ELRA = functools.partial(elra_fused.ELRA, backend="reference")
+
+
+def test_bad_loss_arguments() -> None:
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters())
+    torch.nn.functional.mse_loss(model(data), target).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="needs the loss"):
+        opt.step()
+    with pytest.raises(ValueError, match="scalar"):
+        opt.step(torch.ones(3))
+    with pytest.raises(TypeError, match="loss must be"):
+        opt.step("0.5")
+    with pytest.raises(TypeError, match="real"):
+        opt.step(torch.tensor(1.0 + 1.0j))
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+    assert opt.retrace_count == 0
+
+
+def test_sparse_gradient_is_rejected_and_weights_kept() -> None:
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    opt = ELRA(embedding.parameters())
+    before = embedding.weight.detach().clone()
+    loss = embedding(torch.tensor([1, 2])).sum()
+    loss.backward()
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 .*sparse"):
+        opt.step(loss)
+    assert torch.equal(embedding.weight.detach(), before)
+
+
+def test_complex_and_integer_params_rejected() -> None:
+    with pytest.raises(ValueError, match="complex"):
+        ELRA([torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="floating-point"):
+        ELRA([torch.ones(2, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="empty"):
+        ELRA([])
+    opt = ELRA([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="complex"):  # a group added later ...
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.cfloat))]})
+    assert len(opt.param_groups) == 1  # ... is not kept
+
+
+def test_sharded_dtensor_params_rejected() -> None:
+    """FSDP / tensor-parallel parameters (DTensor) get a clear error, not a kernel's."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.tensor import Shard, distribute_tensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import Shard, distribute_tensor
+    port = free_port()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="DTensor.*not supported.*DDP"):
+            ELRA([param])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wd", [0.0, 1.5, -0.1, True])
+def test_bad_wd_rejected(wd: float) -> None:
+    with pytest.raises(ValueError, match="wd"):
+        ELRA([torch.nn.Parameter(torch.ones(2))], wd=wd)
+
+
+def test_unsupported_group_keys_rejected() -> None:
+    with pytest.raises(ValueError, match="only 'wd'"):
+        ELRA([{"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.1}])
+
+
+def test_process_group_must_be_a_process_group() -> None:
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed"):
+        ELRA(make_model().parameters(), process_group="world")
