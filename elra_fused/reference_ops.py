@@ -2,8 +2,8 @@
 
 The optimizer's per-step work is two vector passes over the parameters (DESIGN.md,
 "Kernels"). These functions define those passes exactly, in float64 math, for one
-(flat or not) tensor at a time, plus their tensor-list forms (one tensor per parameter).
-Fused backends (``cpp``, ``triton``) implement every op of
+(flat or not) tensor at a time; the tensor-list ops apply them per element
+(:mod:`elra_fused.ops.lists`). Fused backends (``cpp``, ``triton``) implement every op of
 :data:`elra_fused.ops.OP_NAMES` with the same arguments and must agree with these to dtype
 tolerance.
 
@@ -39,8 +39,6 @@ catastrophically in float32.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
@@ -91,14 +89,24 @@ def _write(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
             target.copy_(value)
 
 
+def _standard_update(
+    x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor, swap: bool
+) -> None:
+    """Standard and swap mode share x's update; they differ in the buffer that receives
+    ``where(accept, G, G_prev)``: ``grad_prev`` (G becomes the new G_{t-1}, unchanged on a
+    retrace) or, in swap mode, ``grad`` (unchanged on accept, G_{t-1} on a retrace)."""
+    c = coeffs.double()
+    xd, gd, gpd = (t.detach().double() for t in (x, grad, grad_prev))
+    accept = c[COEF_ACCEPT] != 0
+    kept = grad if swap else grad_prev
+    _write([(x, _stepped_x(c, xd, gd, gpd)), (kept, torch.where(accept, gd, gpd))])
+
+
 def update_(
     x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
 ) -> None:
     """In place: accept step or retrace, standard mode (see module docstring)."""
-    c = coeffs.double()
-    xd, gd, gpd = (t.detach().double() for t in (x, grad, grad_prev))
-    accept = c[COEF_ACCEPT] != 0
-    _write([(x, _stepped_x(c, xd, gd, gpd)), (grad_prev, torch.where(accept, gd, gpd))])
+    _standard_update(x, grad, grad_prev, coeffs, swap=False)
 
 
 def update_swap_(
@@ -110,10 +118,7 @@ def update_swap_(
     16): the caller then lets the gradient buffer serve as G_{t-1}. On a retrace G_{t-1}
     is copied into the gradient buffer, so after the caller's swap it is still G_{t-1}.
     """
-    c = coeffs.double()
-    xd, gd, gpd = (t.detach().double() for t in (x, grad, grad_prev))
-    accept = c[COEF_ACCEPT] != 0
-    _write([(x, _stepped_x(c, xd, gd, gpd)), (grad, torch.where(accept, gd, gpd))])
+    _standard_update(x, grad, grad_prev, coeffs, swap=True)
 
 
 def update_recover_(
@@ -125,38 +130,3 @@ def update_recover_(
     accept = c[COEF_ACCEPT] != 0
     direction = c[COEF_DECAY] * xpd - xd  # = alpha_{t-1} G_{t-1}
     _write([(x, _stepped_x(c, xd, gd, direction)), (x_prev, torch.where(accept, xd, xpd))])
-
-
-# --------------------------------------------------------------------------------------
-# Tensor lists (per-parameter layout): the single-tensor op applied to element i of every
-# list. The per-tensor dot products are added in list order, one float64 addition after
-# another, which is the order every backend promises (so sums are reproducible).
-# --------------------------------------------------------------------------------------
-def dots_list(grad: Sequence[torch.Tensor], grad_prev: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_i dots(grad[i], grad_prev[i])``, added in list order."""
-    total = dots(grad[0], grad_prev[0])
-    for g, gp in zip(grad[1:], grad_prev[1:], strict=True):
-        total = total + dots(g, gp)
-    return total
-
-
-def update_list_(
-    x: Sequence[torch.Tensor],
-    grad: Sequence[torch.Tensor],
-    grad_prev: Sequence[torch.Tensor],
-    coeffs: torch.Tensor,
-) -> None:
-    """:func:`update_` on every element; one coefficient tensor for the whole list."""
-    for row in zip(x, grad, grad_prev, strict=True):
-        update_(*row, coeffs)
-
-
-def update_swap_list_(
-    x: Sequence[torch.Tensor],
-    grad: Sequence[torch.Tensor],
-    grad_prev: Sequence[torch.Tensor],
-    coeffs: torch.Tensor,
-) -> None:
-    """:func:`update_swap_` on every element; one coefficient tensor for the whole list."""
-    for row in zip(x, grad, grad_prev, strict=True):
-        update_swap_(*row, coeffs)

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 import torch
 
 from elra_fused import reference_ops as ref
-from elra_fused.ops import _SCHEMAS as SCHEMAS
-from elra_fused.ops import NAMESPACE, OP_NAMES
+
+from .lists import with_list_ops
+from .schemas import LIST_OPS, OP_NAMES, parse
 
 __all__ = [
     "ALPHA_PREV",
@@ -250,28 +251,27 @@ def _update_recover_inputs(n, dtype, state, device, gen, accept) -> Args:
     return x, g, x_prev, update_coeffs(accept, device)
 
 
-def _schema(name: str) -> torch._C.FunctionSchema:
-    return torch._C.parse_schema(f"{NAMESPACE}::{name}{SCHEMAS[name]}")
+#: The float64 oracles: reference_ops, and its ops applied per element for the list ops.
+_ORACLES = with_list_ops({name: getattr(ref, name) for name in OP_NAMES if name not in LIST_OPS})
 
 
 def _case(
     name: str,
     make: Callable[..., Args],
-    reference: Callable[..., torch.Tensor | None],
     accept: Traffic,
     retrace: Traffic | None = None,
     state_arg: str | None = None,
 ) -> OpCase:
-    schema = _schema(name)
+    schema = parse(name)
     args = schema.arguments
     return OpCase(
         name=name,
         arg_names=tuple(a.name for a in args),
         mutated=tuple(a.name for a in args if a.alias_info is not None and a.alias_info.is_write),
         returns_tensor=len(schema.returns) > 0,
-        is_list=name.endswith("_list") or name.endswith("_list_"),
+        is_list=name in LIST_OPS,
         state_arg=state_arg,
-        reference=reference,
+        reference=_ORACLES[name],
         accept=accept,
         retrace=accept if retrace is None else retrace,
         _make=make,
@@ -291,17 +291,15 @@ _SWAP_RETRACE = Traffic(read=("x", "grad_prev"), written=("x", "grad"))
 OP_CASES: dict[str, OpCase] = {
     c.name: c
     for c in (
-        _case("dots", _dots_inputs, ref.dots, _DOTS, state_arg="grad_prev"),
+        _case("dots", _dots_inputs, _DOTS, state_arg="grad_prev"),
         _case(
             "dots_recover",
             _dots_recover_inputs,
-            ref.dots_recover,
             Traffic(read=("x_prev", "x", "grad"), written=()),
         ),
         _case(
             "update_",
             _update_inputs,
-            ref.update_,
             _UPDATE_ACCEPT,
             _UPDATE_RETRACE,
             state_arg="grad_prev",
@@ -309,16 +307,14 @@ OP_CASES: dict[str, OpCase] = {
         _case(
             "update_recover_",
             _update_recover_inputs,
-            ref.update_recover_,
             Traffic(read=("x", "grad"), written=("x", "x_prev")),
             Traffic(read=("x", "x_prev"), written=("x",)),
         ),
-        _case("update_swap_", _update_inputs, ref.update_swap_, _SWAP_ACCEPT, _SWAP_RETRACE),
-        _case("dots_list", _dots_inputs, ref.dots_list, _DOTS, state_arg="grad_prev"),
+        _case("update_swap_", _update_inputs, _SWAP_ACCEPT, _SWAP_RETRACE),
+        _case("dots_list", _dots_inputs, _DOTS, state_arg="grad_prev"),
         _case(
             "update_list_",
             _update_inputs,
-            ref.update_list_,
             _UPDATE_ACCEPT,
             _UPDATE_RETRACE,
             state_arg="grad_prev",
@@ -326,7 +322,6 @@ OP_CASES: dict[str, OpCase] = {
         _case(
             "update_swap_list_",
             _update_inputs,
-            ref.update_swap_list_,
             _SWAP_ACCEPT,
             _SWAP_RETRACE,
         ),

@@ -1,0 +1,231 @@
+"""Backend selection and the extension's status, KernelSet built by op name, and the
+reproducibility contract: bit-identical reruns, C++ CPU results independent of the
+thread count, no host sync on CUDA."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import types
+
+import pytest
+import torch
+from _backends import DEVICES, FUSED_BACKENDS, IN_CI, kernels_or_skip, needs_cuda
+from _ops_common import (
+    ACCEPT,
+    LIST_N,
+    LIST_SHAPES,
+    MIXED_SIZES,
+    RETRACE,
+    SIZES,
+    STATE,
+    bits,
+    coeffs,
+    gen_for,
+)
+
+from elra_fused import ops
+from elra_fused import reference_ops as ref
+from elra_fused.ops import backends
+from elra_fused.ops.cases import DECAY, OP_CASES, clone_args, rand, update_coeffs
+
+# =========================================================================================
+# Backend selection and status
+# =========================================================================================
+
+
+def test_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="unknown elra_fused backend"):
+        ops.get_kernels("cuda-graphs", torch.device("cpu"))
+
+
+def test_available_backends_reference_last() -> None:
+    got = ops.available_backends(torch.device("cpu"))
+    assert got[-1] == "reference" and got.count("reference") == 1
+    assert set(got) <= set(ops.BACKENDS)
+    if backends._C is not None:
+        assert got[0] == "cpp"
+
+
+def test_reference_kernel_set_accepts_float64() -> None:
+    k = ops.get_kernels("reference", "cpu")
+    assert k.name == "reference"
+    g = torch.randn(5, dtype=torch.float64)
+    assert torch.equal(k.dots(g, g), ref.dots(g, g))
+
+
+def test_kernel_sets_have_every_op_by_name() -> None:
+    """KernelSet fields are the schema's op names; it is built from a complete mapping."""
+    assert ops.KernelSet._fields == ("name", *ops.OP_NAMES)
+    for backend in ops.available_backends("cpu"):
+        k = ops.get_kernels(backend, "cpu")
+        assert all(callable(getattr(k, name)) for name in ops.OP_NAMES)
+    r = ops.get_kernels("reference", "cpu")
+    partial = {name: getattr(r, name) for name in ops.OP_NAMES if name != "update_swap_"}
+    with pytest.raises(ValueError, match="missing ops {'update_swap_'}"):
+        ops.KernelSet.from_ops("partial", partial)
+
+
+def test_cpp_missing_extension_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "_C", None)
+    monkeypatch.setattr(backends, "_C_ERROR", "ImportError: test")
+    with pytest.raises(RuntimeError, match=r"setup\.py build_ext --inplace"):
+        ops.get_kernels("cpp", torch.device("cpu"))
+    assert "NOT BUILT" in ops.cpp_extension_status()
+    assert "cpp" not in ops.available_backends("cpu")
+
+
+def test_cpp_cuda_not_compiled_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.SimpleNamespace(cuda_compiled=lambda: False, __file__="_C.so")
+    monkeypatch.setattr(backends, "_C", fake)
+    with pytest.raises(RuntimeError, match="CUDA kernels were not compiled"):
+        ops.get_kernels("cpp", torch.device("cuda"))
+    assert "CUDA kernels compiled: no" in ops.cpp_extension_status()
+
+
+def test_triton_cpu_needs_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.get_kernels("triton", torch.device("cpu"))
+
+
+def test_extension_status_line() -> None:
+    status = ops.cpp_extension_status()
+    assert status.startswith("elra_fused._C:")
+    print(status)  # visible with -s / in CI logs
+
+
+@pytest.mark.skipif(not IN_CI, reason="CI-only: proves the CI build produced the extension")
+def test_ci_built_extension() -> None:
+    assert backends._C is not None, ops.cpp_extension_status()
+    nvcc = shutil.which("nvcc") or (
+        os.environ.get("CUDA_HOME")
+        and os.path.exists(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    )
+    if torch.version.cuda and nvcc and os.environ.get("ELRA_SKIP_CUDA_BUILD", "0") in ("", "0"):
+        assert backends._C.cuda_compiled(), ops.cpp_extension_status()
+
+
+# =========================================================================================
+# Determinism
+# =========================================================================================
+def assert_bit_identical_runs(
+    k: ops.KernelSet, op: str, args: tuple, accepts: tuple[bool, ...] = (ACCEPT,)
+) -> None:
+    """Two runs of ``op`` on copies of ``args`` give the same bits (result and every
+    argument it writes), for each coefficient branch in ``accepts``."""
+    case = OP_CASES[op]
+    for accept in accepts:
+        if not case.returns_tensor:
+            args = (*args[:-1], update_coeffs(accept, args[-1].device))
+        runs = []
+        for _ in range(2):
+            copies = clone_args(args)
+            out = getattr(k, op)(*copies)
+            runs.append([out] if case.returns_tensor else [copies[i] for i in case.mutated_indices])
+        for a, b in zip(*runs, strict=True):
+            assert torch.equal(bits(a), bits(b)), (op, accept)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_reductions_bit_identical(backend: str, device: str) -> None:
+    k = kernels_or_skip(backend, device)
+    n = max(SIZES[(backend, device)])
+    gen = gen_for("determinism", backend)
+    xp, x, g = (rand(n, torch.float32, device, gen) for _ in range(3))
+    c = coeffs([DECAY, 100.0], device)
+    assert_bit_identical_runs(k, "dots", (g, xp))
+    assert_bit_identical_runs(k, "dots_recover", (xp, x, g, c))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_swap_bit_identical_runs(backend: str, device: str) -> None:
+    k = kernels_or_skip(backend, device)
+    n = max(SIZES[(backend, device)])
+    gen = gen_for("swap_determinism", backend)
+    args = OP_CASES["update_swap_"].make_inputs(n, torch.float32, device, gen)
+    assert_bit_identical_runs(k, "update_swap_", args, (ACCEPT, RETRACE))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_state_bit_identical_runs(backend: str, device: str) -> None:
+    k = kernels_or_skip(backend, device)
+    n = max(MIXED_SIZES[(backend, device)])
+    gen = gen_for("bf16_determinism", backend)
+    x, g, gp, c = OP_CASES["update_"].make_inputs(n, torch.float32, device, gen, state_dtype=STATE)
+    assert_bit_identical_runs(k, "dots", (g, gp))
+    assert_bit_identical_runs(k, "update_", (x, g, gp, c), (ACCEPT, RETRACE))
+
+
+def _one_and_many_threads(run):
+    """``run()`` with torch's thread count, then with one thread."""
+    threads = torch.get_num_threads()
+    try:
+        many = run()
+        torch.set_num_threads(1)
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    return many, one
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs >= 2 CPU threads")
+def test_cpp_cpu_reductions_independent_of_thread_count() -> None:
+    k = kernels_or_skip("cpp", "cpu")
+    gen = gen_for("threads")
+    n = 3_000_017
+    xp, x, g, c = OP_CASES["dots_recover"].make_inputs(n, torch.float32, "cpu", gen)
+    grads, prevs = OP_CASES["dots_list"].make_inputs(
+        LIST_N, torch.float32, "cpu", gen, shapes=LIST_SHAPES
+    )
+
+    def reductions() -> tuple[torch.Tensor, ...]:
+        return k.dots(g, xp), k.dots_recover(xp, x, g, c), k.dots_list(grads, prevs)
+
+    many, one = _one_and_many_threads(reductions)
+    assert all(torch.equal(a, b) for a, b in zip(many, one, strict=True))
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs >= 2 CPU threads")
+def test_cpp_cpu_update_swap_independent_of_thread_count() -> None:
+    k = kernels_or_skip("cpp", "cpu")
+    gen = gen_for("swap_threads")
+    x, g, gp, c = OP_CASES["update_swap_"].make_inputs(3_000_017, torch.float32, "cpu", gen)
+
+    def run() -> torch.Tensor:
+        out = x.clone()
+        k.update_swap_(out, g, gp, c)
+        return out
+
+    many, one = _one_and_many_threads(run)
+    assert torch.equal(many, one)
+
+
+# =========================================================================================
+# GPU only
+# =========================================================================================
+@needs_cuda
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_cuda_ops_never_sync(backend: str) -> None:
+    k = kernels_or_skip(backend, "cuda")
+    gen = gen_for("sync")
+    n = 1 << 20
+    x, g, gp, cu = OP_CASES["update_"].make_inputs(n, torch.float32, "cuda", gen)
+    cr = coeffs([DECAY, 10.0], "cuda")
+    k.dots(g, gp)  # warm-up: first launch may compile / load modules
+    k.dots_recover(gp, x, g, cr)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        k.dots(g, gp)
+        k.dots_recover(gp, x, g, cr)
+        k.update_(x, g, gp, cu)
+        k.update_recover_(x, g, gp, cu)
+        k.update_swap_(x, g, gp, cu)
+        k.update_swap_(x, g, gp, update_coeffs(RETRACE, "cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
