@@ -67,7 +67,9 @@ def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:
             tensors.extend(v for v in entry.values() if isinstance(v, torch.Tensor))
     if isinstance(opt, ELRA):
         tensors.append(opt.control_state)
-        for store in opt._stores:
+        # Offload's device staging chunks belong to the flat layout's stores, not to
+        # opt.state (the per-parameter layout has no stores).
+        for store in getattr(opt.layout, "stores", []):
             tensors.extend(getattr(store, "staging", []))
     seen: set[tuple[str, int]] = set()
     device_bytes = host_bytes = 0
