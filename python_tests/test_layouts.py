@@ -1,0 +1,274 @@
+"""The two layouts (elra_fused.layouts): per-parameter tensor lists with G_{t-1} kept by
+reference, and flat buffers; what each does with zero_grad, missing gradients, moved
+parameters, groups and a state dict saved by the other."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from _backends import fused_backends
+from _lockstep import (
+    NAN_GRAD,
+    Shadow,
+    data,
+    forward_backward,
+    make_model,
+    run_steps,
+)
+
+from elra_fused import ELRA
+from elra_fused.flat import ParameterMovedError
+
+BACKENDS = fused_backends()
+
+
+@pytest.mark.parametrize("saved_flat", [True, False], ids=["flat_to_lists", "lists_to_flat"])
+def test_state_dict_moves_between_layouts(saved_flat: bool) -> None:
+    """A state saved in one layout loads into the other and continues the same run (up to
+    the summation order of the dots, which differs between the layouts)."""
+    model = make_model()
+    opt = ELRA(model.parameters(), backend=BACKENDS[0], flat=saved_flat, cycle_steps=6)
+    run_steps(opt, model, range(8))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    model2 = make_model(seed=5)
+    model2.load_state_dict(model.state_dict())
+    opt2 = ELRA(model2.parameters(), backend=BACKENDS[0], flat=not saved_flat, cycle_steps=6)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    pairs = list(zip(model.parameters(), model2.parameters(), strict=True))
+    assert all(torch.equal(opt.state[p]["grad_prev"], opt2.state[q]["grad_prev"]) for p, q in pairs)
+    assert run_steps(opt, model, range(8, 12)) == run_steps(opt2, model2, range(8, 12))
+    for p, q in pairs:
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert opt2.alpha == pytest.approx(opt.alpha, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-parameter layout: G_{t-1} kept by reference
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lists_keep_the_gradient_as_grad_prev(backend: str) -> None:
+    """After a step each G_{t-1} is the gradient tensor autograd made: no copy, no buffer."""
+    model = make_model()
+    inputs, target = data()
+    opt = ELRA(model.parameters(), backend=backend, flat=False, cycle_steps=25)
+    for step_index in (0, 1, NAN_GRAD):  # accepts, then a retrace
+        opt.zero_grad()
+        loss = forward_backward(model, inputs, target, step_index)
+        grads = [p.grad for p in model.parameters()]
+        opt.step(loss)
+        params = list(model.parameters())
+        assert all(opt.state[p]["grad_prev"] is g for p, g in zip(params, grads, strict=True))
+    assert opt.last_step_retraced
+    # The retrace copied G_{t-1} back over the rejected (NaN) gradient.
+    assert all(torch.isfinite(opt.state[p]["grad_prev"]).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lists_copy_gradients_that_are_views_into_a_shared_buffer(backend: str) -> None:
+    """DDP with gradient_as_bucket_view=True makes each .grad a view into its bucket and
+    rewrites the bucket in place in the next backward. Such a G_t is copied into ELRA's
+    own G_{t-1} instead of kept by reference: the run equals one with ordinary gradients,
+    retraces and the NaN gradient included."""
+    inputs, target = data()
+    runs = []
+    for as_views in (False, True):
+        model = make_model()
+        params = list(model.parameters())
+        opt = ELRA(params, backend=backend, flat=False, cycle_steps=25)
+        bucket = torch.zeros(sum(p.numel() for p in params))  # reused every step
+        decisions = []
+        for step_index in range(130):
+            opt.zero_grad()
+            loss = forward_backward(model, inputs, target, step_index)
+            if as_views:
+                offset = 0
+                for p in params:
+                    view = bucket[offset : offset + p.numel()].view_as(p)
+                    view.copy_(p.grad)
+                    p.grad = view
+                    offset += p.numel()
+            opt.step(loss)
+            decisions.append(opt.last_step_retraced)
+            assert all(opt.state[p]["grad_prev"]._base is None for p in params)
+        runs.append((decisions, [p.detach().clone() for p in params]))
+    (d_plain, p_plain), (d_views, p_views) = runs
+    assert d_plain == d_views and sum(d_plain) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(p_plain, p_views, strict=True))
+
+
+@pytest.mark.parametrize("change", ["model_zero_grad_in_place", "backward_without_zero_grad"])
+def test_lists_refuse_a_grad_prev_changed_in_place(change: str) -> None:
+    """The tensor kept as G_{t-1} was written after the step: a clear error, nothing changed."""
+    model = make_model()
+    inputs, target = data()
+    opt = ELRA(model.parameters(), backend=BACKENDS[0], flat=False)
+    opt.zero_grad()
+    opt.step(forward_backward(model, inputs, target, 0))
+    if change == "model_zero_grad_in_place":
+        model.zero_grad(set_to_none=False)
+    loss = forward_backward(model, inputs, target, 1)  # accumulates into G_{t-1}
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = opt.control_state.clone()
+    with pytest.raises(RuntimeError, match="modified in place.*flat=True"):
+        opt.step(loss)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert torch.equal(opt.control_state, state_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lists_zero_grad_without_none_and_repeated_steps(backend: str) -> None:
+    """opt.zero_grad(set_to_none=False) (new zero tensors, G_{t-1} untouched) and a second
+    step on the same gradient (G_t = G_{t-1}, held apart by one copy): lock step with
+    the float64 reference."""
+    model = make_model()
+    inputs, target = data()
+    opt = ELRA(model.parameters(), backend=backend, flat=False, cycle_steps=10)
+    shadow = Shadow(opt)
+    for step_index in range(40):
+        opt.zero_grad(set_to_none=False)
+        if step_index > 0:
+            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        loss = forward_backward(model, inputs, target, step_index)
+        shadow.step(loss)
+        shadow.assert_matches(step_index)
+        if step_index % 7 == 3:  # no backward in between
+            shadow.step(loss)
+            shadow.assert_matches(step_index)
+
+
+def test_lists_follow_a_model_moved_after_construction() -> None:
+    """No buffer to fall out of: a parameter cast after the optimizer was built still
+    trains (reference backend) or gets a clear dtype error (fused backends)."""
+    inputs, target = data()
+
+    def cast_and_backward(model: torch.nn.Module) -> torch.Tensor:
+        model.double()
+        loss = torch.nn.functional.mse_loss(model(inputs.double()), target.double())
+        loss.backward()
+        return loss
+
+    model = make_model()
+    opt = ELRA(model.parameters(), backend="reference", flat=False)
+    loss = cast_and_backward(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(loss)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    if BACKENDS[0] == "reference":
+        return
+    model = make_model()
+    opt = ELRA(model.parameters(), backend=BACKENDS[0], flat=False)
+    loss = cast_and_backward(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="float64"):
+        opt.step(loss)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_flat_zero_grad_keeps_buffer_views() -> None:
+    model = make_model()
+    opt = ELRA(model.parameters(), backend="reference", flat=True)
+    inputs, target = data()
+    forward_backward(model, inputs, target, 0)
+    opt.zero_grad()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.abs().sum() == 0 for g in grads)
+    forward_backward(model, inputs, target, 0)
+    assert all(g.abs().sum() > 0 for g in grads)  # autograd accumulated into the views
+
+
+def test_set_to_none_grads_give_the_same_step() -> None:
+    results = []
+    for set_to_none in (False, True):
+        model = make_model()
+        inputs, target = data()
+        opt = ELRA(model.parameters(), backend="reference", flat=True)
+        for step_index in range(5):
+            if set_to_none:
+                model.zero_grad(set_to_none=True)
+            else:
+                opt.zero_grad()
+            opt.step(forward_backward(model, inputs, target, step_index))
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(results[0], results[1])
+
+
+def test_flat_skips_params_without_grad_even_with_weight_decay() -> None:
+    model = make_model()
+    extra = torch.nn.Parameter(torch.ones(4))
+    opt = ELRA([*model.parameters(), extra], backend="reference", flat=True, wd=0.5)
+    inputs, target = data()
+    for step_index in range(4):
+        model.zero_grad(set_to_none=True)
+        extra.grad = None
+        opt.step(forward_backward(model, inputs, target, step_index))
+    assert torch.equal(extra.detach(), torch.ones(4))
+
+
+def test_param_groups_frozen_params_and_group_wd_in_flat_mode() -> None:
+    model = make_model()
+    model[2].bias.requires_grad_(False)
+    frozen_before = model[2].bias.detach().clone()
+    opt = ELRA(
+        [
+            {"params": list(model[0].parameters()), "wd": 0.9},
+            {"params": list(model[2].parameters())},
+        ],
+        backend="reference",
+        flat=True,
+    )
+    reference_model = make_model()
+    reference_model[2].bias.requires_grad_(False)
+    reference = ELRA(
+        [
+            {"params": list(reference_model[0].parameters()), "wd": 0.9},
+            {"params": list(reference_model[2].parameters())},
+        ],
+        backend="reference",
+    )
+    inputs, target = data()
+    for step_index in range(10):
+        opt.zero_grad()
+        reference.zero_grad()
+        opt.step(forward_backward(model, inputs, target, step_index))
+        reference.step(forward_backward(reference_model, inputs, target, step_index))
+    for p, r in zip(model.parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+    assert torch.equal(model[2].bias.detach(), frozen_before)
+
+
+def test_moved_model_raises_and_keeps_weights() -> None:
+    model = make_model()
+    opt = ELRA(model.parameters(), backend="reference", flat=True)
+    inputs, target = data()
+    model.double()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = torch.nn.functional.mse_loss(model(inputs.double()), target.double())
+    loss.backward()
+    with pytest.raises(ParameterMovedError, match="moved or re-allocated"):
+        opt.step(loss)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
+def test_param_group_added_later(flat: bool) -> None:
+    """A group added after construction gets its own flat buffer, or joins the lists."""
+    model = make_model()
+    opt = ELRA(list(model[0].parameters()), backend=BACKENDS[0], flat=flat)
+    opt.add_param_group({"params": list(model[2].parameters()), "wd": 0.5})
+    before = model[2].weight.detach().clone()
+    inputs, target = data()
+    opt.zero_grad()
+    opt.step(forward_backward(model, inputs, target, 0))
+    # first step: x_1 = wd x_0 - alpha_0 G_0 with wd = 0.5 for the added group
+    expected = 0.5 * before - opt.alpha * model[2].weight.grad
+    torch.testing.assert_close(model[2].weight.detach(), expected, rtol=1e-6, atol=1e-7)
+    if opt.backend != "reference":
+        bad = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+        with pytest.raises(ValueError, match="does not support"):
+            opt.add_param_group({"params": [bad]})
+        assert len(opt.param_groups) == 2
