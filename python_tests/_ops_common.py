@@ -12,9 +12,10 @@ import zlib
 
 import pytest
 import torch
-from _backends import CUDA_MARKS, FUSED_BACKENDS
+from _backends import CUDA_MARKS, FUSED_BACKENDS, kernels_or_skip
 
-from elra_fused.ops.cases import BACK, DECAY, STEP, update_coeffs
+from elra_fused import ops
+from elra_fused.ops.cases import BACK, DECAY, OP_CASES, STEP, OpCase, update_coeffs
 
 __all__ = ["BACK", "DECAY", "STEP", "update_coeffs"]  # re-exported for the test files
 
@@ -110,6 +111,23 @@ def gen_for(*key: object) -> torch.Generator:
     """A generator seeded from the test's parameters: fresh data per case, reproducible
     across runs (crc32, unlike hash(), does not depend on PYTHONHASHSEED)."""
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def prepare(
+    op: str,
+    backend: str,
+    device: str,
+    dtype: torch.dtype,
+    state: torch.dtype | None,
+    n: int,
+    accept: bool = ACCEPT,
+) -> tuple[ops.KernelSet, OpCase, tuple]:
+    """The backend's kernels (or skip), the op's case and its fresh arguments, seeded from
+    all of these parameters."""
+    k = kernels_or_skip(backend, device)
+    case = OP_CASES[op]
+    gen = gen_for(op, backend, dtype, state, n, accept)
+    return k, case, case.make_inputs(n, dtype, device, gen, state_dtype=state, accept=accept)
 
 
 def coeffs(values: list[float], device: str) -> torch.Tensor:

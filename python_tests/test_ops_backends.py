@@ -109,13 +109,11 @@ def test_ci_built_extension() -> None:
 # =========================================================================================
 # Determinism
 # =========================================================================================
-def assert_bit_identical_runs(
-    k: ops.KernelSet, op: str, args: tuple, accepts: tuple[bool, ...] = (ACCEPT,)
-) -> None:
-    """Two runs of ``op`` on copies of ``args`` give the same bits (result and every
-    argument it writes), for each coefficient branch in ``accepts``."""
+def assert_bit_identical_runs(k: ops.KernelSet, op: str, args: tuple) -> None:
+    """Two runs of ``op`` on copies of ``args`` give the same bits: the result of a
+    reduction, every argument an update writes (on accept and on a retrace)."""
     case = OP_CASES[op]
-    for accept in accepts:
+    for accept in (ACCEPT,) if case.returns_tensor else (ACCEPT, RETRACE):
         if not case.returns_tensor:
             args = (*args[:-1], update_coeffs(accept, args[-1].device))
         runs = []
@@ -127,37 +125,27 @@ def assert_bit_identical_runs(
             assert torch.equal(bits(a), bits(b)), (op, accept)
 
 
+@pytest.mark.parametrize("group", ["reductions", "update_swap", "bf16_state"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_reductions_bit_identical(backend: str, device: str) -> None:
+def test_bit_identical_runs(backend: str, device: str, group: str) -> None:
+    """Reruns are bit-identical at the largest size: the reductions, swap mode, and the
+    compact bf16 state (dots and update_)."""
     k = kernels_or_skip(backend, device)
-    n = max(SIZES[(backend, device)])
-    gen = gen_for("determinism", backend)
-    xp, x, g = (rand(n, torch.float32, device, gen) for _ in range(3))
-    c = coeffs([DECAY, 100.0], device)
-    assert_bit_identical_runs(k, "dots", (g, xp))
-    assert_bit_identical_runs(k, "dots_recover", (xp, x, g, c))
-
-
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_update_swap_bit_identical_runs(backend: str, device: str) -> None:
-    k = kernels_or_skip(backend, device)
-    n = max(SIZES[(backend, device)])
-    gen = gen_for("swap_determinism", backend)
-    args = OP_CASES["update_swap_"].make_inputs(n, torch.float32, device, gen)
-    assert_bit_identical_runs(k, "update_swap_", args, (ACCEPT, RETRACE))
-
-
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_bf16_state_bit_identical_runs(backend: str, device: str) -> None:
-    k = kernels_or_skip(backend, device)
-    n = max(MIXED_SIZES[(backend, device)])
-    gen = gen_for("bf16_determinism", backend)
-    x, g, gp, c = OP_CASES["update_"].make_inputs(n, torch.float32, device, gen, state_dtype=STATE)
-    assert_bit_identical_runs(k, "dots", (g, gp))
-    assert_bit_identical_runs(k, "update_", (x, g, gp, c), (ACCEPT, RETRACE))
+    gen = gen_for("determinism", group, backend)
+    f32 = torch.float32
+    if group == "bf16_state":
+        n = max(MIXED_SIZES[(backend, device)])
+        x, g, gp, c = OP_CASES["update_"].make_inputs(n, f32, device, gen, state_dtype=STATE)
+        runs = [("dots", (g, gp)), ("update_", (x, g, gp, c))]
+    elif group == "reductions":
+        xp, x, g = (rand(max(SIZES[(backend, device)]), f32, device, gen) for _ in range(3))
+        runs = [("dots", (g, xp)), ("dots_recover", (xp, x, g, coeffs([DECAY, 100.0], device)))]
+    else:
+        n = max(SIZES[(backend, device)])
+        runs = [("update_swap_", OP_CASES["update_swap_"].make_inputs(n, f32, device, gen))]
+    for op, args in runs:
+        assert_bit_identical_runs(k, op, args)
 
 
 def _one_and_many_threads(run):

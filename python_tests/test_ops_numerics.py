@@ -30,6 +30,7 @@ from _ops_common import (
     nan_like,
     numeric_cases,
     poison_allocator,
+    prepare,
     update_coeffs,
     update_envelope,
 )
@@ -69,11 +70,8 @@ def test_dots(backend: str, device: str, dtype: torch.dtype, state, n: int) -> N
 
 @pytest.mark.parametrize(NUMERIC_ARGS, numeric_cases())
 def test_dots_recover(backend: str, device: str, dtype: torch.dtype, state, n: int) -> None:
-    k = kernels_or_skip(backend, device)
-    case = OP_CASES["dots_recover"]
-    gen = gen_for("dots_recover", backend, dtype, n)
     # x = decay * x_prev - ALPHA_PREV * G_prev (rounded to dtype), coeffs [decay, 1/alpha].
-    x_prev, x, g, c = case.make_inputs(n, dtype, device, gen, state_dtype=state)
+    k, case, (x_prev, x, g, c) = prepare("dots_recover", backend, device, dtype, state, n)
     poison_allocator(device)
     out = k.dots_recover(x_prev, x, g, c)
     assert out.dtype == torch.float64 and out.shape == (2,)
@@ -123,10 +121,7 @@ def test_recover_beats_naive_two_dot_formula(backend: str, device: str) -> None:
 def test_update(
     backend: str, device: str, dtype: torch.dtype, state, n: int, accept: bool
 ) -> None:
-    k = kernels_or_skip(backend, device)
-    case = OP_CASES["update_"]
-    gen = gen_for("update", backend, dtype, state, n, accept)
-    x, g, gp, c = case.make_inputs(n, dtype, device, gen, state_dtype=state, accept=accept)
+    k, case, (x, g, gp, c) = prepare("update_", backend, device, dtype, state, n, accept)
     # Two oracles: float64 math rounded once to the storage dtypes (in place on copies),
     # and float64 math kept in float64 (it reads the bf16 state exactly).
     x_ref, _, gp_ref, _ = expected = clone_args((x, g, gp, c))
@@ -151,11 +146,9 @@ def test_update(
 def test_update_recover(
     backend: str, device: str, dtype: torch.dtype, state, n: int, accept: bool
 ) -> None:
-    k = kernels_or_skip(backend, device)
-    case = OP_CASES["update_recover_"]
-    gen = gen_for("update_recover", backend, dtype, n, accept)
     # x_prev = x + 1e-3 randn: the points of two consecutive steps.
-    x, g, x_prev, c = case.make_inputs(n, dtype, device, gen, state_dtype=state, accept=accept)
+    k, case, args = prepare("update_recover_", backend, device, dtype, state, n, accept)
+    x, g, x_prev, c = args
     x_ref, _, xp_ref, _ = expected = clone_args((x, g, x_prev, c))
     case.reference(*expected)
     xd, xpd = x.double(), x_prev.double()
@@ -269,10 +262,7 @@ def rounding_stress(n: int, dtype: torch.dtype, device: str, gen: torch.Generato
 def test_update_swap(
     backend: str, device: str, dtype: torch.dtype, state, n: int, accept: bool
 ) -> None:
-    k = kernels_or_skip(backend, device)
-    case = OP_CASES["update_swap_"]
-    gen = gen_for("update_swap", backend, dtype, n, accept)
-    x, g, gp, c = case.make_inputs(n, dtype, device, gen, state_dtype=state, accept=accept)
+    k, case, (x, g, gp, c) = prepare("update_swap_", backend, device, dtype, state, n, accept)
     # The float64 oracle on float64 copies, rounded to dtype once at the end.
     x_exp, g_exp, gp_exp = x.double(), g.double(), gp.double()
     case.reference(x_exp, g_exp, gp_exp, c)

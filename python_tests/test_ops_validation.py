@@ -86,45 +86,28 @@ def test_bad_dots_inputs(backend: str) -> None:
 # =========================================================================================
 # Compact state: which dtype combinations are rejected
 # =========================================================================================
+def vecs(*dtypes: torch.dtype, coeffs: torch.Tensor | None = None) -> Callable[[], tuple]:
+    """A factory of fresh arguments: one 32-element vector per dtype, then ``coeffs``."""
+    tail = () if coeffs is None else (coeffs,)
+    return lambda: (*(vec(d) for d in dtypes), *tail)
+
+
+F32, F16, F64, BF16 = torch.float32, torch.float16, torch.float64, torch.bfloat16
+
+
 def _bad_state_cases() -> list[tuple[str, str, Callable[[], tuple], str]]:
     """(id, op, args factory, message regex); every case must raise TypeError."""
-    f32, f16, f64, bf16 = torch.float32, torch.float16, torch.float64, torch.bfloat16
     c = update_coeffs(ACCEPT, "cpu")
     cr = recover_coeffs("cpu", alpha_prev=0.1)
     return [
-        ("dots_fp16_state", "dots", lambda: (vec(f32), vec(f16)), STATE_DTYPE_MSG),
-        (
-            "update_fp16_state",
-            "update_",
-            lambda: (vec(f32), vec(f32), vec(f16), c),
-            STATE_DTYPE_MSG,
-        ),
-        ("dots_fp64_state", "dots", lambda: (vec(f32), vec(f64)), STATE_DTYPE_MSG),
-        (
-            "update_fp64_state",
-            "update_",
-            lambda: (vec(f32), vec(f32), vec(f64), c),
-            STATE_DTYPE_MSG,
-        ),
-        (
-            "update_fp32_state_fp16_x",
-            "update_",
-            lambda: (vec(f16), vec(f16), vec(f32), c),
-            "grad_prev",
-        ),
+        ("dots_fp16_state", "dots", vecs(F32, F16), STATE_DTYPE_MSG),
+        ("update_fp16_state", "update_", vecs(F32, F32, F16, coeffs=c), STATE_DTYPE_MSG),
+        ("dots_fp64_state", "dots", vecs(F32, F64), STATE_DTYPE_MSG),
+        ("update_fp64_state", "update_", vecs(F32, F32, F64, coeffs=c), STATE_DTYPE_MSG),
+        ("update_fp32_state_fp16_x", "update_", vecs(F16, F16, F32, coeffs=c), "grad_prev"),
         # x_prev is a point: it must have x's dtype, bf16 included.
-        (
-            "dots_recover_bf16",
-            "dots_recover",
-            lambda: (vec(bf16), vec(f32), vec(f32), cr),
-            SHARE_DTYPE_MSG,
-        ),
-        (
-            "update_recover_bf16",
-            "update_recover_",
-            lambda: (vec(f32), vec(f32), vec(bf16), c),
-            SHARE_DTYPE_MSG,
-        ),
+        ("dots_recover_bf16", "dots_recover", vecs(BF16, F32, F32, coeffs=cr), SHARE_DTYPE_MSG),
+        ("update_recover_bf16", "update_recover_", vecs(F32, F32, BF16, coeffs=c), SHARE_DTYPE_MSG),
     ]
 
 
@@ -161,20 +144,11 @@ def test_reference_accepts_float64_with_bf16_state() -> None:
 def _bad_swap_cases() -> list[tuple[str, Callable[[], tuple], str]]:
     """update_swap_-specific dtype rules: everything must share x's dtype. Every case
     raises TypeError."""
-    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
     return [
-        (
-            "bf16_grad_prev",
-            lambda: (vec(f32), vec(f32), vec(bf16)),
-            "grad_prev has dtype .*" + SHARE_DTYPE_MSG,
-        ),
-        ("fp16_x_bf16_grad_prev", lambda: (vec(f16), vec(f16), vec(bf16)), "grad_prev"),
-        (
-            "bf16_grad",
-            lambda: (vec(f32), vec(bf16), vec(f32)),
-            "grad has dtype .*" + SHARE_DTYPE_MSG,
-        ),
-        ("fp32_grad_prev_fp16_x", lambda: (vec(f16), vec(f16), vec(f32)), "grad_prev"),
+        ("bf16_grad_prev", vecs(F32, F32, BF16), "grad_prev has dtype .*" + SHARE_DTYPE_MSG),
+        ("fp16_x_bf16_grad_prev", vecs(F16, F16, BF16), "grad_prev"),
+        ("bf16_grad", vecs(F32, BF16, F32), "grad has dtype .*" + SHARE_DTYPE_MSG),
+        ("fp32_grad_prev_fp16_x", vecs(F16, F16, F32), "grad_prev"),
     ]
 
 

@@ -8,6 +8,7 @@ The C++ kernels raise the same messages from ``csrc/elra_common.h``; keep both i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -145,10 +146,10 @@ def validate_dots_recover(
 
 def validate_update(
     op: str,
+    other_name: str,
     x: torch.Tensor,
     grad: torch.Tensor,
     other: torch.Tensor,
-    other_name: str,
     coeffs: torch.Tensor,
     dtypes: Dtypes = SUPPORTED_DTYPES,
     check_overlap: bool = False,
@@ -162,20 +163,6 @@ def validate_update(
     _check_coeffs(op, coeffs, ref.UPDATE_COEFFS_LEN, x)
     if check_overlap:
         _check_no_overlap(op, [("x", x), ("grad", grad), (other_name, other)])
-
-
-def _update_validator(op: str, other_name: str) -> Callable[..., None]:
-    def validate(
-        x: torch.Tensor,
-        grad: torch.Tensor,
-        other: torch.Tensor,
-        coeffs: torch.Tensor,
-        dtypes: Dtypes = SUPPORTED_DTYPES,
-        check_overlap: bool = False,
-    ) -> None:
-        validate_update(op, x, grad, other, other_name, coeffs, dtypes, check_overlap)
-
-    return validate
 
 
 def _list_validator(op: str, single: Callable[..., None]) -> Callable[..., None]:
@@ -199,9 +186,9 @@ def _list_validator(op: str, single: Callable[..., None]) -> Callable[..., None]
 _SINGLE_VALIDATORS: dict[str, Callable[..., None]] = {
     "dots": validate_dots,
     "dots_recover": validate_dots_recover,
-    "update_": _update_validator("update_", "grad_prev"),
-    "update_recover_": _update_validator("update_recover_", "x_prev"),
-    "update_swap_": _update_validator("update_swap_", "grad_prev"),
+    "update_": functools.partial(validate_update, "update_", "grad_prev"),
+    "update_recover_": functools.partial(validate_update, "update_recover_", "x_prev"),
+    "update_swap_": functools.partial(validate_update, "update_swap_", "grad_prev"),
 }
 #: One validator per op; signature: the op's arguments, then ``dtypes``, ``check_overlap``.
 VALIDATORS: dict[str, Callable[..., None]] = {
