@@ -149,7 +149,7 @@ def add_timing_flags(
 ) -> None:
     """``--repeats`` (timed rounds; default ``repeats``, ``None`` = adaptive, see
     ``time_repeated``) and, when the script has a separate warm-up, ``--warmup``."""
-    adaptive = f"about {TARGET_SECONDS:g} s per measurement ({MIN_REPEATS}-{MAX_REPEATS})"
+    adaptive = f"as many as fit in about {TARGET_SECONDS:g} s, {MIN_REPEATS} to {MAX_REPEATS}"
     parser.add_argument(
         "--repeats",
         type=int,

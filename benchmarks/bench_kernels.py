@@ -309,7 +309,9 @@ def print_results(rows: list[dict[str, object]]) -> None:
 
 def main() -> None:
     parser = harness.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="elements per vector"
+    )
     harness.add_timing_flags(parser, repeats=None, warmup=2)
     args = parser.parse_args()
     device = harness.resolve_device(args.device)
