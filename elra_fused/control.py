@@ -2,26 +2,15 @@
 
 Everything here is a pure function over a packed float64 state and scalars, written with
 ``xp.where`` instead of Python branches on values. This is the one implementation of the
-law: every backend (reference, triton, cpp) calls it between its ``dots`` and ``update``
-passes. It is evaluated in one of two number systems (``xp``), with the same bits:
-
-* :data:`TENSOR_MATH` (the default): 0-d float64 tensors on the parameters' device. It
-  never reads a value back to the host and can be captured in a CUDA graph.
-* :data:`FLOAT_MATH`: Python floats with torch's IEEE semantics (NaN propagation,
-  division by zero gives +-inf / NaN). For parameters on the CPU, where the "device" is
-  the host: there a 0-d tensor op costs ~1 us of dispatch, and the ~200 of them cost
-  more than the whole law in floats (~150 us vs ~25 us per step).
-
-On a GPU the ~200 tensor ops would be ~200 kernel launches per step (their dispatch
-alone is ~150 us on our CPU; both memory passes at 16M parameters take ~70 us on an H200
-by bandwidth). :func:`compiled_control_step` is the same function through
-``torch.compile``: inductor fuses the law into one or a few kernels (measured on the
-CPU: 157 -> 33 us per call, bit-identical over 200 random steps with spikes and cycle
-closes).
-
-Bit-identity of the two is by construction (the same IEEE double operations in the same
-order; a scalar divided by a tensor is written ``k * (1.0 / x)``, which is what torch
-computes for ``k / x``) and is tested step by step.
+law: every backend (reference, triton, cpp) runs it between its ``dots`` and ``update``
+passes, in one of two number systems with the same bits (:mod:`elra_fused.control_math`:
+0-d device tensors, sync-free and graph-capturable, or Python floats for CPU parameters,
+~25 instead of ~150 us per step). Bit-identity is by construction (the same IEEE double
+operations in the same order; a scalar divided by a tensor is written ``k * (1.0 / x)``,
+which is what torch computes for ``k / x``) and is tested step by step. On a GPU the ~200
+tensor ops would be ~200 launches per step; :func:`compiled_control_step` is the same law
+through ``torch.compile`` (fused into a few kernels; on the CPU 157 -> 33 us per call,
+bit-identical). :class:`ControlRunner`, at the end, picks among the three each step.
 
 Notation (paper numbering): x_t parameters, G_t gradient, f_t loss, alpha_t step size,
 ``Ga = ||G_{t-1}||^2``, ``S = <G_{t-1}, G_t>``.
@@ -59,22 +48,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from .control_math import FLOAT_MATH, TENSOR_MATH, FloatMath, Math, TensorMath, all_finite
-
-__all__ = [
-    "FLOAT_MATH",
-    "TENSOR_MATH",
-    "ControlConfig",
-    "ControlRunner",
-    "Decision",
-    "FloatMath",
-    "Math",
-    "TensorMath",
-    "all_finite",
-    "close_cycle",
-    "control_step",
-    "initial_state",
-]
+from .control_math import FLOAT_MATH, TENSOR_MATH, Math, all_finite
 
 # ---------------------------------------------------------------------------------------
 # Paper constants (defaults of the constructor arguments).
