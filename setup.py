@@ -22,8 +22,10 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/elra_ops.cpp", f"{CSRC}/elra_list_ops.cpp"]
-CUDA_SOURCES = [f"{CSRC}/elra_ops_cuda.cu"]
+# csrc/ by device: common.h (shared checks) is included by both; module.cpp registers the
+# CPU table always and the CUDA table when ELRA_WITH_CUDA is defined.
+CPU_SOURCES = [f"{CSRC}/module.cpp", f"{CSRC}/cpu/ops.cpp", f"{CSRC}/cpu/list_ops.cpp"]
+CUDA_SOURCES = [f"{CSRC}/cuda/ops.cu", f"{CSRC}/cuda/list_ops.cpp"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 # Portable flags only: the built artefact may run on another x86-64 machine, so no

@@ -1,5 +1,7 @@
-// CUDA kernels of the five ELRA vector passes (semantics: elra_fused/reference_ops.py)
-// and their TORCH_LIBRARY_IMPL(CUDA) registration.
+// CUDA kernels of the ELRA vector passes (semantics: elra_fused/reference_ops.py): the
+// single-tensor ops dots, dots_recover and update_ / update_recover_ / update_swap_ (one
+// update kernel with compile-time flags), and the CUDA table of implementations that
+// module.cpp registers (the list ops are in cuda/list_ops.cpp).
 //
 // Pattern (as in apex's multi_tensor_l2norm / fused LAMB): reductions write one fp64
 // partial per block into a fixed slot, then a single finishing block sums the slots in a
@@ -25,9 +27,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "elra_common.h"
+#include "../common.h"
 
-namespace elra {
+namespace elra::cuda {
 namespace {
 
 constexpr int kThreads = 256;           // threads per block (8 warps)
@@ -70,7 +72,7 @@ __device__ __forceinline__ S to_state(T v) {
   }
 }
 
-// See recover_diff in elra_ops.cpp: (x_prev - x) + (decay - 1) * x_prev keeps the small
+// See recover_diff in cpu/kernels.h: (x_prev - x) + (decay - 1) * x_prev keeps the small
 // difference exact where decay * x_prev - x would round away most of it in fp32.
 __device__ __forceinline__ float recover_diff(float xp, float x, float decay_m1) {
   return (xp - x) + decay_m1 * xp;
@@ -198,15 +200,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Element-wise update. other = grad_prev (standard) or x_prev (recover), stored as S
-// (T, or bfloat16 for a compact grad_prev). `accept` is uniform across the grid, so the
-// branch does not diverge; on a retrace `g` is never loaded, so a non-finite gradient
-// cannot reach x.
-template <typename T, typename S, bool kRecover>
+// Element-wise update: update_, update_recover_ (kRecover) and update_swap_ (kSwap) in one
+// kernel (UpdateOp in common.h). other = grad_prev (standard, swap) or x_prev (recover),
+// stored as S (T, or bfloat16 for a compact grad_prev). Accept: x <- decay * x - step * g
+// and other <- g (standard) or x (recover); swap mode writes only x (the caller swaps the
+// roles of grad and grad_prev). Retrace: x <- x + back * dir; swap mode also writes
+// g <- grad_prev (bit copy). `accept` is uniform across the grid, so the branch does not
+// diverge; on a retrace `g` is never loaded, so a non-finite gradient cannot reach x.
+template <typename T, typename S, bool kRecover, bool kSwap>
 __global__ void __launch_bounds__(kThreads)
-    update_kernel(T* __restrict__ x, const T* __restrict__ g, S* __restrict__ other,
+    update_kernel(T* __restrict__ x, UpdateGradPtr<T, kSwap> __restrict__ g,
+                  UpdateOtherPtr<S, kSwap> __restrict__ other,
                   const double* __restrict__ coeffs, int64_t n, bool vec_ok) {
   static_assert(!kRecover || std::is_same_v<T, S>, "x_prev is a point: stored like x");
+  static_assert(!kSwap || std::is_same_v<T, S>, "swap mode: grad and grad_prev trade roles");
   constexpr int kN = kPackN<T>;
   using P = Pack<T, kN>;
   using PS = Pack<S, kN>;
@@ -221,20 +228,20 @@ __global__ void __launch_bounds__(kThreads)
   if (vec_ok) {
     const int64_t n_vec = n / kN;
     P* xv = reinterpret_cast<P*>(x);
-    PS* ov = reinterpret_cast<PS*>(other);
+    const auto gv = reinterpret_cast<UpdateGradPtr<P, kSwap>>(g);
+    const auto ov = reinterpret_cast<UpdateOtherPtr<PS, kSwap>>(other);
     if (accept) {
-      const P* gv = reinterpret_cast<const P*>(g);
       for (int64_t k = tid; k < n_vec; k += stride) {
         const P px = xv[k];
         const P pg = gv[k];
         P nx;
-        PS no;
+        [[maybe_unused]] PS no;
 #pragma unroll
         for (int j = 0; j < kN; ++j) {
           nx.v[j] = static_cast<T>(decay * to_f(px.v[j]) - step * to_f(pg.v[j]));
-          no.v[j] = to_state<T, S>(kRecover ? px.v[j] : pg.v[j]);
+          if constexpr (!kSwap) no.v[j] = to_state<T, S>(kRecover ? px.v[j] : pg.v[j]);
         }
-        ov[k] = no;
+        if constexpr (!kSwap) ov[k] = no;
         xv[k] = nx;
       }
     } else {
@@ -249,6 +256,7 @@ __global__ void __launch_bounds__(kThreads)
           const float dir = kRecover ? recover_diff(oj, xj, decay_m1) : oj;
           nx.v[j] = static_cast<T>(xj + back * dir);
         }
+        if constexpr (kSwap) gv[k] = po;
         xv[k] = nx;
       }
     }
@@ -259,71 +267,14 @@ __global__ void __launch_bounds__(kThreads)
     const float xf = to_f(xi);
     if (accept) {
       const T gi = g[i];
-      other[i] = to_state<T, S>(kRecover ? xi : gi);
+      if constexpr (!kSwap) other[i] = to_state<T, S>(kRecover ? xi : gi);
       x[i] = static_cast<T>(decay * xf - step * to_f(gi));
     } else {
-      const float of = to_f(other[i]);
+      const S oi = other[i];
+      if constexpr (kSwap) g[i] = oi;
+      const float of = to_f(oi);
       const float dir = kRecover ? recover_diff(of, xf, decay_m1) : of;
       x[i] = static_cast<T>(xf + back * dir);
-    }
-  }
-}
-
-// Swap mode (reference_ops.update_swap_): accept writes only x (grad / grad_prev are
-// untouched: the caller swaps their roles); a retrace writes x and grad <- grad_prev (bit
-// copy) and never loads grad. All three vectors share dtype T.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    update_swap_kernel(T* __restrict__ x, T* __restrict__ g, const T* __restrict__ gp,
-                       const double* __restrict__ coeffs, int64_t n, bool vec_ok) {
-  constexpr int kN = kPackN<T>;
-  using P = Pack<T, kN>;
-  const bool accept = coeffs[kCoefAccept] != 0.0;
-  const float decay = static_cast<float>(coeffs[kCoefDecay]);
-  const float step = static_cast<float>(coeffs[kCoefStep]);
-  const float back = static_cast<float>(coeffs[kCoefBack]);
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t scalar_begin = 0;
-  if (vec_ok) {
-    const int64_t n_vec = n / kN;
-    P* xv = reinterpret_cast<P*>(x);
-    P* gv = reinterpret_cast<P*>(g);
-    if (accept) {
-      for (int64_t k = tid; k < n_vec; k += stride) {
-        const P px = xv[k];
-        const P pg = gv[k];
-        P nx;
-#pragma unroll
-        for (int j = 0; j < kN; ++j) {
-          nx.v[j] = static_cast<T>(decay * to_f(px.v[j]) - step * to_f(pg.v[j]));
-        }
-        xv[k] = nx;
-      }
-    } else {
-      const P* gpv = reinterpret_cast<const P*>(gp);
-      for (int64_t k = tid; k < n_vec; k += stride) {
-        const P px = xv[k];
-        const P pgp = gpv[k];
-        P nx;
-#pragma unroll
-        for (int j = 0; j < kN; ++j) {
-          nx.v[j] = static_cast<T>(to_f(px.v[j]) + back * to_f(pgp.v[j]));
-        }
-        gv[k] = pgp;
-        xv[k] = nx;
-      }
-    }
-    scalar_begin = n_vec * kN;
-  }
-  for (int64_t i = scalar_begin + tid; i < n; i += stride) {  // tail (or unaligned input)
-    const float xf = to_f(x[i]);
-    if (accept) {
-      x[i] = static_cast<T>(decay * xf - step * to_f(g[i]));
-    } else {
-      const T gpi = gp[i];
-      g[i] = gpi;
-      x[i] = static_cast<T>(xf + back * to_f(gpi));
     }
   }
 }
@@ -397,73 +348,32 @@ at::Tensor dots_recover_cuda(const at::Tensor& x_prev, const at::Tensor& x,
   return out;
 }
 
-template <bool kRecover>
-void launch_update(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& other,
-                   const at::Tensor& coeffs) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t n = x.numel();
-  if (n == 0) return;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update", [&] {
-    const auto launch = [&](auto* tag) {
-      using S = std::remove_pointer_t<decltype(tag)>;  // other: scalar_t or bfloat16
-      const bool vec_ok = aligned_pack<scalar_t, scalar_t>(x.const_data_ptr()) &&
-                          aligned_pack<scalar_t, scalar_t>(grad.const_data_ptr()) &&
-                          aligned_pack<scalar_t, S>(other.const_data_ptr());
-      const int64_t blocks = elementwise_blocks<scalar_t>(n);
-      update_kernel<scalar_t, S, kRecover>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-              x.data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), other.data_ptr<S>(),
-              coeffs.const_data_ptr<double>(), n, vec_ok);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if constexpr (kRecover) {
-      launch(static_cast<scalar_t*>(nullptr));  // x_prev: always x's dtype
-    } else {
-      dispatch_state_type<scalar_t>(other.scalar_type(), launch);
-    }
-  });
-}
-
-void update_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& grad_prev,
+// update_, update_recover_ and update_swap_ (UpdateOp in common.h).
+template <bool kRecover, bool kSwap>
+void update_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& other,
                  const at::Tensor& coeffs) {
-  check_update("update_", x, grad, grad_prev, "grad_prev", coeffs, /*allow_bf16_state=*/true);
-  launch_update<false>(x, grad, grad_prev, coeffs);
-}
-
-void update_recover_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x_prev,
-                         const at::Tensor& coeffs) {
-  check_update("update_recover_", x, grad, x_prev, "x_prev", coeffs, /*allow_bf16_state=*/false);
-  launch_update<true>(x, grad, x_prev, coeffs);
-}
-
-void update_swap_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& grad_prev,
-                      const at::Tensor& coeffs) {
-  check_update("update_swap_", x, grad, grad_prev, "grad_prev", coeffs,
-               /*allow_bf16_state=*/false);
+  check_update_op<kRecover, kSwap>(x, grad, other, coeffs);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.numel();
   if (n == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), "elra_fused::update_swap_", [&] {
-    const bool vec_ok = aligned_pack<scalar_t, scalar_t>(x.const_data_ptr()) &&
-                        aligned_pack<scalar_t, scalar_t>(grad.const_data_ptr()) &&
-                        aligned_pack<scalar_t, scalar_t>(grad_prev.const_data_ptr());
-    const int64_t blocks = elementwise_blocks<scalar_t>(n);
-    update_swap_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), grad_prev.const_data_ptr<scalar_t>(),
-        coeffs.const_data_ptr<double>(), n, vec_ok);
+  dispatch_update<kRecover, kSwap>(x, grad, other, [&](auto* x_data, auto* g, auto* o) {
+    using T = std::remove_pointer_t<decltype(x_data)>;
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(o)>>;
+    const bool vec_ok = aligned_pack<T, T>(x_data) && aligned_pack<T, T>(g) &&
+                        aligned_pack<T, S>(o);
+    const int64_t blocks = elementwise_blocks<T>(n);
+    update_kernel<T, S, kRecover, kSwap><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        x_data, g, o, coeffs.const_data_ptr<double>(), n, vec_ok);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 }  // namespace
-}  // namespace elra
 
-TORCH_LIBRARY_IMPL(elra_fused, CUDA, m) {
-  m.impl("dots", &elra::dots_cuda);
-  m.impl("dots_recover", &elra::dots_recover_cuda);
-  m.impl("update_", &elra::update_cuda);
-  m.impl("update_recover_", &elra::update_recover_cuda);
-  m.impl("update_swap_", &elra::update_swap_cuda);
+SingleImpls single_impls() {
+  return {&dots_cuda, &dots_recover_cuda, &update_cuda<false, false>, &update_cuda<true, false>,
+          &update_cuda<false, true>};
 }
+
+}  // namespace elra::cuda

@@ -1,9 +1,11 @@
-// Shared by the CPU (elra_ops.cpp) and CUDA (elra_ops_cuda.cu) kernels: coefficient
-// layouts and input validation. The op schemas themselves live in ONE place,
-// elra_fused/ops.py (torch.library.define); this library only registers implementations.
+// Shared by the CPU (cpu/) and CUDA (cuda/) implementations: coefficient layouts, input
+// validation, the compile-time description of the update ops (UpdateOp) and the tables of
+// one device's implementations (SingleImpls, ListImpls) that module.cpp registers. The op schemas
+// themselves live in ONE place, the Python package elra_fused/ops (schemas.py, defined
+// with torch.library); this library only registers implementations.
 //
-// Validation messages mirror elra_fused/ops.py::_validate so that every backend raises
-// the same ValueError / TypeError for the same user mistake.
+// Validation messages mirror the Python validation (elra_fused/ops/validation.py) so
+// that every backend raises the same ValueError / TypeError for the same user mistake.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -14,6 +16,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // Dispatch over the three storage dtypes the kernels support (math is always fp32).
@@ -78,7 +81,7 @@ inline bool is_allowed_state_dtype(c10::ScalarType state, c10::ScalarType ref) {
 }
 
 // `allow_bf16_state`: t is the grad_prev state of dots / update_, which may be bfloat16
-// while ref is not (elra_fused/ops.py: _check_like(..., state=True)).
+// while ref is not (elra_fused/ops/validation.py: _check_like(..., state=True)).
 inline void check_like(const at::Tensor& t, const char* op, const char* name,
                        const at::Tensor& ref, const char* ref_name,
                        bool allow_bf16_state = false, bool any_shape = false) {
@@ -166,7 +169,84 @@ inline void check_update(const char* op, const at::Tensor& x, const at::Tensor& 
 }
 
 // ---------------------------------------------------------------------------------------
-// Tensor lists (dots_list, update_list_, update_swap_list_; semantics in elra_fused/ops.py).
+// The three in-place update ops are one implementation per device with two compile-time
+// flags: update_ <false, false>, update_recover_ <kRecover = true> (other = x_prev, the
+// previous point) and update_swap_ <kSwap = true> (grad and grad_prev trade roles: accept
+// writes only x, a retrace also writes grad <- grad_prev). The list forms take
+// kRecover = false.
+// ---------------------------------------------------------------------------------------
+template <bool kRecover, bool kSwap>
+struct UpdateOp {
+  static_assert(!(kRecover && kSwap), "recover mode has no swap form");
+  static constexpr const char* kName =
+      kSwap ? "update_swap_" : (kRecover ? "update_recover_" : "update_");
+  static constexpr const char* kQualifiedName =
+      kSwap ? "elra_fused::update_swap_"
+            : (kRecover ? "elra_fused::update_recover_" : "elra_fused::update_");
+  static constexpr const char* kListName = kSwap ? "update_swap_list_" : "update_list_";
+  static constexpr const char* kQualifiedListName =
+      kSwap ? "elra_fused::update_swap_list_" : "elra_fused::update_list_";
+  static constexpr const char* kOtherName = kRecover ? "x_prev" : "grad_prev";
+  // Only standard mode may keep grad_prev compactly as bfloat16: x_prev is a point, and in
+  // swap mode grad_prev becomes the next gradient buffer.
+  static constexpr bool kCompactState = !kRecover && !kSwap;
+};
+
+// Pointer types of the update kernels: grad is written only in swap mode (on a retrace);
+// other (grad_prev / x_prev) is written except in swap mode (on an accept).
+template <typename T, bool kSwap>
+using UpdateGradPtr = std::conditional_t<kSwap, T*, const T*>;
+template <typename S, bool kSwap>
+using UpdateOtherPtr = std::conditional_t<kSwap, const S*, S*>;
+
+// t's elements as T*, or as const T* where the kernel only reads them.
+template <typename T, bool kWritten>
+auto typed_data(const at::Tensor& t) {
+  if constexpr (kWritten) {
+    return t.data_ptr<T>();
+  } else {
+    return t.const_data_ptr<T>();
+  }
+}
+
+// Validates an update op's arguments (messages as the Python validation's).
+template <bool kRecover, bool kSwap>
+void check_update_op(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& other,
+                     const at::Tensor& coeffs) {
+  using Op = UpdateOp<kRecover, kSwap>;
+  check_update(Op::kName, x, grad, other, Op::kOtherName, coeffs, Op::kCompactState);
+}
+
+// Calls f with a null S* type tag (as dispatch_state_type): S is the storage type of an
+// update's other vector, T or -- standard mode (kCompactState) only -- bfloat16.
+template <typename T, bool kCompactState, typename F>
+void dispatch_other_type(c10::ScalarType other, const F& f) {
+  if constexpr (kCompactState) {
+    dispatch_state_type<T>(other, f);
+  } else {
+    f(static_cast<T*>(nullptr));
+  }
+}
+
+// Dispatches a validated update on x's dtype T and other's storage type S (T, or bfloat16
+// for a compact grad_prev) and calls f(x, grad, other) with typed pointers:
+//   f(T* x, UpdateGradPtr<T, kSwap> grad, UpdateOtherPtr<S, kSwap> other).
+template <bool kRecover, bool kSwap, typename F>
+void dispatch_update(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& other,
+                     const F& f) {
+  using Op = UpdateOp<kRecover, kSwap>;
+  ELRA_DISPATCH_FLOAT_TYPES(x.scalar_type(), Op::kQualifiedName, [&] {
+    dispatch_other_type<scalar_t, Op::kCompactState>(other.scalar_type(), [&](auto* tag) {
+      using S = std::remove_pointer_t<decltype(tag)>;
+      f(x.data_ptr<scalar_t>(), typed_data<scalar_t, kSwap>(grad),
+        typed_data<S, !kSwap>(other));
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor lists (dots_list, update_list_, update_swap_list_; semantics: elra_fused/ops,
+// "Tensor lists" in its docstring, and elra_fused/ops/lists.py).
 // Every element is validated before the first one is touched (all-or-nothing).
 // ---------------------------------------------------------------------------------------
 inline void check_lists(const char* op, at::TensorList a, const char* a_name, at::TensorList b,
@@ -243,5 +323,40 @@ inline UpdateLists checked_update_lists(const char* op, at::TensorList x, at::Te
   }
   return out;
 }
+
+// ---------------------------------------------------------------------------------------
+// The implementations of one device, which module.cpp registers under the op names (one
+// registration for both devices): the single-tensor ops from the device's ops source, the
+// tensor-list ops from its list_ops source.
+// ---------------------------------------------------------------------------------------
+struct SingleImpls {
+  using Dots = at::Tensor (*)(const at::Tensor&, const at::Tensor&);
+  using DotsRecover = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&);
+  using Update = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&);
+  Dots dots;
+  DotsRecover dots_recover;
+  Update update_;
+  Update update_recover_;
+  Update update_swap_;
+};
+
+struct ListImpls {
+  using DotsList = at::Tensor (*)(at::TensorList, at::TensorList);
+  using UpdateList = void (*)(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&);
+  DotsList dots_list;
+  UpdateList update_list_;
+  UpdateList update_swap_list_;
+};
+
+namespace cpu {
+SingleImpls single_impls();  // cpu/ops.cpp
+ListImpls list_impls();      // cpu/list_ops.cpp
+}  // namespace cpu
+namespace cuda {
+SingleImpls single_impls();  // cuda/ops.cu
+ListImpls list_impls();      // cuda/list_ops.cpp
+}  // namespace cuda
 
 }  // namespace elra

@@ -1,0 +1,395 @@
+// CPU kernels of the ELRA vector passes (semantics: elra_fused/reference_ops.py): storage
+// codecs, the fixed chunking and the OpenMP element loops, shared by the single-tensor ops
+// (cpu/ops.cpp) and the tensor-list ops (cpu/list_ops.cpp).
+//
+// Determinism: the reductions split the vector into fixed-size chunks (kChunk elements,
+// independent of the thread count); each chunk writes its fp64 partial sums into its own
+// slot and the slots are summed in chunk order by one thread. Results are therefore
+// bit-identical across runs and across torch.set_num_threads(...) values. No atomics.
+//
+// Accuracy: fp32 math with kLanes independent fp32 accumulators (which also lets the
+// compiler vectorize the loop without -ffast-math reassociation), folded into fp64 every
+// kSubBlock elements so fp32 rounding never grows over more than a few dozen additions.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+
+namespace elra::cpu {
+
+// Elements per OpenMP work item. Large enough that the per-chunk overhead (a few fp64
+// folds, one partial slot) is negligible, small enough that 2..64 threads stay balanced
+// on the sizes we care about (>= 1M elements).
+constexpr int64_t kChunk = int64_t{1} << 16;
+// Independent fp32 accumulators: 16 floats = four SSE / two AVX registers, enough to hide
+// the add latency. Each lane is a separate sum, so vectorizing needs no reassociation.
+constexpr int kLanes = 16;
+// Elements accumulated in fp32 before folding the lanes into fp64 (64 adds per lane).
+constexpr int64_t kSubBlock = 1024;
+static_assert(kChunk % kSubBlock == 0 && kSubBlock % kLanes == 0, "chunking must nest");
+
+// Below this many elements the OpenMP fork/join costs more than the work.
+constexpr int64_t kMinParallelElems = int64_t{1} << 15;
+
+inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+inline int num_threads_for(int64_t n) {
+  return n >= kMinParallelElems ? at::get_num_threads() : 1;
+}
+
+// Storage codec of the element loops: how a stored element becomes fp32 and back.
+// float32 is the identity; bfloat16 and float16 work on raw uint16_t bits with
+// branch-free conversions the loop vectorizer can handle (specializations below).
+template <typename T>
+struct Codec {
+  using Raw = T;
+  static float load(Raw v) { return static_cast<float>(v); }
+  static Raw store(float f) { return static_cast<T>(f); }
+};
+
+inline float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// c ? a : b with integer masks. A plain ?: between values computed by float ops lets
+// GCC sink those ops into branches (they may trap under the default -ftrapping-math),
+// and then the loop no longer vectorizes ("control flow in loop").
+inline uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
+// bfloat16 as raw uint16_t bits with the same rounding as c10::BFloat16 (round to nearest
+// even, NaN -> 0x7FC0), written branch-free: the c10 struct's per-element constructor
+// (an if on isnan) keeps GCC from vectorizing the update loops (measured: 16M-element
+// bf16 update 14 ms with it, 6.6 ms without, on 2 cores).
+template <>
+struct Codec<c10::BFloat16> {
+  using Raw = uint16_t;
+  static constexpr uint32_t kRoundBias = 0x7FFFu;
+  static constexpr uint16_t kQuietNaN = 0x7FC0u;
+  static float load(Raw v) { return bits_to_f32(static_cast<uint32_t>(v) << 16); }
+  static Raw store(float f) {
+    const uint32_t u = f32_to_bits(f);
+    const auto rounded = static_cast<uint16_t>((u + kRoundBias + ((u >> 16) & 1u)) >> 16);
+    return f != f ? kQuietNaN : rounded;  // f != f: the NaN test, as a vectorizable compare
+  }
+};
+
+// float16 as raw uint16_t bits, bit-identical to c10::Half's portable (non-F16C)
+// conversions: exact widening, round to nearest even on narrowing (overflow -> +-inf,
+// fp32 values below the fp16 subnormal range -> +-0), NaN -> sign | 0x7E00. Without
+// -mf16c, c10::Half converts one element at a time through a function with an `if`,
+// which keeps GCC from vectorizing the loops; these selects vectorize with plain SSE2.
+// Both directions use only IEEE add / multiply on normal numbers, so flush-to-zero /
+// denormals-are-zero modes (torch.set_flush_denormal) do not change the results, and
+// no multiply feeds an add (nothing for FMA contraction to fuse).
+template <>
+struct Codec<c10::Half> {
+  using Raw = uint16_t;
+  static float load(Raw h) {
+    // Half bits moved into an fp32 exponent offset by 0xE0 (so a half inf/NaN exponent
+    // becomes 0xFF), then scaled back by 2^-112 (exact; inf/NaN stay inf/NaN).
+    // Subnormal halves: mantissa placed under 0.5f's exponent, minus 0.5f (exact).
+    constexpr uint32_t kExpOffset = 0xE0u << 23;
+    constexpr uint32_t kScaleBits = 15u << 23;  // 2^-112
+    constexpr uint32_t kHalfBits = 126u << 23;  // 0.5f
+    constexpr uint32_t kSubnormalCutoff = 1u << 27;
+    const uint32_t w = static_cast<uint32_t>(h) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normal = bits_to_f32((two_w >> 4) + kExpOffset) * bits_to_f32(kScaleBits);
+    const float subnormal = bits_to_f32((two_w >> 17) | kHalfBits) - 0.5f;
+    return bits_to_f32(
+        sign | select_bits(two_w < kSubnormalCutoff, f32_to_bits(subnormal), f32_to_bits(normal)));
+  }
+  static Raw store(float f) {
+    constexpr uint32_t kMinNormal = 113u << 23;     // 2^-14, smallest normal half
+    constexpr uint32_t kOverflow = 143u << 23;      // 2^16: rounds to inf from here up
+    constexpr uint32_t kInfBits = 0x7F800000u;
+    constexpr uint32_t kRebias = static_cast<uint32_t>(15 - 127) << 23;  // wraps mod 2^32
+    const uint32_t u = f32_to_bits(f);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7FFFFFFFu;  // |f|
+    // Subnormal (or zero) half: adding 0.5f puts the unit 2^-24 in fp32's last mantissa
+    // place, so the hardware add rounds to nearest even; a round-up into 2^-14 yields
+    // the smallest normal's encoding, as it should.
+    const uint32_t sub = f32_to_bits(bits_to_f32(a) + 0.5f) - 0x3F000000u;
+    // Normal half: rebias the exponent, then drop 13 mantissa bits with round to nearest
+    // even (add 0xFFF plus the lowest kept bit); a carry bumps the exponent, up to inf.
+    const uint32_t norm = (a + kRebias + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+    uint32_t r = select_bits(a < kMinNormal, sub, norm);
+    r = select_bits(a >= kOverflow, 0x7C00u, r);
+    r = select_bits(a > kInfBits, 0x7E00u, r);  // NaN (c10's quiet NaN)
+    return static_cast<Raw>(r | sign);
+  }
+};
+
+// p's elements as Codec<T>::Raw, keeping p's constness.
+template <typename T>
+inline const typename Codec<T>::Raw* raw_ptr(const T* p) {
+  return reinterpret_cast<const typename Codec<T>::Raw*>(p);
+}
+
+template <typename T>
+inline typename Codec<T>::Raw* raw_ptr(T* p) {
+  return reinterpret_cast<typename Codec<T>::Raw*>(p);
+}
+
+// A value stored as T, re-stored as the state type S: a bit copy when S == T, otherwise
+// T -> fp32 (exact) -> S with S's codec (for bfloat16: round to nearest even, NaN kept,
+// bit-identical to torch's .to(torch.bfloat16)). Branch-free either way.
+template <typename T, typename S>
+inline typename Codec<S>::Raw to_state(typename Codec<T>::Raw v) {
+  if constexpr (std::is_same_v<T, S>) {
+    return v;
+  } else {
+    return Codec<S>::store(Codec<T>::load(v));
+  }
+}
+
+// Per-element G_prev in recover mode. Written as (x_prev - x) + (decay - 1) * x_prev
+// instead of decay * x_prev - x: x_prev and x are close, so x_prev - x is exact in fp32
+// (Sterbenz) and the small (decay - 1) * x_prev term carries only a tiny absolute
+// rounding error, whereas rounding decay * x_prev to fp32 first would lose ~1e-7 * |x|
+// against a difference that may be only ~1e-4 * |x|.
+inline float recover_diff(float xp, float x, float decay_m1) {
+  return (xp - x) + decay_m1 * xp;
+}
+
+// ---------------------------------------------------------------------------------------
+// Reductions. `GPrev` maps an element index to G_prev_i (loaded or recovered).
+// ---------------------------------------------------------------------------------------
+template <typename T, typename GPrev>
+inline void dots_chunk(const T* g_typed, int64_t begin, int64_t end, GPrev gprev,
+                       double* __restrict slot) {
+  using C = Codec<T>;
+  const auto* __restrict g = raw_ptr(g_typed);
+  double s_gg = 0.0;
+  double s_gpg = 0.0;
+  for (int64_t b = begin; b < end; b += kSubBlock) {
+    const int64_t b_end = std::min(b + kSubBlock, end);
+    const int64_t v_end = b + (b_end - b) / kLanes * kLanes;
+    float a_gg[kLanes] = {};
+    float a_gpg[kLanes] = {};
+    for (int64_t i = b; i < v_end; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const float gi = C::load(g[i + l]);
+        a_gg[l] += gi * gi;
+        a_gpg[l] += gprev(i + l) * gi;
+      }
+    }
+    for (int64_t i = v_end; i < b_end; ++i) {  // scalar tail of the last sub-block
+      const float gi = C::load(g[i]);
+      a_gg[0] += gi * gi;
+      a_gpg[0] += gprev(i) * gi;
+    }
+    for (int l = 0; l < kLanes; ++l) {  // fixed fold order
+      s_gg += static_cast<double>(a_gg[l]);
+      s_gpg += static_cast<double>(a_gpg[l]);
+    }
+  }
+  slot[0] = s_gg;
+  slot[1] = s_gpg;
+}
+
+template <typename T, typename GPrev>
+void dots_driver(const T* g, int64_t n, GPrev gprev, double* out) {
+  const int64_t nchunks = num_chunks(n);
+  std::vector<double> partial(static_cast<size_t>(2 * std::max<int64_t>(nchunks, 1)), 0.0);
+  double* slots = partial.data();
+  const int nthreads = num_threads_for(n);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t begin = c * kChunk;
+    dots_chunk(g, begin, std::min(begin + kChunk, n), gprev, slots + 2 * c);
+  }
+  double gg = 0.0;
+  double gpg = 0.0;
+  for (int64_t c = 0; c < nchunks; ++c) {  // fixed order => deterministic
+    gg += slots[2 * c];
+    gpg += slots[2 * c + 1];
+  }
+  out[0] = gg;
+  out[1] = gpg;
+}
+
+// ---------------------------------------------------------------------------------------
+// Element-wise update: update_ (standard), update_recover_ (kRecover) and update_swap_
+// (kSwap) are one set of loops with compile-time flags (UpdateOp in common.h). `accept` is
+// read from the coefficient tensor here, on the tensor's own device (the CPU), so no other
+// device is synchronised. On a retrace the gradient is never read: a non-finite gradient
+// cannot reach x.
+// ---------------------------------------------------------------------------------------
+struct UpdateCoeffs {
+  bool accept;
+  float decay;
+  float step;
+  float back;
+  float decay_m1;  // decay - 1, formed in fp64 (see recover_diff)
+};
+
+inline UpdateCoeffs load_update_coeffs(const at::Tensor& coeffs) {
+  const double* c = coeffs.const_data_ptr<double>();
+  return UpdateCoeffs{c[kCoefAccept] != 0.0, static_cast<float>(c[kCoefDecay]),
+                      static_cast<float>(c[kCoefStep]), static_cast<float>(c[kCoefBack]),
+                      static_cast<float>(c[kCoefDecay] - 1.0)};
+}
+
+// Runs body(begin, end) over fixed chunks in parallel (static schedule).
+template <typename Body>
+void parallel_chunks(int64_t n, const Body& body) {
+  const int64_t nchunks = num_chunks(n);
+  const int nthreads = num_threads_for(n);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t begin = c * kChunk;
+    body(begin, std::min(begin + kChunk, n));
+  }
+}
+
+// The element loops are free functions taking restrict pointers and scalar coefficients
+// by value: inside a lambda capturing by reference, the compiler must assume a store to
+// x may change a captured coefficient, which blocks vectorization.
+//
+// Accept: x <- decay * x - step * grad, and
+//   standard mode: other = grad_prev <- grad (S: T, or bfloat16 for a compact grad_prev);
+//   recover mode:  other = x_prev <- x;
+//   swap mode:     nothing else (12 bytes per fp32 element): grad and grad_prev are left
+//                  as they are, the caller swaps their roles afterwards.
+template <typename T, typename S, bool kRecover, bool kSwap>
+void accept_range(T* __restrict x, const T* __restrict g, UpdateOtherPtr<S, kSwap> other,
+                  float decay, float step, int64_t begin, int64_t end) {
+  static_assert(!kRecover || std::is_same_v<T, S>, "x_prev is a point: stored like x");
+  using C = Codec<T>;
+  using Raw = typename C::Raw;
+  auto* __restrict xr = raw_ptr(x);
+  const auto* __restrict gr = raw_ptr(g);
+  [[maybe_unused]] auto* __restrict orw = raw_ptr(other);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const Raw xi = xr[i];
+    const Raw gi = gr[i];
+    if constexpr (!kSwap) {
+      orw[i] = to_state<T, S>(kRecover ? xi : gi);  // bit copy, or rounded to bf16
+    }
+    xr[i] = C::store(decay * C::load(xi) - step * C::load(gi));
+  }
+}
+
+#if defined(__SSE2__)
+// fp32 accept with a streaming (non-temporal) store of `other` (standard and recover
+// mode). `other` is written without being read, so a normal store first pulls each of its
+// cache lines in (read for ownership): 20 bytes of traffic per element instead of 16.
+// Streaming it straight to memory measured 1.5x faster on 2 cores at 16M and 64M elements
+// (37 -> 55 GB/s). x is read and written in place, so its plain store costs no extra
+// traffic. The sfence orders the streamed stores before the data is used by any other
+// thread.
+template <bool kRecover>
+void accept_range_f32_stream(float* __restrict x, const float* __restrict g,
+                             float* __restrict other, float decay, float step, int64_t begin,
+                             int64_t end) {
+  constexpr int64_t kVec = 4;  // floats per SSE register
+  int64_t i = begin;
+  // Scalar prologue until `other + i` is 16-byte aligned (_mm_stream_ps requires it).
+  for (; i < end && (reinterpret_cast<uintptr_t>(other + i) & 15u) != 0; ++i) {
+    const float xi = x[i];
+    const float gi = g[i];
+    other[i] = kRecover ? xi : gi;
+    x[i] = decay * xi - step * gi;
+  }
+  const __m128 decay_v = _mm_set1_ps(decay);
+  const __m128 step_v = _mm_set1_ps(step);
+  for (; i + kVec <= end; i += kVec) {
+    const __m128 xi = _mm_loadu_ps(x + i);
+    const __m128 gi = _mm_loadu_ps(g + i);
+    _mm_stream_ps(other + i, kRecover ? xi : gi);
+    // Same operations, same order as the scalar loop: decay * x - step * g.
+    _mm_storeu_ps(x + i, _mm_sub_ps(_mm_mul_ps(decay_v, xi), _mm_mul_ps(step_v, gi)));
+  }
+  for (; i < end; ++i) {
+    const float xi = x[i];
+    const float gi = g[i];
+    other[i] = kRecover ? xi : gi;
+    x[i] = decay * xi - step * gi;
+  }
+  _mm_sfence();
+}
+#endif
+
+// Retrace: x <- x + back * dir, dir = grad_prev (standard, swap) or the G_prev recovered
+// from x_prev (recover). Swap mode also writes grad <- grad_prev (bit copy), so that after
+// the caller's swap the state is still G_{t-1}; grad is only written, never read. In the
+// other modes grad is not touched at all.
+template <typename T, typename S, bool kRecover, bool kSwap>
+void retrace_range(T* __restrict x, UpdateGradPtr<T, kSwap> g, const S* __restrict other,
+                   float back, float decay_m1, int64_t begin, int64_t end) {
+  static_assert(!kSwap || std::is_same_v<T, S>, "swap mode: grad and grad_prev trade roles");
+  using C = Codec<T>;
+  auto* __restrict xr = raw_ptr(x);
+  [[maybe_unused]] auto* __restrict gw = raw_ptr(g);
+  const auto* __restrict orw = raw_ptr(other);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const auto oi_raw = orw[i];
+    if constexpr (kSwap) {
+      gw[i] = oi_raw;
+    }
+    const float xi = C::load(xr[i]);
+    const float oi = Codec<S>::load(oi_raw);
+    const float dir = kRecover ? recover_diff(oi, xi, decay_m1) : oi;
+    xr[i] = C::store(xi + back * dir);
+  }
+}
+
+// One chunk of an update: the accept or the retrace loop (`accept` is uniform over the
+// call). Shared by the single-tensor ops and the tensor-list ops.
+template <typename T, typename S, bool kRecover, bool kSwap>
+void update_chunk(T* x, UpdateGradPtr<T, kSwap> g, UpdateOtherPtr<S, kSwap> other,
+                  const UpdateCoeffs& k, int64_t begin, int64_t end) {
+  if (k.accept) {
+#if defined(__SSE2__)
+    if constexpr (!kSwap && std::is_same_v<T, float> && std::is_same_v<S, float>) {
+      accept_range_f32_stream<kRecover>(x, g, other, k.decay, k.step, begin, end);
+      return;
+    }
+#endif
+    accept_range<T, S, kRecover, kSwap>(x, g, other, k.decay, k.step, begin, end);
+  } else {
+    retrace_range<T, S, kRecover, kSwap>(x, g, other, k.back, k.decay_m1, begin, end);
+  }
+}
+
+// A whole single-tensor update, chunked over the OpenMP threads.
+template <typename T, typename S, bool kRecover, bool kSwap>
+void update_typed(T* x, UpdateGradPtr<T, kSwap> g, UpdateOtherPtr<S, kSwap> other,
+                  const UpdateCoeffs& k, int64_t n) {
+  parallel_chunks(n, [=](int64_t begin, int64_t end) {
+    update_chunk<T, S, kRecover, kSwap>(x, g, other, k, begin, end);
+  });
+}
+
+}  // namespace elra::cpu

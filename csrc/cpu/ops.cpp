@@ -1,0 +1,76 @@
+// The single-tensor CPU ops (dots, dots_recover, update_, update_recover_, update_swap_):
+// validation, dtype dispatch and the OpenMP kernels of cpu/kernels.h; and the CPU table of
+// implementations that module.cpp registers.
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../common.h"
+#include "kernels.h"
+
+namespace elra::cpu {
+namespace {
+
+at::Tensor dots_cpu(const at::Tensor& grad, const at::Tensor& grad_prev) {
+  check_dots(grad, grad_prev);
+  at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
+  const int64_t n = grad.numel();
+  ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots", [&] {
+    dispatch_state_type<scalar_t>(grad_prev.scalar_type(), [&](auto* tag) {
+      using S = std::remove_pointer_t<decltype(tag)>;  // grad_prev: scalar_t or bfloat16
+      const auto* gp = raw_ptr(grad_prev.const_data_ptr<S>());
+      dots_driver(
+          grad.const_data_ptr<scalar_t>(), n,
+          [gp](int64_t i) { return Codec<S>::load(gp[i]); }, out.data_ptr<double>());
+    });
+  });
+  return out;
+}
+
+at::Tensor dots_recover_cpu(const at::Tensor& x_prev, const at::Tensor& x,
+                            const at::Tensor& grad, const at::Tensor& coeffs) {
+  check_dots_recover(x_prev, x, grad, coeffs);
+  at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
+  const double* c = coeffs.const_data_ptr<double>();
+  const float decay_m1 = static_cast<float>(c[kRCoefDecay] - 1.0);
+  const float inv_alpha = static_cast<float>(c[kRCoefInvAlphaPrev]);
+  const int64_t n = grad.numel();
+  ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots_recover", [&] {
+    using C = Codec<scalar_t>;
+    const auto* xp = raw_ptr(x_prev.const_data_ptr<scalar_t>());
+    const auto* xc = raw_ptr(x.const_data_ptr<scalar_t>());
+    dots_driver(
+        grad.const_data_ptr<scalar_t>(), n,
+        [xp, xc, decay_m1, inv_alpha](int64_t i) {
+          return recover_diff(C::load(xp[i]), C::load(xc[i]), decay_m1) * inv_alpha;
+        },
+        out.data_ptr<double>());
+  });
+  return out;
+}
+
+// update_, update_recover_ and update_swap_ (UpdateOp in common.h).
+template <bool kRecover, bool kSwap>
+void update_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& other,
+                const at::Tensor& coeffs) {
+  check_update_op<kRecover, kSwap>(x, grad, other, coeffs);
+  const UpdateCoeffs k = load_update_coeffs(coeffs);
+  dispatch_update<kRecover, kSwap>(x, grad, other, [&](auto* x_data, auto* g, auto* o) {
+    using T = std::remove_pointer_t<decltype(x_data)>;
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(o)>>;
+    update_typed<T, S, kRecover, kSwap>(x_data, g, o, k, x.numel());
+  });
+}
+
+}  // namespace
+
+SingleImpls single_impls() {
+  return {&dots_cpu, &dots_recover_cpu, &update_cpu<false, false>, &update_cpu<true, false>,
+          &update_cpu<false, true>};
+}
+
+}  // namespace elra::cpu

@@ -1,0 +1,57 @@
+// The `elra_fused._C` Python module and the registration of every op implementation.
+//
+// Importing the module runs the two TORCH_LIBRARY_IMPL blocks below, which register the
+// CPU table (cpu/) and, when compiled in, the CUDA table (cuda/) under the op names. The
+// schemas are defined in Python (the package elra_fused/ops, torch.library.define); this
+// library only registers implementations. Loading it before or after that definition is
+// fine: the dispatcher accepts an implementation for a not-yet-defined operator and binds
+// it once the schema appears.
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "cpu/kernels.h"
+
+namespace elra {
+namespace {
+
+// One device's implementations, each under its op name.
+void register_impls(torch::Library& m, const SingleImpls& single, const ListImpls& lists) {
+  m.impl("dots", single.dots);
+  m.impl("dots_recover", single.dots_recover);
+  m.impl("update_", single.update_);
+  m.impl("update_recover_", single.update_recover_);
+  m.impl("update_swap_", single.update_swap_);
+  m.impl("dots_list", lists.dots_list);
+  m.impl("update_list_", lists.update_list_);
+  m.impl("update_swap_list_", lists.update_swap_list_);
+}
+
+// Set by setup.py when the CUDA sources (cuda/) are compiled in.
+#ifdef ELRA_WITH_CUDA
+constexpr bool kCudaCompiled = true;
+#else
+constexpr bool kCudaCompiled = false;
+#endif
+
+}  // namespace
+}  // namespace elra
+
+TORCH_LIBRARY_IMPL(elra_fused, CPU, m) {
+  elra::register_impls(m, elra::cpu::single_impls(), elra::cpu::list_impls());
+}
+
+#ifdef ELRA_WITH_CUDA
+TORCH_LIBRARY_IMPL(elra_fused, CUDA, m) {
+  elra::register_impls(m, elra::cuda::single_impls(), elra::cuda::list_impls());
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "elra_fused C++/CUDA kernels; importing registers the elra_fused ops.";
+  m.def("cuda_compiled", [] { return elra::kCudaCompiled; },
+        "True when the CUDA kernels were compiled into this build.");
+  m.def("chunk_elems", [] { return elra::cpu::kChunk; },
+        "Fixed CPU reduction chunk (elements); results do not depend on thread count.");
+}
