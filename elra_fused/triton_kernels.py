@@ -19,6 +19,9 @@ Design:
   fixed order) finishes. The number of programs depends on ``n`` only. No atomics.
 * Coefficients are loaded inside the kernels from the float64 ``coeffs`` tensor: no host
   read, no synchronisation.
+* One update kernel for ``update_``, ``update_recover_`` and ``update_swap_``: the mode is
+  a pair of ``tl.constexpr`` flags (``RECOVER``, ``SWAP``), so each mode compiles to its
+  own specialised kernel with no runtime branch on it (as the C++ / CUDA templates do).
 * No autotuning: the update kernels write in place, and re-running them to time configs
   would apply the update several times (Triton's ``restore_value`` would be needed).
 * Compact state: in standard mode ``grad_prev`` may be bfloat16 while ``x`` / ``grad`` are
@@ -161,16 +164,19 @@ def dots_recover(
 
 
 # ======================================================================================
-# In-place update (accept step or retrace)
+# In-place update (accept step or retrace): update_, update_recover_ (RECOVER) and
+# update_swap_ (SWAP) are one kernel with compile-time flags
 # ======================================================================================
 @triton.jit
 def _update_kernel(
     x_ptr,  # *T: parameters x_t, overwritten with x_{t+1}
-    g_ptr,  # *T: gradient G_t; read only when accepting
-    o_ptr,  # *S: standard: G_{t-1} (<- G_t on accept; S = T or bf16); recover: x_{t-1} (<- x_t)
+    g_ptr,  # *T: gradient G_t; read only when accepting; SWAP: <- G_{t-1} on a retrace
+    o_ptr,  # *S: standard: G_{t-1} (<- G_t on accept; S = T or bf16); recover: x_{t-1}
+    # (<- x_t); SWAP: G_{t-1} (S = T), read on a retrace only, never written
     coeffs_ptr,  # *fp64 [accept, decay, step, back]
     n,  # number of elements in every vector
     RECOVER: tl.constexpr,  # o_ptr holds x_{t-1} instead of G_{t-1}
+    SWAP: tl.constexpr,  # swap mode: the caller swaps the roles of grad and grad_prev
     STATE_CONVERT: tl.constexpr,  # S != T: G_t is rounded to S on accept (not bit-copied)
     BF16_BITS: tl.constexpr,  # round bf16 stores with integer ops (BF16_BY_BITS)
     BLOCK: tl.constexpr,  # elements per program
@@ -187,7 +193,10 @@ def _update_kernel(
         step = tl.load(coeffs_ptr + COEF_STEP).to(tl.float32)
         g_raw = tl.load(g_ptr + offs, mask=mask)
         new_x = decay64.to(tl.float32) * x - step * g_raw.to(tl.float32)
-        if RECOVER:
+        if SWAP:
+            # No state store: 12 bytes per fp32 element (the caller swaps the buffers).
+            pass
+        elif RECOVER:
             tl.store(o_ptr + offs, x_raw, mask=mask)  # x_prev <- x (bit copy)
         elif STATE_CONVERT:  # grad_prev <- grad rounded to the compact state dtype
             gp_new = _to_storage(g_raw.to(tl.float32), o_ptr.dtype.element_ty, BF16_BITS)
@@ -195,9 +204,13 @@ def _update_kernel(
         else:
             tl.store(o_ptr + offs, g_raw, mask=mask)  # grad_prev <- grad (bit copy)
     else:
-        # Retrace: the gradient is never loaded, so a non-finite G_t cannot reach x.
+        # Retrace: the gradient is never loaded (SWAP only overwrites it), so a
+        # non-finite G_t cannot reach x.
         back = tl.load(coeffs_ptr + COEF_BACK).to(tl.float32)
-        other = tl.load(o_ptr + offs, mask=mask).to(tl.float32)
+        other_raw = tl.load(o_ptr + offs, mask=mask)
+        if SWAP:
+            tl.store(g_ptr + offs, other_raw, mask=mask)  # grad <- grad_prev (bit copy)
+        other = other_raw.to(tl.float32)
         if RECOVER:
             decay_m1 = (decay64 - 1.0).to(tl.float32)
             new_x = x + back * ((other - x) + decay_m1 * other)
@@ -207,8 +220,9 @@ def _update_kernel(
 
 
 def _launch_update(
-    x: torch.Tensor, g: torch.Tensor, other: torch.Tensor, coeffs: torch.Tensor, recover: bool
+    x: torch.Tensor, g: torch.Tensor, other: torch.Tensor, coeffs: torch.Tensor, mode: str
 ) -> None:
+    """``mode``: "standard" (update_), "recover" (update_recover_) or "swap" (update_swap_)."""
     n = x.numel()
     if n == 0:
         return
@@ -219,7 +233,8 @@ def _launch_update(
             other,
             coeffs,
             n,
-            RECOVER=recover,
+            RECOVER=mode == "recover",
+            SWAP=mode == "swap",
             STATE_CONVERT=other.dtype != x.dtype,
             BF16_BITS=BF16_BY_BITS,
             BLOCK=BLOCK_SIZE,
@@ -231,68 +246,22 @@ def update_(
     x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
 ) -> None:
     """Standard mode update in place (see reference_ops.update_)."""
-    _launch_update(x, grad, grad_prev, coeffs, recover=False)
+    _launch_update(x, grad, grad_prev, coeffs, "standard")
 
 
 def update_recover_(
     x: torch.Tensor, grad: torch.Tensor, x_prev: torch.Tensor, coeffs: torch.Tensor
 ) -> None:
     """Recover mode update in place (see reference_ops.update_recover_)."""
-    _launch_update(x, grad, x_prev, coeffs, recover=True)
-
-
-# ======================================================================================
-# In-place update, swap mode (the caller swaps the roles of grad and grad_prev)
-# ======================================================================================
-@triton.jit
-def _update_swap_kernel(
-    x_ptr,  # *T: parameters x_t, overwritten with x_{t+1}
-    g_ptr,  # *T: gradient G_t; read on accept only, <- G_{t-1} (bit copy) on a retrace
-    gp_ptr,  # *T: G_{t-1}; read on a retrace only, never written
-    coeffs_ptr,  # *fp64 [accept, decay, step, back]
-    n,  # number of elements in every vector
-    BF16_BITS: tl.constexpr,  # round bf16 stores with integer ops (BF16_BY_BITS)
-    BLOCK: tl.constexpr,  # elements per program
-):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    accept = tl.load(coeffs_ptr + COEF_ACCEPT)
-    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-    # `accept` is uniform over the grid. NaN != 0 is true, as in the reference.
-    if accept != 0.0:
-        # The update kernel's accept without its state store: 12 bytes per fp32 element.
-        decay = tl.load(coeffs_ptr + COEF_DECAY).to(tl.float32)
-        step = tl.load(coeffs_ptr + COEF_STEP).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        new_x = decay * x - step * g
-    else:
-        # Retrace: G_t is overwritten, never loaded, so a non-finite G_t cannot reach x.
-        back = tl.load(coeffs_ptr + COEF_BACK).to(tl.float32)
-        gp_raw = tl.load(gp_ptr + offs, mask=mask)
-        tl.store(g_ptr + offs, gp_raw, mask=mask)  # grad <- grad_prev (bit copy)
-        new_x = x + back * gp_raw.to(tl.float32)
-    tl.store(x_ptr + offs, _to_storage(new_x, x_ptr.dtype.element_ty, BF16_BITS), mask=mask)
+    _launch_update(x, grad, x_prev, coeffs, "recover")
 
 
 def update_swap_(
     x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, coeffs: torch.Tensor
 ) -> None:
-    """Swap mode update in place (see reference_ops.update_swap_)."""
-    n = x.numel()
-    if n == 0:
-        return
-    with _device_guard(x):
-        _update_swap_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-            x,
-            grad,
-            grad_prev,
-            coeffs,
-            n,
-            BF16_BITS=BF16_BY_BITS,
-            BLOCK=BLOCK_SIZE,
-            num_warps=NUM_WARPS,
-        )
+    """Swap mode update in place (see reference_ops.update_swap_): the caller swaps the
+    roles of ``grad`` and ``grad_prev`` afterwards."""
+    _launch_update(x, grad, grad_prev, coeffs, "swap")
 
 
 # ======================================================================================
