@@ -203,6 +203,8 @@ def test_cuda_ops_never_sync(backend: str) -> None:
     n = 1 << 20
     x, g, gp, cu = OP_CASES["update_"].make_inputs(n, torch.float32, "cuda", gen)
     cr = coeffs([DECAY, 10.0], "cuda")
+    # Built before sync-debug mode: a host-to-device copy of a Python list is a sync.
+    retrace = update_coeffs(RETRACE, "cuda")
     k.dots(g, gp)  # warm-up: first launch may compile / load modules
     k.dots_recover(gp, x, g, cr)
     torch.cuda.synchronize()
@@ -213,7 +215,7 @@ def test_cuda_ops_never_sync(backend: str) -> None:
         k.update_(x, g, gp, cu)
         k.update_recover_(x, g, gp, cu)
         k.update_swap_(x, g, gp, cu)
-        k.update_swap_(x, g, gp, update_coeffs(RETRACE, "cuda"))
+        k.update_swap_(x, g, gp, retrace)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

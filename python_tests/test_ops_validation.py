@@ -1,6 +1,6 @@
 """Argument validation: clear errors naming the argument, nothing mutated by a rejected
 call, the same messages on every backend (the C++ kernels raise them from
-csrc/elra_common.h); empty tensors are valid."""
+csrc/common.h); empty tensors are valid."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 implementations: one validator per op (:data:`VALIDATORS`) and one wrapper factory
 (:func:`validated`) that puts it in front of an implementation.
 
-The C++ kernels raise the same messages from ``csrc/elra_common.h``; keep both in step
+The C++ kernels raise the same messages from ``csrc/common.h``; keep both in step
 (the tests match on the text).
 """
 
