@@ -1,8 +1,8 @@
-"""The reference ELRA optimizer: the algorithm end to end, user API and bad input.
+"""The reference ELRA optimizer: the algorithm end to end and the user API.
 
 Every optimizer here is built with ``backend="reference"`` (per-parameter plain-torch
-passes, float64-capable): this is the oracle the fused backends are compared with in
-``test_fused.py``.
+passes, float64-capable), the backend of the oracle the fused backends are compared
+with (``_lockstep.py``, ``test_optimizer_backends.py``).
 """
 
 from __future__ import annotations
