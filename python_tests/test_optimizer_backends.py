@@ -19,6 +19,7 @@ from _lockstep import (
     data,
     forward_backward,
     make_model,
+    mlp_step,
     run_steps,
 )
 
@@ -150,13 +151,7 @@ def test_low_precision_params_train(dtype: torch.dtype, flat: bool) -> None:
     model = make_model(dtype)
     inputs, target = data(dtype)
     opt = ELRA(model.parameters(), backend=backend, flat=flat, cycle_steps=20)
-    losses = []
-    for _ in range(60):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(inputs), target)
-        loss.backward()
-        opt.step(loss)
-        losses.append(loss.float().item())
+    losses = [mlp_step(model, inputs, target, opt).float().item() for _ in range(60)]
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -167,13 +162,7 @@ def test_torch_compile_model(flat: bool) -> None:
     compiled = torch.compile(model)
     opt = ELRA(model.parameters(), backend=backend, flat=flat)
     inputs, target = data()
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(compiled(inputs), target)
-        loss.backward()
-        opt.step(loss)
-        losses.append(loss.item())
+    losses = [mlp_step(compiled, inputs, target, opt).item() for _ in range(20)]
     assert losses[-1] < losses[0]
     if flat:
         assert opt.layout.buffers[0].gather_grads() == []  # gradients landed in the flat buffer
