@@ -8,9 +8,9 @@ passes, in one of two number systems with the same bits (:mod:`elra_fused.contro
 ~25 instead of ~150 us per step). Bit-identity is by construction (the same IEEE double
 operations in the same order; a scalar divided by a tensor is written ``k * (1.0 / x)``,
 which is what torch computes for ``k / x``) and is tested step by step. On a GPU the ~200
-tensor ops would be ~200 launches per step; :func:`compiled_control_step` is the same law
+tensor ops would be ~200 launches per step; ``compiled_control_step`` is the same law
 through ``torch.compile`` (fused into a few kernels; on the CPU 157 -> 33 us per call,
-bit-identical). :class:`ControlRunner`, at the end, picks among the three each step.
+bit-identical). :mod:`elra_fused.control_runner` picks among the three each step.
 
 Notation (paper numbering): x_t parameters, G_t gradient, f_t loss, alpha_t step size,
 ``Ga = ||G_{t-1}||^2``, ``S = <G_{t-1}, G_t>``.
@@ -35,20 +35,46 @@ Notation (paper numbering): x_t parameters, G_t gradient, f_t loss, alpha_t step
 
 The ``f_0 + 0.1 |f_0|`` form of the initial rule equals the paper's ``1.1 f_0`` for a
 positive f_0 and stays a "10 % worse" test when f_0 is negative (e.g. the saddle).
+
+Guards the paper does not print (it calls the retrace rule "delicate"); each follows the
+authors' own code (GitHub ``alex77g2/solver_icml``, ``lib_grad_solve.py``) and is a
+:class:`ControlConfig` field whose default is their value (0 / 1 / None turn it off):
+
+* ``min_cycle_losses`` (100): a control cycle closes only once it holds this many
+  accepted losses, so mean and sigma never come from a handful of mini-batches (their
+  ``GradientMerge`` refreshes the statistics every 100 steps, ``step_cnt % 100``);
+* ``sigma_inflation`` (1.05): the sigma of the 5-sigma rule grows by this factor per
+  retrace and shrinks by it per accept, never below the measured sigma (their
+  ``p2min_step``: ``lastDev *= 1.05`` per retrace, ``sqrt(var) * 1.05**retraces``);
+* ``retrace_min_step`` (1e-4): after a retrace alpha_t >= 1e-4 / ||G_{t-1}||, so data
+  noise (f_t - f_{t-1} >> alpha Ga) cannot collapse alpha by orders of magnitude in one
+  retrace (their ``__alpha_opt_version``); unlike theirs it never exceeds alpha_{t-1}: a
+  retrace never steps further along a direction that just failed;
+* ``max_retraces`` (25; their batch-size change after 25 retraces in a row, ours a
+  restart): the 25th retrace in a row returns exactly to the last accepted point
+  (x_{t+1} = wd x_{t-1}, back = alpha_{t-1}), restores the alpha of the last accepted
+  step, forgets the statistics (the next step starts afresh like a first step; the
+  initial rule holds until a new cycle closes) and counts a restart (``RESTARTS``; the
+  runner warns once). No input can lock the law in endless retraces.
+
+Cycle statistics are shifted and scaled sums, u = (f - K) / S with K the first accepted
+loss of the cycle and S the largest |f - K| so far (at least |K|, or 1 when K = 0; when
+S grows, the sums so far are rescaled by S_old / S_new): mean = K + S E[u],
+sigma = S sqrt(Var u). |u| <= 1, so nothing overflows at any finite loss, and shifting
+by K avoids the cancellation of E[f^2] - E[f]^2 when sigma << |mean| (raw sums of f^2
+overflow for |f| >= 1e154). A state saved before (raw sums: K = 0, S = 1) reads the same.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
-from collections.abc import Callable, Sequence
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 
-from .control_math import FLOAT_MATH, TENSOR_MATH, Math, all_finite
+from .control_math import FLOAT_MATH as FLOAT_MATH  # re-exported: control.FLOAT_MATH
+from .control_math import TENSOR_MATH, Math, all_finite
 
 # ---------------------------------------------------------------------------------------
 # Paper constants (defaults of the constructor arguments).
@@ -75,6 +101,11 @@ INITIAL_RETRACE_FACTOR = 1.1
 RETRACE_MAX_SHRINK = 0.5
 #: Fallback shrink when the parabola formula gives no usable step (issue spec: alpha/100).
 RETRACE_FALLBACK_SHRINK = 0.01
+#: The authors' guards (see the module docstring for where each comes from).
+MIN_CYCLE_LOSSES = 100
+SIGMA_INFLATION = 1.05
+RETRACE_MIN_STEP = 1e-4
+MAX_RETRACES = 25
 
 
 @dataclass(frozen=True)
@@ -83,7 +114,9 @@ class ControlConfig:
 
     ``step_crop`` and ``warmup_steps`` are off by default (the paper enables them per
     problem); ``initial_retrace_factor=None`` drops the ``f_t > 1.1 f_0`` rule, as the
-    paper suggests for pre-trained starting points.
+    paper suggests for pre-trained starting points. The last four fields are the authors'
+    guards (module docstring); ``min_cycle_losses=1, sigma_inflation=1.0,
+    retrace_min_step=0.0, max_retraces=None`` is the paper's law without them.
     """
 
     alpha0: float = ALPHA0
@@ -96,6 +129,10 @@ class ControlConfig:
     warmup_min_step: float = WARMUP_MIN_STEP
     retrace_sigmas: float = RETRACE_SIGMAS
     initial_retrace_factor: float | None = INITIAL_RETRACE_FACTOR
+    min_cycle_losses: int = MIN_CYCLE_LOSSES
+    sigma_inflation: float = SIGMA_INFLATION
+    retrace_min_step: float = RETRACE_MIN_STEP
+    max_retraces: int | None = MAX_RETRACES
 
     def __post_init__(self) -> None:
         positive = {
@@ -129,9 +166,24 @@ class ControlConfig:
                 "ELRA: initial_retrace_factor must be >= 1 or None, "
                 f"got {self.initial_retrace_factor!r}"
             )
+        _check_count("min_cycle_losses", self.min_cycle_losses, allow_none=False)
+        _check_count("max_retraces", self.max_retraces, allow_none=True)
+        if not (isinstance(self.sigma_inflation, (int, float)) and 1.0 <= self.sigma_inflation):
+            raise ValueError(f"ELRA: sigma_inflation must be >= 1, got {self.sigma_inflation!r}")
+        step = self.retrace_min_step
+        if not (isinstance(step, (int, float)) and 0.0 <= step < float("inf")):
+            raise ValueError(f"ELRA: retrace_min_step must be finite and >= 0, got {step!r}")
 
     def as_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
+
+
+def _check_count(name: str, value: Any, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+        none = " or None" if allow_none else ""
+        raise ValueError(f"ELRA: {name} must be an int >= 1{none}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,20 +198,56 @@ ACCEPTED = 4  # number of accepted steps (first step included)
 RETRACES = 5  # number of retraced (or skipped first) steps
 LAST_RETRACED = 6  # 1.0 if the last step() retraced
 CYCLE_COUNT = 7  # accepted losses seen in the current control cycle
-CYCLE_SUM = 8  # their sum
-CYCLE_SUMSQ = 9  # their sum of squares
+CYCLE_SUM = 8  # sum of their u = (f - K) / S (module docstring)
+CYCLE_SUMSQ = 9  # sum of u^2
 CYCLE_MEAN = 10  # mean of f over the last closed cycle
-CYCLE_STD = 11  # its standard deviation sigma
-CYCLE_CLOSED = 12  # 1.0 once a cycle with at least one loss has closed
-CYCLE_LAST_COUNT = 13  # accepted losses in the cycle that closed last (0: it was empty)
-STATE_SIZE = 14
+CYCLE_STD = 11  # its standard deviation sigma (measured, before inflation)
+CYCLE_CLOSED = 12  # 1.0 once a cycle has closed (since the start or the last restart)
+CYCLE_LAST_COUNT = 13  # accepted losses of the cycle the last end_cycle closed (0: none)
+#: A state of this size (saved before the guards) loads with the entries below added.
+LEGACY_STATE_SIZE = 14
+CYCLE_SHIFT = 14  # K: the first accepted loss of the current cycle
+CYCLE_SCALE = 15  # S: the largest |f - K| of the cycle (at least |K|, or 1 if K = 0)
+SIGMA_SCALE = 16  # sigma inflation factor (>= 1) of the 5-sigma rule
+RETRACE_RUN = 17  # retraces in a row
+RESTARTS = 18  # restarts after max_retraces retraces in a row
+ALPHA_ACCEPTED = 19  # alpha set by the last accepted step (restored by a restart)
+RESTART_PENDING = 20  # 1.0: the next step starts afresh, like a first step
+STATE_SIZE = 21
+#: The largest finite float64: the scale S is clamped to it (|f - K| can overflow).
+FLOAT64_MAX = 1.7976931348623157e308
 
 
 def initial_state(config: ControlConfig, device: torch.device | str) -> torch.Tensor:
-    """Control state before the first step: alpha = alpha_0, everything else zero."""
+    """Control state before the first step: alpha = alpha_0, no statistics."""
     state = torch.zeros(STATE_SIZE, dtype=torch.float64, device=device)
     state[ALPHA] = config.alpha0
+    state[ALPHA_ACCEPTED] = config.alpha0
+    state[SIGMA_SCALE] = 1.0
+    state[CYCLE_SCALE] = 1.0
     return state
+
+
+def upgrade_state(saved: torch.Tensor) -> torch.Tensor:
+    """A saved control state in the current layout (float64, :data:`STATE_SIZE`).
+
+    A state saved before the guards (:data:`LEGACY_STATE_SIZE` entries) gains them as a
+    fresh state has them; its raw cycle sums are the shifted sums with K = 0.
+    """
+    saved = saved.detach().to(torch.float64)
+    if saved.shape == (STATE_SIZE,):
+        return saved
+    if saved.shape != (LEGACY_STATE_SIZE,):
+        raise ValueError(
+            f"ELRA.load_state_dict: control state must be a tensor of {STATE_SIZE} (or "
+            f"{LEGACY_STATE_SIZE}) values, got shape {tuple(saved.shape)}; the state dict "
+            "is corrupt or from an incompatible version"
+        )
+    extra = torch.zeros(STATE_SIZE - LEGACY_STATE_SIZE, dtype=torch.float64, device=saved.device)
+    extra[SIGMA_SCALE - LEGACY_STATE_SIZE] = 1.0
+    extra[CYCLE_SCALE - LEGACY_STATE_SIZE] = 1.0
+    extra[ALPHA_ACCEPTED - LEGACY_STATE_SIZE] = saved[ALPHA]
+    return torch.cat([saved, extra])
 
 
 class Decision(NamedTuple):
@@ -245,7 +333,9 @@ def retrace_alpha(
     h(0) = f_{t-1}, h'(0) = -Ga, h(alpha_{t-1}) = f_t give
     s* = alpha_{t-1} * 0.5 * alpha_{t-1} Ga / (f_t - f_{t-1} + alpha_{t-1} Ga).
     Non-finite or non-positive s* (f_t not finite, or a concave fit) falls back to
-    alpha_{t-1} / 100; s* is capped at alpha_{t-1} / 2 and floored at alpha_min.
+    alpha_{t-1} / 100; s* is capped at alpha_{t-1} / 2. Then the authors' floor
+    s* >= retrace_min_step / ||G_{t-1}||, itself capped at alpha_{t-1} (a retrace never
+    steps further than the step that failed), and the bounds [alpha_min, alpha_max].
     """
     linear_drop = alpha_prev * grad_prev_sq
     denom = loss - loss_prev + linear_drop
@@ -254,6 +344,11 @@ def retrace_alpha(
     fallback = alpha_prev * RETRACE_FALLBACK_SHRINK
     alpha = xp.where(usable, candidate, fallback)
     alpha = xp.minimum(alpha, alpha_prev * RETRACE_MAX_SHRINK)
+    if config.retrace_min_step > 0:
+        norm = xp.sqrt(grad_prev_sq)
+        floor = config.retrace_min_step * (1.0 / xp.where(norm > 0, norm, 1.0))
+        floor = xp.where(norm > 0, xp.minimum(floor, alpha_prev), 0.0)
+        alpha = xp.maximum(alpha, floor)
     return xp.clamp(alpha, config.alpha_min, config.alpha_max)
 
 
@@ -272,7 +367,8 @@ def needs_retrace(
     """
     not_finite = xp.logical_not(all_finite(loss, grad_sq, grad_dot_prev))
     cycle_closed = state[CYCLE_CLOSED] > 0
-    threshold = state[CYCLE_MEAN] + config.retrace_sigmas * state[CYCLE_STD]
+    sigma = state[CYCLE_STD] * state[SIGMA_SCALE]
+    threshold = state[CYCLE_MEAN] + config.retrace_sigmas * sigma
     spike = cycle_closed & (loss > threshold)
     if config.initial_retrace_factor is not None:
         first = state[LOSS_FIRST]
@@ -303,11 +399,12 @@ def control_step(
     alpha_prev = state[ALPHA]
     grad_prev_sq = state[GRAD_PREV_SQ]
     loss_prev = state[LOSS_PREV]
-    has_prev = state[ACCEPTED] > 0
+    has_prev = (state[ACCEPTED] > 0) & (state[RESTART_PENDING] == 0)
     step_index = state[ACCEPTED] + state[RETRACES]
     finite_now = all_finite(loss, grad_sq)
 
-    # First step: x_1 = wd x_0 - alpha_0 G_0; a non-finite start is skipped (no move).
+    # First step (and the step after a restart): x <- wd x - alpha G; a non-finite one is
+    # skipped (no move).
     first_alpha = limit_alpha(alpha_prev, grad_sq, step_index, config, xp)
 
     retrace = needs_retrace(state, loss, grad_sq, grad_dot_prev, config, xp)
@@ -322,19 +419,39 @@ def control_step(
 
     accept = xp.where(has_prev, xp.logical_not(retrace), finite_now)
     moved_back = has_prev & retrace
+    retrace_run = xp.where(moved_back, state[RETRACE_RUN] + 1.0, 0.0)
+    # The max_retraces-th retrace in a row restarts: all the way back (alpha 0 on the
+    # line of G_{t-1}), the last accepted alpha, fresh statistics.
+    restart = moved_back & (
+        retrace_run >= (config.max_retraces if config.max_retraces is not None else math.inf)
+    )
     alpha_new = xp.where(
         has_prev,
         xp.where(retrace, later_retrace_alpha, later_accept_alpha),
         xp.where(finite_now, first_alpha, alpha_prev),
     )
-    back = xp.where(moved_back, alpha_prev - alpha_new, 0.0)
+    back = xp.where(moved_back, alpha_prev - xp.where(restart, 0.0, alpha_new), 0.0)
+    alpha_new = xp.where(restart, state[ALPHA_ACCEPTED], alpha_new)
 
     accept_f = xp.as_float(accept)
     reject_f = 1.0 - accept_f
+    keep_f = 1.0 - xp.as_float(restart)  # 0.0 clears what a restart forgets
     first_accept = accept & xp.logical_not(has_prev)
     # Only finite, accepted losses enter the cycle statistics: a retraced spike is the
-    # outlier the statistics exist to detect.
-    safe_loss = xp.where(accept, loss, 0.0)
+    # outlier the statistics exist to detect. They are shifted and scaled by the cycle's
+    # first loss K (module docstring).
+    starting = accept & (state[CYCLE_COUNT] == 0)
+    shift = xp.where(starting, loss, state[CYCLE_SHIFT])
+    scale_before = xp.where(starting, xp.where(shift != 0, abs(shift), 1.0), state[CYCLE_SCALE])
+    deviation = xp.where(accept, loss - shift, 0.0)
+    scale = xp.clamp(xp.maximum(scale_before, abs(deviation)), hi=FLOAT64_MAX)
+    ratio = scale_before / scale  # <= 1: the sums so far, in units of the new S
+    unit = xp.clamp(xp.div(deviation, scale), -1.0, 1.0)
+    scaled = state[SIGMA_SCALE]
+    inflated = xp.where(moved_back, scaled * config.sigma_inflation, scaled)
+    sigma_scale = xp.clamp(
+        xp.where(accept, scaled * (1.0 / config.sigma_inflation), inflated), lo=1.0
+    )
     new_state = xp.pack(
         [
             alpha_new,
@@ -344,155 +461,47 @@ def control_step(
             state[ACCEPTED] + accept_f,
             state[RETRACES] + reject_f,
             reject_f,
-            state[CYCLE_COUNT] + accept_f,
-            state[CYCLE_SUM] + safe_loss,
-            state[CYCLE_SUMSQ] + safe_loss * safe_loss,
+            (state[CYCLE_COUNT] + accept_f) * keep_f,
+            (state[CYCLE_SUM] * ratio + unit) * keep_f,
+            (state[CYCLE_SUMSQ] * (ratio * ratio) + unit * unit) * keep_f,
             state[CYCLE_MEAN],
             state[CYCLE_STD],
-            state[CYCLE_CLOSED],
+            state[CYCLE_CLOSED] * keep_f,
             state[CYCLE_LAST_COUNT],
+            shift * keep_f,
+            xp.where(restart, 1.0, scale),
+            xp.where(restart, 1.0, sigma_scale),
+            xp.where(restart, 0.0, retrace_run),
+            state[RESTARTS] + (1.0 - keep_f),
+            xp.where(accept, alpha_new, state[ALPHA_ACCEPTED]),
+            xp.where(restart, 1.0, xp.where(first_accept, 0.0, state[RESTART_PENDING])),
         ]
     )
     return new_state, Decision(accept_f, alpha_new, back)
 
 
-@functools.cache
-def compiled_control_step() -> Callable[..., tuple[torch.Tensor, Decision]]:
-    """:func:`control_step` on :data:`TENSOR_MATH` through ``torch.compile`` (one per
-    process; compiled at its first call, again for another device or config).
-
-    The law is pure pointwise math on 0-d tensors, so it compiles as one graph
-    (``fullgraph=True``) into fused kernels: no host sync, capturable in a CUDA graph
-    once it has compiled (call it before capturing, as the warm-up steps do).
-    """
-    return torch.compile(control_step, fullgraph=True, dynamic=False)
-
-
-def close_cycle(state: torch.Tensor) -> torch.Tensor:
+def close_cycle(state: torch.Tensor, min_losses: int = 1) -> torch.Tensor:
     """End a control cycle: its mean and sigma become the retrace reference (3.2, 3.3).
 
-    A cycle that saw no accepted loss leaves the previous statistics in place.
+    A cycle with fewer than ``min_losses`` accepted losses does not close: its sums go on
+    into the next cycle and the previous statistics stay (``CYCLE_LAST_COUNT`` = 0 says
+    so). mean = K + S E[u], sigma = S sqrt(max(E[u^2] - E[u]^2, 0)) from the shifted,
+    scaled sums (module docstring). No host read.
     """
     count = state[CYCLE_COUNT]
-    has_losses = count > 0
-    safe_count = torch.where(has_losses, count, torch.ones_like(count))
-    mean = state[CYCLE_SUM] / safe_count
-    variance = torch.clamp(state[CYCLE_SUMSQ] / safe_count - mean * mean, min=0.0)
+    closes = (count >= min_losses) & (count > 0)
+    safe_count = torch.where(closes, count, torch.ones_like(count))
+    shift = state[CYCLE_SHIFT]
+    scale = state[CYCLE_SCALE]
+    mean_unit = state[CYCLE_SUM] / safe_count
+    variance_unit = torch.clamp(state[CYCLE_SUMSQ] / safe_count - mean_unit * mean_unit, min=0.0)
+    zero = torch.zeros_like(count)
     new_state = state.clone()
-    new_state[CYCLE_MEAN] = torch.where(has_losses, mean, state[CYCLE_MEAN])
-    new_state[CYCLE_STD] = torch.where(has_losses, torch.sqrt(variance), state[CYCLE_STD])
-    new_state[CYCLE_CLOSED] = torch.where(has_losses, torch.ones_like(count), state[CYCLE_CLOSED])
-    new_state[CYCLE_LAST_COUNT] = count
-    new_state[CYCLE_COUNT] = 0.0
-    new_state[CYCLE_SUM] = 0.0
-    new_state[CYCLE_SUMSQ] = 0.0
+    new_state[CYCLE_MEAN] = torch.where(closes, shift + scale * mean_unit, state[CYCLE_MEAN])
+    new_state[CYCLE_STD] = torch.where(closes, scale * torch.sqrt(variance_unit), state[CYCLE_STD])
+    new_state[CYCLE_CLOSED] = torch.where(closes, torch.ones_like(count), state[CYCLE_CLOSED])
+    new_state[CYCLE_LAST_COUNT] = torch.where(closes, count, zero)
+    for entry in (CYCLE_COUNT, CYCLE_SUM, CYCLE_SUMSQ, CYCLE_SHIFT):
+        new_state[entry] = torch.where(closes, zero, state[entry])
+    new_state[CYCLE_SCALE] = torch.where(closes, torch.ones_like(count), scale)
     return new_state
-
-
-# ---------------------------------------------------------------------------------------
-# The runner: where and how the law runs each step.
-# ---------------------------------------------------------------------------------------
-class ControlRunner:
-    """Owns the packed control state and runs the law once per step where it is cheapest.
-
-    * ``host=True`` (the CPU default): :func:`control_step` on Python floats
-      (:data:`FLOAT_MATH`, same bits as the tensor law). On the CPU the device is the
-      host, so reading the values syncs nothing, and the law costs a few us instead of
-      ~150 us of tiny tensor ops. Set on a GPU it works but reads the state back every
-      step.
-    * ``host=False, compiled=True`` (the CUDA default): :func:`compiled_control_step`,
-      a few fused kernels; a compiler failure warns once and falls back to eager.
-    * ``host=False, compiled=False``: the law as ~200 eager 0-d tensor ops.
-
-    The device paths never read a value back to the host (CUDA-graph capturable).
-    """
-
-    def __init__(
-        self, config: ControlConfig, device: torch.device, *, host: bool, compiled: bool
-    ) -> None:
-        self.config = config
-        self.state = initial_state(config, device)
-        self.host = host
-        self.compiled = compiled
-
-    def alpha_prev(self) -> float | torch.Tensor:
-        """alpha_{t-1} (read before :meth:`step` commits): a float with ``host``, else a
-        0-d device tensor (a copy, no host read)."""
-        if self.host:
-            return float(self.state.cpu()[ALPHA])
-        return self.state[ALPHA].clone()
-
-    def loss_value(self, loss: torch.Tensor | float, group: Any = None) -> float | torch.Tensor:
-        """f_t as the law takes it: a Python float with ``host``, else a 0-d fp64 tensor on
-        the state's device (no host read). With a process ``group`` (data parallel) it is
-        the mean over the group: every rank receives the same sum and divides it by the
-        same count, so all take bit-identical decisions, and a non-finite loss on any
-        rank makes every rank retrace. ``loss`` has passed :func:`checks.check_loss`."""
-        device = self.state.device
-        if group is None and self.host:
-            return float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss)
-        if isinstance(loss, torch.Tensor):
-            # A copy when reducing: all_reduce works in place on what it is given.
-            value = (
-                loss.detach()
-                .reshape(())
-                .to(device, torch.float64, non_blocking=True, copy=group is not None)
-            )
-        else:
-            value = torch.tensor(float(loss), dtype=torch.float64, device=device)
-        if group is None:
-            return value
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-        value /= dist.get_world_size(group)
-        return float(value.item()) if self.host else value
-
-    def step(self, loss: float | torch.Tensor, partials: Sequence[torch.Tensor]) -> Decision:
-        """Sum the segments' [||G_t||^2, <G_t, G_{t-1}>] (in segment order, from zero, in
-        fp64), run the law and commit the new state. The decision comes as 0-d device
-        tensors, or as floats with ``host``."""
-        if self.host:
-            grad_sq = grad_dot_prev = 0.0
-            for partial in partials:
-                part_sq, part_dot = partial.tolist()
-                grad_sq += part_sq
-                grad_dot_prev += part_dot
-            # The state goes in and out through a numpy view (one call each way: this
-            # runs right after backward, when the CPU's caches are cold and every torch
-            # call costs several us). On the CPU .cpu() is the tensor itself; on a GPU
-            # it is a copy, written back below.
-            host_state = self.state.cpu()
-            state_view = host_state.numpy()
-            state, decision = control_step(
-                state_view.tolist(), loss, grad_sq, grad_dot_prev, self.config, FLOAT_MATH
-            )
-            state_view[:] = state
-            if host_state is not self.state:
-                self.state.copy_(host_state)
-            return decision
-        totals = torch.zeros(2, dtype=torch.float64, device=self.state.device)
-        for partial in partials:
-            totals += partial.to(self.state.device, non_blocking=True)
-        args = (self.state, loss, totals[0], totals[1], self.config)
-        # Inside a torch.compile of the user's own step, dynamo traces the plain law.
-        if self.compiled and not torch.compiler.is_compiling():
-            try:
-                new_state, decision = compiled_control_step()(*args)
-            except Exception as exc:  # any compiler failure: run the law eagerly
-                # Compiling happens before the law runs, and the law itself changes
-                # nothing in place: the eager call below starts from the same state.
-                self.compiled = False
-                warnings.warn(
-                    f"ELRA: torch.compile of the control law failed ({type(exc).__name__}: "
-                    f"{exc}); running it eagerly (~200 small ops per step). Pass "
-                    "compile_control=False to skip the attempt.",
-                    stacklevel=6,  # the user's opt.step call
-                )
-                new_state, decision = control_step(*args)
-        else:
-            new_state, decision = control_step(*args)
-        self.state.copy_(new_state)
-        return decision
-
-    def close_cycle(self) -> None:
-        """End the current control cycle (no host read)."""
-        self.state.copy_(close_cycle(self.state))

@@ -5,7 +5,7 @@ whole per-step algorithm as one function of its inputs:
 
 1. ``dots`` over every segment: the partial [<G_t, G_t>, <G_{t-1}, G_t>] of each
    (fp64, in segment order);
-2. the control law (:class:`elra_fused.control.ControlRunner`) on f_t and the summed
+2. the control law (:class:`elra_fused.control_runner.ControlRunner`) on f_t and the summed
    partials: accept (eq. 4) or retrace (section 3.2), committing the new control state;
 3. ``update`` over every segment: x <- wd x - alpha_t G_t (accept) or
    x <- x + (alpha_{t-1} - alpha_t) G_{t-1} (retrace), with G_{t-1} rolled forward.
@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .control import ControlRunner, Decision
+from .control import Decision
+from .control_runner import ControlRunner
 from .memory import PrevStore
 from .ops import KernelSet
 

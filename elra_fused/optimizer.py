@@ -4,7 +4,7 @@ The façade: it checks the arguments (:mod:`elra_fused.checks`), picks the backe
 layout (:mod:`elra_fused.layouts`: per-parameter tensor lists, the default except on
 CUDA, or flat buffers), and per step gathers the work from its layout and hands it to
 the functional core (:func:`elra_fused.core.elra_step`): the ``dots`` pass, the control
-law (:class:`elra_fused.control.ControlRunner`), the ``update`` pass. None of it reads a
+law (:class:`elra_fused.control_runner.ControlRunner`), the ``update`` pass. None of it reads a
 value back to the host unless the law runs there (the CPU default). It also carries the
 torch conventions: param groups, ``state_dict`` / ``load_state_dict``, ``zero_grad``,
 step hooks and the profiler range (:mod:`elra_fused._torch_compat`).
@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from . import checks, control, ops
 from ._torch_compat import step_entry
-from .control import ControlConfig, ControlRunner
+from .control import ControlConfig
+from .control_runner import ControlRunner
 from .core import elra_step
 from .layouts import FlatLayout, Layout, ListLayout
 from .memory import POINT_MODES
@@ -49,6 +50,12 @@ class ELRA(torch.optim.Optimizer):
             control cycle.
         initial_retrace_factor: before the first cycle closes, retrace when f_t exceeds
             f_0 by this factor (1.1); None for pre-trained starting points.
+        min_cycle_losses, sigma_inflation, retrace_min_step, max_retraces: the authors'
+            guards of the retrace rule, from their code (:mod:`elra_fused.control`): a
+            cycle closes only with >= 100 accepted losses; sigma x1.05 per retrace, /1.05
+            per accept; after a retrace alpha >= 1e-4 / ||G_{t-1}||; the 25th retrace in
+            a row returns to the last accepted point and restarts (warned once).
+            ``1, 1.0, 0.0, None`` is the paper's law without them.
         cycle_steps: close a control cycle automatically every ``cycle_steps`` steps;
             None (default) means the user calls :meth:`end_cycle` (e.g. once per epoch,
             the paper's cycle).
@@ -99,6 +106,10 @@ class ELRA(torch.optim.Optimizer):
         warmup_min_step: float = control.WARMUP_MIN_STEP,
         retrace_sigmas: float = control.RETRACE_SIGMAS,
         initial_retrace_factor: float | None = control.INITIAL_RETRACE_FACTOR,
+        min_cycle_losses: int = control.MIN_CYCLE_LOSSES,
+        sigma_inflation: float = control.SIGMA_INFLATION,
+        retrace_min_step: float = control.RETRACE_MIN_STEP,
+        max_retraces: int | None = control.MAX_RETRACES,
         cycle_steps: int | None = None,
         backend: str = "auto",
         flat: bool | None = None,
@@ -124,6 +135,10 @@ class ELRA(torch.optim.Optimizer):
             warmup_min_step=warmup_min_step,
             retrace_sigmas=retrace_sigmas,
             initial_retrace_factor=initial_retrace_factor,
+            min_cycle_losses=min_cycle_losses,
+            sigma_inflation=sigma_inflation,
+            retrace_min_step=retrace_min_step,
+            max_retraces=max_retraces,
         )
         checks.check_memory(memory, state_dtype, flat, reuse_grad_buffer)
         self.cycle_steps = cycle_steps
@@ -205,7 +220,7 @@ class ELRA(torch.optim.Optimizer):
     @property
     def host_control(self) -> bool:
         """Run the control law on Python floats (same code, same bits; see
-        :class:`elra_fused.control.ControlRunner`) instead of 0-d tensor ops. True for
+        :class:`elra_fused.control_runner.ControlRunner`) instead of 0-d tensor ops. True for
         CPU parameters, where the device is the host; False keeps the law in device
         tensors, which is what a GPU needs (no host sync, CUDA-graph capture). True on a
         GPU works but reads the values back every step."""
@@ -217,7 +232,7 @@ class ELRA(torch.optim.Optimizer):
 
     @property
     def compile_control(self) -> bool:
-        """Run the device law through :func:`control.compiled_control_step`."""
+        """Run the device law through ``torch.compile`` (:mod:`elra_fused.control_runner`)."""
         return self._law.compiled
 
     @compile_control.setter
@@ -232,17 +247,23 @@ class ELRA(torch.optim.Optimizer):
     @property
     def alpha(self) -> float:
         """Current step size alpha (reading it synchronises with the device)."""
-        return float(self._law.state[control.ALPHA].item())
+        return self._law.read(control.ALPHA)[0]
 
     @property
     def last_step_retraced(self) -> bool:
         """Whether the last ``step()`` was a retrace (soft restart) or a skipped start."""
-        return bool(self._law.state[control.LAST_RETRACED].item() > 0)
+        return self._law.read(control.LAST_RETRACED)[0] > 0
 
     @property
     def retrace_count(self) -> int:
         """Number of retraced steps so far."""
-        return int(self._law.state[control.RETRACES].item())
+        return int(self._law.read(control.RETRACES)[0])
+
+    @property
+    def restart_count(self) -> int:
+        """Restarts so far: ``max_retraces`` retraces in a row sent the law back to the
+        last accepted point with fresh statistics (warned once)."""
+        return int(self._law.read(control.RESTARTS)[0])
 
     @property
     def control_state(self) -> torch.Tensor:
@@ -260,17 +281,22 @@ class ELRA(torch.optim.Optimizer):
         self._steps_in_cycle = 0
 
     def cycle_statistics(self) -> tuple[float, float] | None:
-        """(mean, sigma) of the accepted losses of the cycle closed last.
+        """(mean, sigma) of the accepted losses of the cycle closed last, sigma as the
+        retrace rule uses it now (with the ``sigma_inflation`` of the retraces since).
 
-        None before the first cycle closed and when the last cycle had no accepted step
-        (the retrace rule then keeps the older statistics). These are the statistics the
-        retrace rule uses; the dynamic batch size controller (paper 3.3) reads the same
-        ones once per cycle. Reading them synchronises.
+        None before the first cycle closed and when the last ``end_cycle()`` closed none
+        (fewer than ``min_cycle_losses`` accepted losses: the cycle goes on, the rule keeps
+        the older statistics). The dynamic batch size controller (paper 3.3) reads them
+        once per cycle. Reading them synchronises.
         """
-        mean, std, closed, count = self._law.state[
-            [control.CYCLE_MEAN, control.CYCLE_STD, control.CYCLE_CLOSED, control.CYCLE_LAST_COUNT]
-        ].tolist()
-        return (mean, std) if closed > 0 and count > 0 else None
+        mean, std, scale, closed, count = self._law.read(
+            control.CYCLE_MEAN,
+            control.CYCLE_STD,
+            control.SIGMA_SCALE,
+            control.CYCLE_CLOSED,
+            control.CYCLE_LAST_COUNT,
+        )
+        return (mean, std * scale) if closed > 0 and count > 0 else None
 
     @step_entry
     @torch.no_grad()
@@ -322,13 +348,12 @@ class ELRA(torch.optim.Optimizer):
                 f"('{_STATE_KEY}'); was it saved by another optimizer?"
             )
         control_state = extra["control"]
-        if not isinstance(control_state, torch.Tensor) or control_state.shape != (
-            control.STATE_SIZE,
-        ):
+        if not isinstance(control_state, torch.Tensor):
             raise ValueError(
-                f"ELRA.load_state_dict: control state must be a tensor of {control.STATE_SIZE} "
-                "values; the state dict is corrupt or from an incompatible version"
+                "ELRA.load_state_dict: the control state must be a tensor; the state dict "
+                "is corrupt or from an incompatible version"
             )
+        control_state = control.upgrade_state(control_state)
         saved_memory = extra.get("memory", "standard")
         if (saved_memory in POINT_MODES) != (self.memory in POINT_MODES):
             raise ValueError(

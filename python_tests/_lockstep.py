@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from elra_fused import ELRA, control, ops
-from elra_fused.control import ControlRunner
+from elra_fused.control_runner import ControlRunner
 from elra_fused.core import elra_step
 from elra_fused.layouts import ListLayout
 

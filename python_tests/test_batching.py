@@ -260,7 +260,7 @@ def test_dynamic_batch_size_reads_the_optimizers_statistics_once_per_cycle(
     model = torch.nn.Linear(4, 1)
     x, y = torch.randn(40, 4), torch.randn(40, 1)
     loader = [(x[i : i + 5], y[i : i + 5]) for i in range(0, 40, 5)]
-    opt = ELRA(model.parameters())
+    opt = ELRA(model.parameters(), min_cycle_losses=1, sigma_inflation=1.0)  # measured sigma
     opt.host_control = False  # the law as device tensor ops, as on a GPU
     sizer = DynamicBatchSize(opt, m0=2)
     grouped = GroupedBatches(loader, sizer)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from elra_fused import control
+from elra_fused import control, control_runner
 from elra_fused.control import ControlConfig
 
 F64 = torch.float64
@@ -166,7 +166,9 @@ def test_retraced_losses_stay_out_of_cycle_statistics() -> None:
     state, decision = step(state, loss=50.0, grad_sq=4.0, dot=0.0)
     assert decision.accept.item() == 0.0
     assert state[control.CYCLE_COUNT].item() == 1.0
-    assert state[control.CYCLE_SUM].item() == 1.0
+    # The one accepted loss is the cycle's shift K; its scaled deviation u is 0.
+    assert state[control.CYCLE_SHIFT].item() == 1.0
+    assert state[control.CYCLE_SUM].item() == state[control.CYCLE_SUMSQ].item() == 0.0
 
 
 def test_empty_cycle_keeps_previous_statistics() -> None:
@@ -290,7 +292,7 @@ def test_float_math_gives_the_tensor_math_bits(config: ControlConfig) -> None:
 def test_compiled_law_gives_the_eager_bits(config: ControlConfig) -> None:
     """compiled_control_step (torch.compile, the GPU default) on the random inputs above:
     every state entry and decision bit-identical to the eager tensor law."""
-    compiled = control.compiled_control_step()
+    compiled = control_runner.compiled_control_step()
     gen = torch.Generator().manual_seed(11)
     eager_state = compiled_state = control.initial_state(config, "cpu")
     for index, (loss, grad_sq, dot) in enumerate(_random_inputs(gen, 200)):

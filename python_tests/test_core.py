@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from elra_fused import control, ops
-from elra_fused.control import ControlConfig, ControlRunner
+from elra_fused.control import ControlConfig
+from elra_fused.control_runner import ControlRunner
 from elra_fused.core import Segment, elra_step
 from elra_fused.memory import GradPrevStore, PointPrevStore
 

@@ -234,7 +234,7 @@ def test_step_makes_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cycle_steps_closes_cycles() -> None:
     model, data, target = mlp_setup()
-    opt = ELRA(model.parameters(), cycle_steps=4)
+    opt = ELRA(model.parameters(), cycle_steps=4, min_cycle_losses=4)
     for _ in range(4):
         mlp_step(model, data, target, opt)
     from elra_fused import control
@@ -245,12 +245,15 @@ def test_cycle_steps_closes_cycles() -> None:
 
 def test_cycle_statistics_skip_empty_cycles() -> None:
     model, data, target = mlp_setup()
-    opt = ELRA(model.parameters())
+    opt = ELRA(model.parameters(), min_cycle_losses=5)
     assert opt.cycle_statistics() is None
     losses = [mlp_step(model, data, target, opt).item() for _ in range(3)]
+    opt.end_cycle()  # 3 < min_cycle_losses: the cycle goes on
+    assert opt.cycle_statistics() is None
+    losses += [mlp_step(model, data, target, opt).item() for _ in range(2)]
     opt.end_cycle()
     mean, sigma = opt.cycle_statistics()
-    assert mean == pytest.approx(sum(losses) / 3)
+    assert mean == pytest.approx(sum(losses) / 5)
     assert sigma == pytest.approx(float(torch.tensor(losses, dtype=F64).std(correction=0)))
     opt.end_cycle()  # a cycle without accepted steps: nothing new to report
     assert opt.cycle_statistics() is None

@@ -1,0 +1,173 @@
+"""Where and how the control law (:mod:`elra_fused.control`) runs each step.
+
+:class:`ControlRunner` owns the packed control state and picks, per step, the cheapest
+way to evaluate :func:`elra_fused.control.control_step` with the same bits: Python floats
+on the host (the CPU default), one compiled graph of fused kernels
+(:func:`compiled_control_step`, the CUDA default) or ~200 eager 0-d tensor ops. It also
+turns the loss into what the law takes (averaged over a data-parallel group).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .control import (
+    ALPHA,
+    RESTARTS,
+    ControlConfig,
+    Decision,
+    close_cycle,
+    control_step,
+    initial_state,
+)
+from .control_math import FLOAT_MATH
+
+
+@functools.cache
+def compiled_control_step() -> Callable[..., tuple[torch.Tensor, Decision]]:
+    """:func:`control_step` on :data:`TENSOR_MATH` through ``torch.compile`` (one per
+    process; compiled at its first call, again for another device or config).
+
+    The law is pure pointwise math on 0-d tensors, so it compiles as one graph
+    (``fullgraph=True``) into fused kernels: no host sync, capturable in a CUDA graph
+    once it has compiled (call it before capturing, as the warm-up steps do).
+    """
+    return torch.compile(control_step, fullgraph=True, dynamic=False)
+
+
+class ControlRunner:
+    """Owns the packed control state and runs the law once per step where it is cheapest.
+
+    * ``host=True`` (the CPU default): :func:`control_step` on Python floats
+      (:data:`FLOAT_MATH`, same bits as the tensor law). On the CPU the device is the
+      host, so reading the values syncs nothing, and the law costs a few us instead of
+      ~150 us of tiny tensor ops. Set on a GPU it works but reads the state back every
+      step.
+    * ``host=False, compiled=True`` (the CUDA default): :func:`compiled_control_step`,
+      a few fused kernels; a compiler failure warns once and falls back to eager.
+    * ``host=False, compiled=False``: the law as ~200 eager 0-d tensor ops.
+
+    The device paths never read a value back to the host (CUDA-graph capturable).
+    """
+
+    def __init__(
+        self, config: ControlConfig, device: torch.device, *, host: bool, compiled: bool
+    ) -> None:
+        self.config = config
+        self.state = initial_state(config, device)
+        self.host = host
+        self.compiled = compiled
+        #: Whether the first restart (max_retraces retraces in a row) was warned about.
+        self.restart_warned = False
+
+    def read(self, *entries: int) -> list[float]:
+        """State entries as floats, in one host read (a sync on a GPU). Every read also
+        reports a restart that the device law took since the last one (see
+        :meth:`_warn_restart`)."""
+        values = self.state[[*entries, RESTARTS]].tolist()
+        self._warn_restart(values[-1], stacklevel=4)
+        return values[:-1]
+
+    def _warn_restart(self, restarts: float, stacklevel: int) -> None:
+        """Warn once per optimizer when the law has restarted (the device law restarts
+        without a host read; its warning comes with the next read of the state)."""
+        if restarts > 0 and not self.restart_warned:
+            self.restart_warned = True
+            warnings.warn(
+                f"ELRA: {self.config.max_retraces} retraces in a row: the control law "
+                "went back to the last accepted point and restarted with its alpha and "
+                f"fresh loss statistics ({int(restarts)} restart(s) so far; "
+                "opt.restart_count counts them, no further warning). The loss kept "
+                "exceeding the retrace threshold: mini-batch noise too large for the batch "
+                "size, a diverging model or a bad batch.",
+                stacklevel=stacklevel,
+            )
+
+    def alpha_prev(self) -> float | torch.Tensor:
+        """alpha_{t-1} (read before :meth:`step` commits): a float with ``host``, else a
+        0-d device tensor (a copy, no host read)."""
+        if self.host:
+            return float(self.state.cpu()[ALPHA])
+        return self.state[ALPHA].clone()
+
+    def loss_value(self, loss: torch.Tensor | float, group: Any = None) -> float | torch.Tensor:
+        """f_t as the law takes it: a Python float with ``host``, else a 0-d fp64 tensor on
+        the state's device (no host read). With a process ``group`` (data parallel) it is
+        the mean over the group: every rank receives the same sum and divides it by the
+        same count, so all take bit-identical decisions, and a non-finite loss on any
+        rank makes every rank retrace. ``loss`` has passed :func:`checks.check_loss`."""
+        device = self.state.device
+        if group is None and self.host:
+            return float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss)
+        if isinstance(loss, torch.Tensor):
+            # A copy when reducing: all_reduce works in place on what it is given.
+            value = (
+                loss.detach()
+                .reshape(())
+                .to(device, torch.float64, non_blocking=True, copy=group is not None)
+            )
+        else:
+            value = torch.tensor(float(loss), dtype=torch.float64, device=device)
+        if group is None:
+            return value
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        value /= dist.get_world_size(group)
+        return float(value.item()) if self.host else value
+
+    def step(self, loss: float | torch.Tensor, partials: Sequence[torch.Tensor]) -> Decision:
+        """Sum the segments' [||G_t||^2, <G_t, G_{t-1}>] (in segment order, from zero, in
+        fp64), run the law and commit the new state. The decision comes as 0-d device
+        tensors, or as floats with ``host``."""
+        if self.host:
+            grad_sq = grad_dot_prev = 0.0
+            for partial in partials:
+                part_sq, part_dot = partial.tolist()
+                grad_sq += part_sq
+                grad_dot_prev += part_dot
+            # The state goes in and out through a numpy view (one call each way: this
+            # runs right after backward, when the CPU's caches are cold and every torch
+            # call costs several us). On the CPU .cpu() is the tensor itself; on a GPU
+            # it is a copy, written back below.
+            host_state = self.state.cpu()
+            state_view = host_state.numpy()
+            state, decision = control_step(
+                state_view.tolist(), loss, grad_sq, grad_dot_prev, self.config, FLOAT_MATH
+            )
+            state_view[:] = state
+            self._warn_restart(state[RESTARTS], stacklevel=7)  # the user's opt.step call
+            if host_state is not self.state:
+                self.state.copy_(host_state)
+            return decision
+        totals = torch.zeros(2, dtype=torch.float64, device=self.state.device)
+        for partial in partials:
+            totals += partial.to(self.state.device, non_blocking=True)
+        args = (self.state, loss, totals[0], totals[1], self.config)
+        # Inside a torch.compile of the user's own step, dynamo traces the plain law.
+        if self.compiled and not torch.compiler.is_compiling():
+            try:
+                new_state, decision = compiled_control_step()(*args)
+            except Exception as exc:  # any compiler failure: run the law eagerly
+                # Compiling happens before the law runs, and the law itself changes
+                # nothing in place: the eager call below starts from the same state.
+                self.compiled = False
+                warnings.warn(
+                    f"ELRA: torch.compile of the control law failed ({type(exc).__name__}: "
+                    f"{exc}); running it eagerly (~200 small ops per step). Pass "
+                    "compile_control=False to skip the attempt.",
+                    stacklevel=6,  # the user's opt.step call
+                )
+                new_state, decision = control_step(*args)
+        else:
+            new_state, decision = control_step(*args)
+        self.state.copy_(new_state)
+        return decision
+
+    def close_cycle(self) -> None:
+        """End the current control cycle (no host read)."""
+        self.state.copy_(close_cycle(self.state, self.config.min_cycle_losses))
