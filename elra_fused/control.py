@@ -36,33 +36,31 @@ Notation (paper numbering): x_t parameters, G_t gradient, f_t loss, alpha_t step
 The ``f_0 + 0.1 |f_0|`` form of the initial rule equals the paper's ``1.1 f_0`` for a
 positive f_0 and stays a "10 % worse" test when f_0 is negative (e.g. the saddle).
 
-Guards the paper does not print (it calls the retrace rule "delicate"); each follows the
-authors' own code (GitHub ``alex77g2/solver_icml``, ``lib_grad_solve.py``) and is a
-:class:`ControlConfig` field whose default is their value (0 / 1 / None turn it off):
+Guards the paper does not print (it calls the retrace rule "delicate"), each from the
+authors' code (GitHub ``alex77g2/solver_icml``, ``lib_grad_solve.py``), each a
+:class:`ControlConfig` field with their value as default:
 
-* ``min_cycle_losses`` (100): a control cycle closes only once it holds this many
-  accepted losses, so mean and sigma never come from a handful of mini-batches (their
-  ``GradientMerge`` refreshes the statistics every 100 steps, ``step_cnt % 100``);
-* ``sigma_inflation`` (1.05): the sigma of the 5-sigma rule grows by this factor per
-  retrace and shrinks by it per accept, never below the measured sigma (their
-  ``p2min_step``: ``lastDev *= 1.05`` per retrace, ``sqrt(var) * 1.05**retraces``);
+* ``min_cycle_losses`` (100): a cycle closes only with this many accepted losses, so mean
+  and sigma never come from a handful of mini-batches (``GradientMerge``: the statistics
+  are refreshed every 100 steps, ``step_cnt % 100``);
+* ``sigma_inflation`` (1.05): the rule's sigma grows by this factor per retrace and
+  shrinks by it per accept, never below the measured sigma (``p2min_step``:
+  ``lastDev *= 1.05``);
 * ``retrace_min_step`` (1e-4): after a retrace alpha_t >= 1e-4 / ||G_{t-1}||, so data
-  noise (f_t - f_{t-1} >> alpha Ga) cannot collapse alpha by orders of magnitude in one
-  retrace (their ``__alpha_opt_version``); unlike theirs it never exceeds alpha_{t-1}: a
-  retrace never steps further along a direction that just failed;
-* ``max_retraces`` (25; their batch-size change after 25 retraces in a row, ours a
-  restart): the 25th retrace in a row returns exactly to the last accepted point
-  (x_{t+1} = wd x_{t-1}, back = alpha_{t-1}), restores the alpha of the last accepted
-  step, forgets the statistics (the next step starts afresh like a first step; the
-  initial rule holds until a new cycle closes) and counts a restart (``RESTARTS``; the
-  runner warns once). No input can lock the law in endless retraces.
+  noise (f_t - f_{t-1} >> alpha Ga) cannot collapse alpha in one retrace
+  (``__alpha_opt_version``); unlike theirs capped at alpha_{t-1}: a retrace never steps
+  further along a direction that just failed;
+* ``max_retraces`` (25, where they grow the batch; we restart): the 25th retrace in a row
+  returns to the last accepted point (back = alpha_{t-1}: x_{t+1} = wd x_{t-1} up to
+  rounding), restores that step's alpha, forgets the statistics (the next step starts
+  afresh like a first step) and counts a restart (the runner warns once). No input can
+  lock the law in endless retraces.
 
-Cycle statistics are shifted and scaled sums, u = (f - K) / S with K the first accepted
-loss of the cycle and S the largest |f - K| so far (at least |K|, or 1 when K = 0; when
-S grows, the sums so far are rescaled by S_old / S_new): mean = K + S E[u],
-sigma = S sqrt(Var u). |u| <= 1, so nothing overflows at any finite loss, and shifting
-by K avoids the cancellation of E[f^2] - E[f]^2 when sigma << |mean| (raw sums of f^2
-overflow for |f| >= 1e154). A state saved before (raw sums: K = 0, S = 1) reads the same.
+Cycle statistics are shifted, scaled sums of u = (f - K) / S, K the cycle's first
+accepted loss, S the largest |f - K| so far (at least |K|, 1 if K = 0; the sums are
+rescaled by S_old / S_new when S grows): mean = K + S E[u], sigma = S sqrt(Var u). |u| <=
+1, so nothing overflows at any finite loss (raw sums of f^2 did at |f| >= 1e154), and the
+shift avoids cancellation when sigma << |mean|. Saved raw sums read as K = 0, S = 1.
 """
 
 from __future__ import annotations
@@ -226,28 +224,6 @@ def initial_state(config: ControlConfig, device: torch.device | str) -> torch.Te
     state[SIGMA_SCALE] = 1.0
     state[CYCLE_SCALE] = 1.0
     return state
-
-
-def upgrade_state(saved: torch.Tensor) -> torch.Tensor:
-    """A saved control state in the current layout (float64, :data:`STATE_SIZE`).
-
-    A state saved before the guards (:data:`LEGACY_STATE_SIZE` entries) gains them as a
-    fresh state has them; its raw cycle sums are the shifted sums with K = 0.
-    """
-    saved = saved.detach().to(torch.float64)
-    if saved.shape == (STATE_SIZE,):
-        return saved
-    if saved.shape != (LEGACY_STATE_SIZE,):
-        raise ValueError(
-            f"ELRA.load_state_dict: control state must be a tensor of {STATE_SIZE} (or "
-            f"{LEGACY_STATE_SIZE}) values, got shape {tuple(saved.shape)}; the state dict "
-            "is corrupt or from an incompatible version"
-        )
-    extra = torch.zeros(STATE_SIZE - LEGACY_STATE_SIZE, dtype=torch.float64, device=saved.device)
-    extra[SIGMA_SCALE - LEGACY_STATE_SIZE] = 1.0
-    extra[CYCLE_SCALE - LEGACY_STATE_SIZE] = 1.0
-    extra[ALPHA_ACCEPTED - LEGACY_STATE_SIZE] = saved[ALPHA]
-    return torch.cat([saved, extra])
 
 
 class Decision(NamedTuple):

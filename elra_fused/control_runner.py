@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import control
 from .control import (
     ALPHA,
     RESTARTS,
@@ -39,6 +40,30 @@ def compiled_control_step() -> Callable[..., tuple[torch.Tensor, Decision]]:
     once it has compiled (call it before capturing, as the warm-up steps do).
     """
     return torch.compile(control_step, fullgraph=True, dynamic=False)
+
+
+def upgrade_state(saved: torch.Tensor) -> torch.Tensor:
+    """A saved control state in the current layout (float64, ``control.STATE_SIZE`` entries).
+
+    A state saved before the guards (``control.LEGACY_STATE_SIZE`` entries) gains them as a
+    fresh state has them; its raw cycle sums are the shifted sums with K = 0.
+    """
+    saved = saved.detach().to(torch.float64)
+    if saved.shape == (control.STATE_SIZE,):
+        return saved
+    if saved.shape != (control.LEGACY_STATE_SIZE,):
+        raise ValueError(
+            f"ELRA.load_state_dict: control state must be a tensor of {control.STATE_SIZE} (or "
+            f"{control.LEGACY_STATE_SIZE}) values, got shape {tuple(saved.shape)}; the state dict "
+            "is corrupt or from an incompatible version"
+        )
+    extra = torch.zeros(
+        control.STATE_SIZE - control.LEGACY_STATE_SIZE, dtype=torch.float64, device=saved.device
+    )
+    extra[control.SIGMA_SCALE - control.LEGACY_STATE_SIZE] = 1.0
+    extra[control.CYCLE_SCALE - control.LEGACY_STATE_SIZE] = 1.0
+    extra[control.ALPHA_ACCEPTED - control.LEGACY_STATE_SIZE] = saved[control.ALPHA]
+    return torch.cat([saved, extra])
 
 
 class ControlRunner:
@@ -167,6 +192,10 @@ class ControlRunner:
             new_state, decision = control_step(*args)
         self.state.copy_(new_state)
         return decision
+
+    def load(self, saved: torch.Tensor) -> None:
+        """Take a saved state (see :func:`upgrade_state`); raises before changing anything."""
+        self.state.copy_(upgrade_state(saved).to(self.state.device))
 
     def close_cycle(self) -> None:
         """End the current control cycle (no host read)."""

@@ -301,3 +301,20 @@ class FlatLayout:
         """Offload: copies to the host may be in flight."""
         for store in self.stores:
             store.synchronize()
+
+
+def default_flat(
+    memory: str,
+    reuse_grad_buffer: bool,
+    backend: str,
+    device: torch.device,
+    params: list[torch.Tensor],
+) -> bool:
+    """flat=None: flat buffers for the point memory modes and reuse_grad_buffer (they need
+    them), on CUDA (graph capture, one launch per pass) and for non-contiguous parameters
+    (the per-parameter layout views each one as a vector); tensor lists otherwise."""
+    if memory != "standard" or reuse_grad_buffer:
+        return True
+    if device.type == "cuda" and backend != "reference":
+        return True
+    return not all(p.is_contiguous() for p in params)

@@ -20,10 +20,11 @@ import torch.distributed as dist
 
 from . import checks, control, ops
 from ._torch_compat import step_entry
+from .buffers import RetraceBuffers
 from .control import ControlConfig
-from .control_runner import ControlRunner
+from .control_runner import ControlRunner, upgrade_state
 from .core import elra_step
-from .layouts import FlatLayout, Layout, ListLayout
+from .layouts import FlatLayout, Layout, ListLayout, default_flat
 from .memory import POINT_MODES
 from .offload import DEFAULT_CHUNK
 
@@ -62,31 +63,23 @@ class ELRA(torch.optim.Optimizer):
         backend: "auto" (fastest available for the parameters' device and dtypes: cpp,
             then triton on GPU; cpp on CPU; else reference), or "reference", "triton",
             "cpp" to force one.
-        flat: keep parameters and gradients in flat buffers. Default (None): True on
-            CUDA (graph capture, one launch per pass), for ``memory="recover"/"offload"``,
-            for ``reuse_grad_buffer`` and for non-contiguous parameters; False (the
-            per-parameter layout, G_{t-1} kept by reference) otherwise.
-        memory: what is kept from the previous step (paper section 3.6; see
-            :mod:`elra_fused.memory`): "standard" (G_{t-1} on the device), "recover"
-            (x_{t-1} on the device, G_{t-1} recovered per element) or "offload" (x_{t-1}
-            in pinned host memory, streamed in chunks). The last two need flat buffers.
+        flat: flat buffers (:mod:`elra_fused.layouts`). Default (None): on CUDA, for
+            the point memory modes, ``reuse_grad_buffer`` and non-contiguous parameters;
+            otherwise per-parameter tensor lists (G_{t-1} kept by reference).
+        memory: what is kept from the previous step (3.6, :mod:`elra_fused.memory`):
+            "standard" (G_{t-1}), "recover" (x_{t-1}) or "offload" (x_{t-1} on the host).
         state_dtype: dtype of the stored G_{t-1} in "standard" mode (default: the
             parameters' dtype); ``torch.bfloat16`` halves its memory.
         offload_chunk: staging chunk size in elements for ``memory="offload"``.
-        reuse_grad_buffer: standard mode on flat buffers: let the gradient buffer become
-            G_{t-1} by swapping buffers instead of copying (12 instead of 16 bytes per
-            fp32 parameter in the update pass). After ``step()`` the ``.grad`` tensors
-            hold stale values until ``zero_grad()``: read gradients before the step.
-        process_group: data parallel training (DDP): the group the model is replicated
-            over. ``step(loss)`` then averages f_t over it (one all-reduce of one value
-            per step, no host sync on a GPU), so every replica takes the same accept /
-            retrace decision on the same (DDP-averaged) gradient. Without it each rank's
-            control law sees only its own loss and the replicas drift apart.
-        compile_control: run the control law through ``torch.compile`` (a few fused
-            kernels instead of ~200 tiny ops per step) where it runs on device tensors.
-            Default (None): True on CUDA. The first step compiles it (seconds); if
-            compiling fails, ELRA warns once and runs the law eagerly. Unused while
-            ``host_control`` is on (the CPU default: the law runs on Python floats).
+        reuse_grad_buffer: flat standard mode: the gradient buffer becomes G_{t-1} by
+            swapping, not copying; ``.grad`` is stale from ``step()`` to ``zero_grad()``.
+        process_group: data parallel (DDP): ``step(loss)`` averages f_t over the group
+            (one all-reduce, no host sync), so every replica takes the same decision.
+        compile_control: the device law through ``torch.compile`` (default: on CUDA; a
+            failing compile warns once and runs it eagerly).
+        buffers: a module (its BatchNorm running statistics), tensors, or a
+            :class:`~elra_fused.buffers.RetraceBuffers`: restored to their values of the
+            last accepted step on every retrace (as the authors do), no host read.
 
     Use ``opt.step(loss)`` after ``loss.backward()``, or ``opt.step(closure)``.
     """
@@ -119,6 +112,7 @@ class ELRA(torch.optim.Optimizer):
         reuse_grad_buffer: bool = False,
         process_group: dist.ProcessGroup | None = None,
         compile_control: bool | None = None,
+        buffers: torch.nn.Module | Iterable[torch.Tensor] | RetraceBuffers | None = None,
     ) -> None:
         checks.check_wd(wd)
         checks.check_process_group(process_group)
@@ -147,9 +141,9 @@ class ELRA(torch.optim.Optimizer):
         super().__init__(params, {"wd": wd})  # checks every parameter (add_param_group)
         trainable = self._trainable() or [self._first_param()]
         self._device = self._first_param().device
-        self.backend = _resolve_backend(backend, trainable, self._device)
+        self.backend = ops.resolve_backend(backend, trainable, self._device)
         if flat is None:
-            flat = _default_flat(memory, reuse_grad_buffer, self.backend, self._device, trainable)
+            flat = default_flat(memory, reuse_grad_buffer, self.backend, self._device, trainable)
         self._kernels = ops.get_kernels(self.backend, self._device)
         self.layout: Layout = (
             FlatLayout(memory, state_dtype, offload_chunk, bool(reuse_grad_buffer))
@@ -164,6 +158,10 @@ class ELRA(torch.optim.Optimizer):
             config, self._device, host=self._device.type == "cpu", compiled=compile_control
         )
         self._steps_in_cycle = 0
+        if buffers is not None and not isinstance(buffers, RetraceBuffers):
+            buffers = RetraceBuffers(buffers)
+        #: Buffers restored on a retrace (``buffers=``), or None.
+        self.retrace_buffers: RetraceBuffers | None = buffers
 
     # ------------------------------------------------------------------ set-up
     def _first_param(self) -> torch.Tensor:
@@ -320,6 +318,8 @@ class ELRA(torch.optim.Optimizer):
         work = self.layout.gather(self.param_groups, self.state)
         decision = elra_step(work.segments, loss_value, self._law, self._kernels)
         self.layout.finish(work, decision)
+        if self.retrace_buffers is not None:
+            self.retrace_buffers.update(self._law.state[control.LAST_RETRACED])
         self._steps_in_cycle += 1
         if self.cycle_steps is not None and self._steps_in_cycle >= self.cycle_steps:
             self.end_cycle()
@@ -336,6 +336,7 @@ class ELRA(torch.optim.Optimizer):
             "backend": self.backend,
             "flat": self.flat,
             "memory": self.memory,
+            "buffers": None if self.retrace_buffers is None else self.retrace_buffers.state_dict(),
         }
         return sd
 
@@ -353,7 +354,7 @@ class ELRA(torch.optim.Optimizer):
                 "ELRA.load_state_dict: the control state must be a tensor; the state dict "
                 "is corrupt or from an incompatible version"
             )
-        control_state = control.upgrade_state(control_state)
+        control_state = upgrade_state(control_state)  # checked before anything changes
         saved_memory = extra.get("memory", "standard")
         if (saved_memory in POINT_MODES) != (self.memory in POINT_MODES):
             raise ValueError(
@@ -362,45 +363,13 @@ class ELRA(torch.optim.Optimizer):
                 f"this optimizer uses memory={self.memory!r}; build it with "
                 f"memory={saved_memory!r} (recover and offload are interchangeable)"
             )
+        if self.retrace_buffers is not None:  # checks before it applies anything
+            saved = extra.get("buffers")
+            if saved is None:  # the model's loaded buffers are the accepted state
+                self.retrace_buffers.remember()
+            else:
+                self.retrace_buffers.load_state_dict(saved)
         super().load_state_dict(state_dict)
         self.layout.load_state(self.state)
-        self._law.state.copy_(control_state.to(self._law.state.device, torch.float64))
+        self._law.load(control_state)
         self._steps_in_cycle = int(extra.get("steps_in_cycle", 0))
-
-
-def _resolve_backend(backend: str, params: list[torch.Tensor], device: torch.device) -> str:
-    """backend="auto": the fastest usable for the parameters' device and dtypes (cpp, then
-    triton on CUDA; cpp on CPU; else reference). Parameters on several devices need the
-    reference backend."""
-    devices = {p.device for p in params}
-    if len(devices) > 1 and backend != "reference":
-        if backend != "auto":
-            raise ValueError(
-                f"ELRA: backend {backend!r} needs all parameters on one device, got "
-                f"{sorted(str(d) for d in devices)}; use backend='reference'"
-            )
-        return "reference"
-    if backend != "auto":
-        return backend  # unsupported dtypes are rejected when the layout takes the groups
-    if not all(p.dtype in ops.SUPPORTED_DTYPES for p in params):
-        return "reference"
-    order = ("cpp", "triton") if device.type == "cuda" else ("cpp",)
-    usable = ops.available_backends(device)
-    return next((b for b in order if b in usable), "reference")
-
-
-def _default_flat(
-    memory: str,
-    reuse_grad_buffer: bool,
-    backend: str,
-    device: torch.device,
-    params: list[torch.Tensor],
-) -> bool:
-    """flat=None: flat buffers for the point memory modes and reuse_grad_buffer (they need
-    them), on CUDA (graph capture, one launch per pass) and for non-contiguous parameters
-    (the per-parameter layout views each one as a vector); tensor lists otherwise."""
-    if memory != "standard" or reuse_grad_buffer:
-        return True
-    if device.type == "cuda" and backend != "reference":
-        return True
-    return not all(p.is_contiguous() for p in params)

@@ -367,3 +367,30 @@ def test_cuda_update_is_sync_free_and_graph_capturable() -> None:
     graph.replay()  # retraced: back to after_forward
     torch.cuda.synchronize()
     assert_stats_equal(stats(model), after_forward)
+
+
+def test_elra_buffers_argument_restores_on_retrace_and_checkpoints() -> None:
+    """``ELRA(..., buffers=model)``: the optimizer restores the BatchNorm statistics on
+    its own retraces, and its state dict carries them."""
+    model = make_cnn()
+    opt = ELRA(model.parameters(), buffers=model)
+    accepted = stats(model)
+    for step_index in range(SPIKE + 1):
+        opt.zero_grad()
+        opt.step(forward_backward(model, step_index))
+        if step_index < SPIKE:
+            accepted = stats(model)
+    assert opt.last_step_retraced
+    assert_stats_equal(stats(model), accepted)
+    saved = opt.state_dict()
+    assert set(saved["elra_control"]["buffers"]["buffers"]) == set(accepted)
+
+    copy = make_cnn(seed=3)
+    copy.load_state_dict(model.state_dict())
+    opt2 = ELRA(copy.parameters(), buffers=copy)
+    opt2.load_state_dict(saved)
+    for m, o in ((model, opt), (copy, opt2)):
+        o.zero_grad()
+        o.step(forward_backward(m, SPIKE + 1, spike=SPIKE + 1))  # another retrace
+    assert_stats_equal(stats(copy), stats(model))
+    assert_stats_equal(stats(copy), accepted)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from elra_fused import control
 from elra_fused.control import ControlConfig
+from elra_fused.control_runner import upgrade_state
 
 F64 = torch.float64
 #: The paper's law without the guards.
@@ -144,14 +145,14 @@ def test_a_legacy_state_loads_with_the_same_statistics() -> None:
     legacy[control.CYCLE_COUNT] = 2
     legacy[control.CYCLE_SUM] = 3.0  # raw sums of 1 and 2
     legacy[control.CYCLE_SUMSQ] = 5.0
-    state = control.upgrade_state(legacy)
+    state = upgrade_state(legacy)
     assert state.shape == (control.STATE_SIZE,)
     assert state[control.SIGMA_SCALE].item() == 1.0
     assert state[control.ALPHA_ACCEPTED].item() == 0.3
     closed = control.close_cycle(state)
     assert closed[control.CYCLE_MEAN].item() == 1.5 and closed[control.CYCLE_STD].item() == 0.5
     with pytest.raises(ValueError, match="control state must be a tensor of"):
-        control.upgrade_state(torch.zeros(7, dtype=F64))
+        upgrade_state(torch.zeros(7, dtype=F64))
 
 
 @pytest.mark.parametrize(

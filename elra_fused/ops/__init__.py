@@ -59,6 +59,7 @@ from .backends import (
     available_backends,
     cpp_extension_status,
     get_kernels,
+    resolve_backend,
 )
 from .lists import flat_lists
 from .schemas import (
@@ -97,6 +98,7 @@ __all__ = [
     "cpp_extension_status",
     "flat_lists",
     "get_kernels",
+    "resolve_backend",
     "validate_dots",
     "validate_dots_recover",
     "validate_update",

@@ -34,6 +34,7 @@ from .schemas import (
     NAMESPACE,
     OP_NAMES,
     REFERENCE_DTYPES,
+    SUPPORTED_DTYPES,
     TRITON_PREFIX,
 )
 from .validation import validated
@@ -218,3 +219,24 @@ def available_backends(device: torch.device | str) -> list[str]:
     order = ("cpp", "triton")
     found = [b for b in order if _unavailable_reason(b, device) is None]
     return [*found, "reference"]
+
+
+def resolve_backend(backend: str, params: list[torch.Tensor], device: torch.device) -> str:
+    """backend="auto": the fastest usable for the parameters' device and dtypes (cpp, then
+    triton on CUDA; cpp on CPU; else reference). Parameters on several devices need the
+    reference backend."""
+    devices = {p.device for p in params}
+    if len(devices) > 1 and backend != "reference":
+        if backend != "auto":
+            raise ValueError(
+                f"ELRA: backend {backend!r} needs all parameters on one device, got "
+                f"{sorted(str(d) for d in devices)}; use backend='reference'"
+            )
+        return "reference"
+    if backend != "auto":
+        return backend  # unsupported dtypes are rejected when the layout takes the groups
+    if not all(p.dtype in SUPPORTED_DTYPES for p in params):
+        return "reference"
+    order = ("cpp", "triton") if device.type == "cuda" else ("cpp",)
+    usable = available_backends(device)
+    return next((b for b in order if b in usable), "reference")

@@ -1,0 +1,56 @@
+"""Where the law runs (elra_fused.control_runner): restarts are warned about once, on
+the host law at once and on the device law at the next read of the state."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from elra_fused import ELRA, control
+
+
+def spiking_run(opt: ELRA, param: torch.nn.Parameter, steps: int) -> None:
+    """A first accepted step, then losses far above anything seen: every step retraces."""
+    for index in range(steps):
+        opt.zero_grad()
+        loss = (param * param).sum()
+        loss.backward()
+        opt.step(loss if index == 0 else loss.detach() * 1e6 + 1e6)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host_law", "device_law"])
+def test_a_restart_is_warned_once(host: bool) -> None:
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = ELRA([param], max_retraces=5, backend="reference")
+    opt.host_control = host
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spiking_run(opt, param, 1 + 5)  # the 5th retrace in a row restarts
+        restarts = opt.restart_count  # the device law's warning comes with this read
+        spiking_run(opt, param, 1 + 5)  # and a second restart: no second warning
+        assert opt.restart_count == 2
+    assert restarts == 1
+    messages = [str(w.message) for w in caught if "retraces in a row" in str(w.message)]
+    assert len(messages) == 1 and "1 restart(s)" in messages[0]
+    assert opt.control_state[control.RESTARTS].item() == 2
+
+
+def test_restart_returns_to_the_last_accepted_point() -> None:
+    """After the restart the parameters are back at the last accepted point and the next
+    step starts afresh from there (accepted, whatever its loss)."""
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = ELRA([param], max_retraces=4, backend="reference")
+    spiking_run(opt, param, 1)
+    before_accepted_step = param.detach().clone()
+    with pytest.warns(UserWarning, match="retraces in a row"):
+        spiking_run(opt, param, 1 + 4)  # one accepted step from here, then 4 retraces
+    # The retraces moved back along the accepted step's gradient; the restart goes all
+    # the way back, to where that step started.
+    torch.testing.assert_close(param.detach(), before_accepted_step, rtol=0, atol=1e-15)
+    opt.zero_grad()
+    loss = (param * param).sum()
+    loss.backward()
+    opt.step(loss.detach() * 1e6)  # a first step after a restart is accepted
+    assert not opt.last_step_retraced
