@@ -11,12 +11,15 @@ decides, at decoration time, whether ``@triton.jit`` compiles or interprets.
 
 Design:
 
-* fp32 math whatever the storage dtype; int64 offsets (buffers may exceed 2**31 elements);
-  masked tails.
-* Reductions are two-stage and deterministic: each program accumulates its tiles
-  (grid-stride) in per-lane fp32, sums its lanes in fp64 and writes the pair into its own
-  slot of a ``[programs, 2]`` float64 buffer; ``torch.sum`` over the slots (fixed shape,
-  fixed order) finishes. The number of programs depends on ``n`` only. No atomics.
+* Updates: fp32 math whatever the storage dtype; int64 offsets (buffers may exceed 2**31
+  elements); masked tails.
+* Reductions: fp64 math (``tl.float64``), as the float64 reference. Each element is
+  widened to fp64, so the products are exact (24 + 24 significand bits <= 53) and nothing
+  overflows or underflows over the whole finite fp32 range; only the fp64 additions round.
+  They are two-stage and deterministic: each program accumulates its tiles (grid-stride)
+  in per-lane fp64, sums its lanes and writes the pair into its own slot of a
+  ``[programs, 2]`` float64 buffer; ``torch.sum`` over the slots (fixed shape, fixed
+  order) finishes. The number of programs depends on ``n`` only. No atomics.
 * Coefficients are loaded inside the kernels from the float64 ``coeffs`` tensor: no host
   read, no synchronisation.
 * One update kernel for ``update_``, ``update_recover_`` and ``update_swap_``: the mode is
@@ -51,7 +54,8 @@ NUM_WARPS = 4
 #: float conversion truncates (and its RTNE mode rounds ties away from even), so under
 #: TRITON_INTERPRET the bits would not match torch's ``.to(torch.bfloat16)``; compiled
 #: Triton emits the hardware's round-to-nearest-even conversion (cvt.rn.bf16.f32), which
-#: is what torch's CUDA kernels use too, so it keeps the native cast.
+#: is what torch's CUDA kernels use too, so it keeps the native cast. The reductions also
+#: widen bf16 loads by bits under the interpreter (see :func:`_widen`).
 BF16_BY_BITS = INTERPRETED
 
 # Coefficient indices (reference_ops.COEF_* / RCOEF_*), as kernel-visible constants.
@@ -87,6 +91,24 @@ def _to_storage(
     return out
 
 
+@triton.jit
+def _widen(
+    v,  # block loaded from a pointer to SRC
+    SRC: tl.constexpr,  # its storage dtype
+    BY_BITS: tl.constexpr,  # bf16 source: widen with integer ops (BF16_BY_BITS)
+):
+    """SRC -> fp64, exactly (through fp32, which holds every SRC value)."""
+    if BY_BITS and SRC == tl.bfloat16:
+        # The interpreter's bf16 -> fp32 cast gets subnormals wrong (it normalises them and
+        # then clamps the exponent: 9.2e-41 -> 0, 1e-39 -> 4.4e-39); the bf16 bits are the
+        # top half of the fp32 bits.
+        u = v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        out = u.to(tl.float32, bitcast=True).to(tl.float64)
+    else:
+        out = v.to(tl.float32).to(tl.float64)
+    return out
+
+
 # ======================================================================================
 # Reduction: [<G, G>, <G_prev, G>]
 # ======================================================================================
@@ -99,37 +121,39 @@ def _dots_partial_kernel(
     partials_ptr,  # *fp64 [num_programs, 2]: this program writes row program_id
     n,  # number of elements in every vector
     RECOVER: tl.constexpr,  # recover G_{t-1} per element from (x_{t-1}, x_t)
+    BF16_BITS: tl.constexpr,  # widen bf16 loads with integer ops (BF16_BY_BITS)
     BLOCK: tl.constexpr,  # elements per tile
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    G_TY: tl.constexpr = g_ptr.dtype.element_ty
+    A_TY: tl.constexpr = a_ptr.dtype.element_ty
     num_tiles = tl.cdiv(n, BLOCK)
     if RECOVER:
-        # decay - 1 is formed in fp64 before rounding: see the recover formula below.
-        decay_m1 = (tl.load(coeffs_ptr + RCOEF_DECAY) - 1.0).to(tl.float32)
-        inv_alpha = tl.load(coeffs_ptr + RCOEF_INV_ALPHA_PREV).to(tl.float32)
-    # Per-lane fp32 accumulators: each lane sees only num_tiles / num_programs elements.
-    acc_gg = tl.zeros((BLOCK,), dtype=tl.float32)
-    acc_gpg = tl.zeros((BLOCK,), dtype=tl.float32)
+        decay = tl.load(coeffs_ptr + RCOEF_DECAY)  # fp64
+        inv_alpha = tl.load(coeffs_ptr + RCOEF_INV_ALPHA_PREV)
+    # Per-lane fp64 accumulators: each lane sees only num_tiles / num_programs elements.
+    acc_gg = tl.zeros((BLOCK,), dtype=tl.float64)
+    acc_gpg = tl.zeros((BLOCK,), dtype=tl.float64)
     # An int64 start makes the induction variable (and so the offsets) int64 when compiled;
     # the interpreter iterates Python ints, which cannot overflow.
     for tile in range(pid.to(tl.int64), num_tiles, num_programs):
         offs = tile * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _widen(tl.load(g_ptr + offs, mask=mask, other=0.0), G_TY, BF16_BITS)
         if RECOVER:
-            xp = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            # G_prev = (decay * x_prev - x) / alpha_prev, written as
-            # (x_prev - x) + (decay - 1) * x_prev: x_prev - x is exact in fp32 for close
-            # points, so the small difference is not swamped by rounding decay * x_prev.
-            gp = ((xp - x) + decay_m1 * xp) * inv_alpha
+            xp = _widen(tl.load(a_ptr + offs, mask=mask, other=0.0), A_TY, BF16_BITS)
+            x = _widen(tl.load(b_ptr + offs, mask=mask, other=0.0), G_TY, BF16_BITS)
+            # G_prev = (decay * x_prev - x) / alpha_prev, the reference's expression: in
+            # fp64 the difference of close points keeps ~1e-16 * |x| (the fp32 update
+            # kernel needs the (x_prev - x) + (decay - 1) * x_prev form, this does not).
+            gp = (decay * xp - x) * inv_alpha
         else:
-            gp = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            gp = _widen(tl.load(a_ptr + offs, mask=mask, other=0.0), A_TY, BF16_BITS)
         acc_gg += g * g
         acc_gpg += gp * g
-    tl.store(partials_ptr + 2 * pid, tl.sum(acc_gg.to(tl.float64), axis=0))
-    tl.store(partials_ptr + 2 * pid + 1, tl.sum(acc_gpg.to(tl.float64), axis=0))
+    tl.store(partials_ptr + 2 * pid, tl.sum(acc_gg, axis=0))
+    tl.store(partials_ptr + 2 * pid + 1, tl.sum(acc_gpg, axis=0))
 
 
 def _reduce_programs(n: int) -> int:
@@ -144,7 +168,16 @@ def _launch_dots(
     partials = torch.empty((programs, 2), dtype=torch.float64, device=g.device)
     with _device_guard(g):
         _dots_partial_kernel[(programs,)](
-            g, a, b, coeffs, partials, n, RECOVER=recover, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS
+            g,
+            a,
+            b,
+            coeffs,
+            partials,
+            n,
+            RECOVER=recover,
+            BF16_BITS=BF16_BY_BITS,
+            BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
         )
     # Stage 2: fixed-shape fp64 sum over the slots (deterministic).
     return partials.sum(dim=0)

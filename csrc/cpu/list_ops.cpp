@@ -63,8 +63,8 @@ void dots_chunk_erased(const void* grad, const void* grad_prev, int64_t begin, i
                        double* slot) {
   const auto* gp = raw_ptr(static_cast<const S*>(grad_prev));
   dots_chunk(
-      static_cast<const T*>(grad), begin, end, [gp](int64_t i) { return Codec<S>::load(gp[i]); },
-      slot);
+      static_cast<const T*>(grad), begin, end,
+      [gp](int64_t i) { return static_cast<double>(Codec<S>::load(gp[i])); }, slot);
 }
 
 at::Tensor dots_list_cpu(at::TensorList grad, at::TensorList grad_prev) {

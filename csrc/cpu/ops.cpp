@@ -25,7 +25,8 @@ at::Tensor dots_cpu(const at::Tensor& grad, const at::Tensor& grad_prev) {
       const auto* gp = raw_ptr(grad_prev.const_data_ptr<S>());
       dots_driver(
           grad.const_data_ptr<scalar_t>(), n,
-          [gp](int64_t i) { return Codec<S>::load(gp[i]); }, out.data_ptr<double>());
+          [gp](int64_t i) { return static_cast<double>(Codec<S>::load(gp[i])); },
+          out.data_ptr<double>());
     });
   });
   return out;
@@ -36,17 +37,22 @@ at::Tensor dots_recover_cpu(const at::Tensor& x_prev, const at::Tensor& x,
   check_dots_recover(x_prev, x, grad, coeffs);
   at::Tensor out = at::empty({2}, grad.options().dtype(at::kDouble));
   const double* c = coeffs.const_data_ptr<double>();
-  const float decay_m1 = static_cast<float>(c[kRCoefDecay] - 1.0);
-  const float inv_alpha = static_cast<float>(c[kRCoefInvAlphaPrev]);
+  const double decay = c[kRCoefDecay];
+  const double inv_alpha = c[kRCoefInvAlphaPrev];
   const int64_t n = grad.numel();
   ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots_recover", [&] {
     using C = Codec<scalar_t>;
     const auto* xp = raw_ptr(x_prev.const_data_ptr<scalar_t>());
     const auto* xc = raw_ptr(x.const_data_ptr<scalar_t>());
+    // G_prev_i = (decay * x_prev_i - x_i) * inv_alpha, the reference's fp64 expression
+    // (in fp64 the difference of close points keeps ~1e-16 * |x|, so the fp32 update
+    // kernels' recover_diff rewrite is not needed here).
     dots_driver(
         grad.const_data_ptr<scalar_t>(), n,
-        [xp, xc, decay_m1, inv_alpha](int64_t i) {
-          return recover_diff(C::load(xp[i]), C::load(xc[i]), decay_m1) * inv_alpha;
+        [xp, xc, decay, inv_alpha](int64_t i) {
+          const double xpi = C::load(xp[i]);
+          const double xi = C::load(xc[i]);
+          return (decay * xpi - xi) * inv_alpha;
         },
         out.data_ptr<double>());
   });

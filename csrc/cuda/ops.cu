@@ -9,6 +9,14 @@
 // not by the device's SM count), so results are bit-identical across runs and devices.
 // No float atomics. Coefficients are read by the kernels from device memory; nothing is
 // copied to the host, so the ops never synchronise the stream.
+//
+// The reductions widen every element to fp64 and form products and sums in fp64 (as the
+// float64 reference): a product of two fp32 / bf16 / fp16 values is exact in fp64, so
+// nothing overflows or underflows over the whole finite fp32 range. At HBM bandwidth this
+// stays memory bound on A100 / H100 / H200-class GPUs: fp64 FMA runs at half the fp32
+// rate, and the fp32 -> fp64 conversions (16 per clock per SM; 2 per element, 3 in
+// recover mode) need ~30% of that rate for fp32 inputs at 4.8 TB/s, ~60% for 2-byte
+// inputs. GPUs with slow fp64 (1/64 rate, consumer parts) may become compute bound here.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -99,34 +107,39 @@ __device__ __forceinline__ double block_sum(double v, double* smem) {
   return v;
 }
 
-// G_prev_i either loaded (standard) or recovered from the two points (recover mode).
+template <typename T>
+__device__ __forceinline__ double to_d(T v) {
+  return static_cast<double>(to_f(v));  // exact: T -> fp32 -> fp64
+}
+
+// G_prev_i as a double, either loaded (standard) or recovered from the two points in fp64
+// (recover mode: (decay * x_prev - x) * inv_alpha, the reference's expression; in fp64 the
+// difference of close points keeps ~1e-16 * |x|, so no recover_diff rewrite is needed).
 // S: storage type of a / b (standard mode: grad's type or bfloat16; recover: x's type).
 // N: elements per pack (kPackN of grad's type).
 template <typename S, int N, bool kRecover>
 struct GPrevSrc {
   const S* __restrict__ a;  // standard: grad_prev; recover: x_prev
   const S* __restrict__ b;  // recover: x (unused in standard mode)
-  float decay_m1;
-  float inv_alpha;
-  __device__ __forceinline__ float at(int64_t i) const {
+  double decay;
+  double inv_alpha;
+  __device__ __forceinline__ double at(int64_t i) const {
     if constexpr (kRecover) {
-      return recover_diff(to_f(a[i]), to_f(b[i]), decay_m1) * inv_alpha;
+      return (decay * to_d(a[i]) - to_d(b[i])) * inv_alpha;
     } else {
-      return to_f(a[i]);
+      return to_d(a[i]);
     }
   }
-  __device__ __forceinline__ void at_pack(int64_t k, float* out) const {
+  __device__ __forceinline__ void at_pack(int64_t k, double* out) const {
     using P = Pack<S, N>;
     const P pa = reinterpret_cast<const P*>(a)[k];
     if constexpr (kRecover) {
       const P pb = reinterpret_cast<const P*>(b)[k];
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        out[j] = recover_diff(to_f(pa.v[j]), to_f(pb.v[j]), decay_m1) * inv_alpha;
-      }
+      for (int j = 0; j < N; ++j) out[j] = (decay * to_d(pa.v[j]) - to_d(pb.v[j])) * inv_alpha;
     } else {
 #pragma unroll
-      for (int j = 0; j < N; ++j) out[j] = to_f(pa.v[j]);
+      for (int j = 0; j < N; ++j) out[j] = to_d(pa.v[j]);
     }
   }
 };
@@ -139,9 +152,9 @@ __global__ void __launch_bounds__(kThreads)
                         double* __restrict__ partials) {
   constexpr int kN = kPackN<T>;
   using P = Pack<T, kN>;
-  if constexpr (kRecover) {  // coefficients read on device, converted once per thread
-    src.decay_m1 = static_cast<float>(coeffs[kRCoefDecay] - 1.0);
-    src.inv_alpha = static_cast<float>(coeffs[kRCoefInvAlphaPrev]);
+  if constexpr (kRecover) {  // coefficients read on device, once per thread
+    src.decay = coeffs[kRCoefDecay];
+    src.inv_alpha = coeffs[kRCoefInvAlphaPrev];
   }
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -152,23 +165,19 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n_vec = n / kN;
     for (int64_t k = tid; k < n_vec; k += stride) {
       const P pg = reinterpret_cast<const P*>(g)[k];
-      float gp[kN];
+      double gp[kN];
       src.at_pack(k, gp);
-      float f_gg = 0.f;  // fp32 within one 16-byte pack, fp64 across packs
-      float f_gpg = 0.f;
 #pragma unroll
-      for (int j = 0; j < kN; ++j) {
-        const float gj = to_f(pg.v[j]);
-        f_gg += gj * gj;
-        f_gpg += gp[j] * gj;
+      for (int j = 0; j < kN; ++j) {  // fp64 products (exact) and sums, in element order
+        const double gj = to_d(pg.v[j]);
+        s_gg += gj * gj;
+        s_gpg += gp[j] * gj;
       }
-      s_gg += f_gg;
-      s_gpg += f_gpg;
     }
     scalar_begin = n_vec * kN;
   }
   for (int64_t i = scalar_begin + tid; i < n; i += stride) {  // tail (or unaligned input)
-    const float gi = to_f(g[i]);
+    const double gi = to_d(g[i]);
     s_gg += gi * gi;
     s_gpg += src.at(i) * gi;
   }
@@ -323,7 +332,7 @@ at::Tensor dots_cuda(const at::Tensor& grad, const at::Tensor& grad_prev) {
       const bool vec_ok = aligned_pack<scalar_t, scalar_t>(grad.const_data_ptr()) &&
                           aligned_pack<scalar_t, S>(grad_prev.const_data_ptr());
       const GPrevSrc<S, kPackN<scalar_t>, false> src{grad_prev.const_data_ptr<S>(), nullptr,
-                                                     0.f, 0.f};
+                                                     0.0, 0.0};
       launch_dots<scalar_t, S, false>(grad, src, nullptr, vec_ok, out);
     });
   });
@@ -339,9 +348,9 @@ at::Tensor dots_recover_cuda(const at::Tensor& x_prev, const at::Tensor& x,
     const bool vec_ok = aligned_pack<scalar_t, scalar_t>(grad.const_data_ptr()) &&
                         aligned_pack<scalar_t, scalar_t>(x_prev.const_data_ptr()) &&
                         aligned_pack<scalar_t, scalar_t>(x.const_data_ptr());
-    // decay_m1 / inv_alpha are filled in by the kernel from `coeffs` (device memory).
+    // decay / inv_alpha are filled in by the kernel from `coeffs` (device memory).
     const GPrevSrc<scalar_t, kPackN<scalar_t>, true> src{x_prev.const_data_ptr<scalar_t>(),
-                                                         x.const_data_ptr<scalar_t>(), 0.f, 0.f};
+                                                         x.const_data_ptr<scalar_t>(), 0.0, 0.0};
     launch_dots<scalar_t, scalar_t, true>(grad, src, coeffs.const_data_ptr<double>(), vec_ok,
                                           out);
   });

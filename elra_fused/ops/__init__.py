@@ -14,7 +14,9 @@ float64) by :mod:`elra_fused.reference_ops`:
 
 Inputs are 1-D contiguous tensors of one dtype (float32, bfloat16 or float16) on one
 device; coefficients are float64 tensors on that device, read by the kernels (never by
-the host). Math is fp32, reductions accumulate their partial sums in fp64.
+the host). The updates are fp32 math. The reductions are fp64 math on every backend
+(each element widened, products and sums in fp64, fixed summation order), so they agree
+with the float64 reference over the whole finite range of the input dtypes.
 
 Compact state: the ``grad_prev`` argument of ``dots`` and ``update_`` (the standard-mode
 state G_{t-1}) may instead be bfloat16 whatever the dtype of ``grad`` / ``x``
