@@ -54,10 +54,15 @@ LIST_SHAPES = ((33, 17), (7,), (), (278011,))
 LIST_N = sum(torch.Size(s).numel() for s in LIST_SHAPES)
 
 # --- tolerances -------------------------------------------------------------------------
-# Dot products: inputs are exact in fp32, each product is rounded once and the fused
-# kernels add at most ~64 fp32 terms per accumulator before folding into fp64, so the
-# worst-case error is about 64 * eps32 of sum|terms|; 1e-5 (~84 eps32) bounds it.
-DOT_RTOL = 1e-5
+# Dot products (dots, dots_recover, dots_list) on every backend: each product of two
+# float32 / bfloat16 / float16 values is exact in float64 (24 + 24 significand bits <= 53;
+# products of magnitude 2**-298 .. 2**256, far inside float64's normal range), and the
+# terms are summed in float64. Any order of summing n terms errs by at most
+# (n - 1) u sum|terms| (u = 2**-53, first order; Higham, "Accuracy and Stability of
+# Numerical Algorithms", sec. 4.2), the fused kernel and the reference each, whatever their
+# orders: dots_tol / dots_recover_tol. For n = 4097 that is ~1e-12 of sum|terms| (the old
+# fp32 lanes needed 1e-5).
+U64 = 2.0**-53
 # Updates: fp32 math then one rounding to the storage dtype, against float64 math then
 # one rounding. The difference is at most ~1 ulp of the result plus fp32 rounding of the
 # terms; eps(dtype) * (|result| + sum|terms|) bounds both (ulp(v) <= eps * |v|).
@@ -149,6 +154,45 @@ def nan_like(t: torch.Tensor) -> torch.Tensor:
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The stored bit patterns (an integer view of the same width)."""
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def dots_tol(grad: torch.Tensor, grad_prev: torch.Tensor) -> torch.Tensor:
+    """Bound on |fused - reference| of ``dots(grad, grad_prev)`` (either result), for any
+    summation orders: each side errs by at most (n - 1) u sum|terms|, the products being
+    exact (see U64); 2 n u sum|terms| covers both (dots_list: a term also passes through
+    at most n - 1 additions, the per-tensor ones and the list-order ones together)."""
+    g, gp = grad.double().reshape(-1), grad_prev.double().reshape(-1)
+    return 2 * max(g.numel(), 1) * U64 * torch.stack([(g * g).sum(), (gp * g).abs().sum()])
+
+
+def dots_recover_tol(
+    x_prev: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
+    """Bound on |fused - reference| of ``dots_recover``. Both recover G_prev_i =
+    (decay x_prev_i - x_i) inv_alpha in float64 -- three roundings, or two with an FMA,
+    each within u (|decay x_prev_i| + |x_i|) |inv_alpha| =: u E_i -- and round the product
+    with G_i once more; the sum adds (n - 1) u sum|terms| per side, as in dots_tol. So
+    the second result differs by at most (2 n + 8) u sum |G_i| E_i."""
+    xp, xd, g = (t.double().reshape(-1) for t in (x_prev, x, grad))
+    env = (c[0].double() * xp).abs() + xd.abs()
+    env = g.abs() * env * c[1].double().abs()
+    n = max(g.numel(), 1)
+    return U64 * torch.stack([2 * n * (g * g).sum(), (2 * n + 8) * env.sum()])
+
+
+def assert_dots_agree(out: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor) -> None:
+    """``out`` within ``tol`` of the float64 reference where that is finite; NaN where it
+    is NaN, the same infinity where it is infinite."""
+    assert out.dtype == torch.float64 and out.shape == expected.shape, (out, expected)
+    out, expected, tol = out.cpu(), expected.cpu(), tol.cpu()
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)), (out, expected)
+    assert torch.equal(out[torch.isinf(expected)], expected[torch.isinf(expected)]), (
+        out,
+        expected,
+    )
+    err = (out - expected).abs()
+    assert bool((err[finite] <= tol[finite]).all()), (out, expected, err, tol)
 
 
 def assert_close_elementwise(

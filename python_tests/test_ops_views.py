@@ -12,13 +12,14 @@ from _ops_common import (
     ACCEPT_IDS,
     BACK,
     DECAY,
-    DOT_RTOL,
     STATE,
     STEP,
     UPDATE_EPS,
     assert_close_elementwise,
+    assert_dots_agree,
     assert_untouched,
     bits,
+    dots_tol,
     gen_for,
     update_coeffs,
 )
@@ -27,9 +28,7 @@ from elra_fused import reference_ops as ref
 from elra_fused.ops.cases import rand
 
 
-def three_views(
-    flat: torch.Tensor, n: int, offset: int
-) -> tuple[list[torch.Tensor], list[slice]]:
+def three_views(flat: torch.Tensor, n: int, offset: int) -> tuple[list[torch.Tensor], list[slice]]:
     """x, grad, grad_prev: ``n`` elements each, ``offset`` elements into consecutive
     thirds of ``flat`` (and the slices they occupy)."""
     spans = [slice(i * (n + offset) + offset, (i + 1) * (n + offset)) for i in range(3)]
@@ -45,8 +44,7 @@ def test_views_into_one_flat_buffer(backend: str, device: str) -> None:
     flat = rand(3 * (n + offset) + 1, torch.float32, device, gen)
     before = flat.clone()
     (x, g, gp), spans = three_views(flat, n, offset)
-    expected = ref.dots(g, gp)
-    assert torch.allclose(k.dots(g, gp), expected, rtol=DOT_RTOL, atol=0)
+    assert_dots_agree(k.dots(g, gp), ref.dots(g, gp), dots_tol(g, gp))
     c = update_coeffs(ACCEPT, device)
     x_ref, gp_ref = x.clone(), gp.clone()
     ref.update_(x_ref, g, gp_ref, c)
@@ -98,7 +96,7 @@ def test_bf16_state_views_any_alignment(backend: str, device: str, x_off: int, g
     x = flat[x_off : x_off + n]
     g = flat[n + 2 * x_off : 2 * (n + x_off)]
     gp = flat_gp[gp_off : gp_off + n]
-    torch.testing.assert_close(k.dots(g, gp), ref.dots(g, gp), rtol=DOT_RTOL, atol=0)
+    assert_dots_agree(k.dots(g, gp), ref.dots(g, gp), dots_tol(g, gp))
     x_exp = DECAY * x.double() - STEP * g.double()
     envelope = DECAY * x.double().abs() + STEP * g.double().abs()
     k.update_(x, g, gp, update_coeffs(ACCEPT, device))
@@ -116,7 +114,7 @@ def test_cuda_unaligned_views_use_scalar_path() -> None:
     n = 100_003
     base = [rand(n + 1, torch.float32, "cuda", gen) for _ in range(3)]
     g, gp, x = (b[1:] for b in base)
-    torch.testing.assert_close(k.dots(g, gp), ref.dots(g, gp), rtol=DOT_RTOL, atol=0)
+    assert_dots_agree(k.dots(g, gp), ref.dots(g, gp), dots_tol(g, gp))
     c = update_coeffs(ACCEPT, "cuda")
     x_ref, gp_ref = x.clone(), gp.clone()
     ref.update_(x_ref, g, gp_ref, c)
