@@ -218,4 +218,3 @@ def test_cuda_ops_never_sync(backend: str) -> None:
         k.update_swap_(x, g, gp, retrace)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-

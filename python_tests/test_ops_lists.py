@@ -23,9 +23,7 @@ from elra_fused.ops.cases import OP_CASES
 @pytest.mark.parametrize("backend", MIXED_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("accept", [ACCEPT, RETRACE])
-def test_list_ops_are_the_single_ops_in_list_order(
-    backend: str, device: str, accept: bool
-) -> None:
+def test_list_ops_are_the_single_ops_in_list_order(backend: str, device: str, accept: bool) -> None:
     """Bit-identical to the single-tensor op applied per element, sums added in order."""
     k = kernels_or_skip(backend, device)
     gen = gen_for("lists", backend, device, accept)

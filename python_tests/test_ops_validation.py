@@ -179,4 +179,3 @@ def test_update_swap_empty(backend: str) -> None:
     e = torch.empty(0)
     for accept in (ACCEPT, RETRACE):
         k.update_swap_(e, e.clone(), e.clone(), update_coeffs(accept, "cpu"))
-
