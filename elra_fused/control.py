@@ -99,7 +99,7 @@ INITIAL_RETRACE_FACTOR = 1.1
 RETRACE_MAX_SHRINK = 0.5
 #: Fallback shrink when the parabola formula gives no usable step (issue spec: alpha/100).
 RETRACE_FALLBACK_SHRINK = 0.01
-#: The authors' guards (see the module docstring for where each comes from).
+#: The authors' guards (module docstring).
 MIN_CYCLE_LOSSES = 100
 SIGMA_INFLATION = 1.05
 RETRACE_MIN_STEP = 1e-4
@@ -131,6 +131,7 @@ class ControlConfig:
     sigma_inflation: float = SIGMA_INFLATION
     retrace_min_step: float = RETRACE_MIN_STEP
     max_retraces: int | None = MAX_RETRACES
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -168,6 +169,9 @@ class ControlConfig:
         _check_count("max_retraces", self.max_retraces, allow_none=True)
         if not (isinstance(self.sigma_inflation, (int, float)) and 1.0 <= self.sigma_inflation):
             raise ValueError(f"ELRA: sigma_inflation must be >= 1, got {self.sigma_inflation!r}")
+        limit = self.max_grad_norm
+        if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+            raise ValueError(f"ELRA: max_grad_norm must be > 0 or None, got {limit!r}")
         step = self.retrace_min_step
         if not (isinstance(step, (int, float)) and 0.0 <= step < float("inf")):
             raise ValueError(f"ELRA: retrace_min_step must be finite and >= 0, got {step!r}")
@@ -328,6 +332,19 @@ def retrace_alpha(
     return xp.clamp(alpha, config.alpha_min, config.alpha_max)
 
 
+def usable_gradient(loss: Any, grad_sq: Any, config: ControlConfig, xp: Math, *more: Any) -> Any:
+    """Bool: f_t, ||G_t||^2 (and ``more``) finite, and ||G_t|| <= ``max_grad_norm``.
+
+    A step on a larger gradient is not taken (a retrace or a skipped first step), as the
+    authors skip gradients of norm >= 65e3 (``GradientMerge``, for fp16). ELRA sets it to
+    the largest finite value of a compact ``state_dtype``: a G_{t-1} rounded to inf there
+    could never be stepped back along."""
+    usable = all_finite(loss, grad_sq, *more)
+    if config.max_grad_norm is not None:
+        usable = usable & xp.logical_not(grad_sq > config.max_grad_norm**2)
+    return usable
+
+
 def needs_retrace(
     state: Any,
     loss: Any,
@@ -341,7 +358,7 @@ def needs_retrace(
     ``state`` is indexed by the entry constants: the packed vector, its ``unbind()`` or
     (with :data:`FLOAT_MATH`) a sequence of floats.
     """
-    not_finite = xp.logical_not(all_finite(loss, grad_sq, grad_dot_prev))
+    not_finite = xp.logical_not(usable_gradient(loss, grad_sq, config, xp, grad_dot_prev))
     cycle_closed = state[CYCLE_CLOSED] > 0
     sigma = state[CYCLE_STD] * state[SIGMA_SCALE]
     threshold = state[CYCLE_MEAN] + config.retrace_sigmas * sigma
@@ -377,7 +394,7 @@ def control_step(
     loss_prev = state[LOSS_PREV]
     has_prev = (state[ACCEPTED] > 0) & (state[RESTART_PENDING] == 0)
     step_index = state[ACCEPTED] + state[RETRACES]
-    finite_now = all_finite(loss, grad_sq)
+    finite_now = usable_gradient(loss, grad_sq, config, xp)
 
     # First step (and the step after a restart): x <- wd x - alpha G; a non-finite one is
     # skipped (no move).

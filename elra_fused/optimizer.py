@@ -12,6 +12,7 @@ step hooks and the profiler range (:mod:`elra_fused._torch_compat`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -57,6 +58,8 @@ class ELRA(torch.optim.Optimizer):
             per accept; after a retrace alpha >= 1e-4 / ||G_{t-1}||; the 25th retrace in
             a row returns to the last accepted point and restarts (warned once).
             ``1, 1.0, 0.0, None`` is the paper's law without them.
+        max_grad_norm: a step on a gradient of larger norm is not taken (a retrace); off
+            by default, the largest finite value of a compact ``state_dtype``.
         cycle_steps: close a control cycle automatically every ``cycle_steps`` steps;
             None (default) means the user calls :meth:`end_cycle` (e.g. once per epoch,
             the paper's cycle).
@@ -103,6 +106,7 @@ class ELRA(torch.optim.Optimizer):
         sigma_inflation: float = control.SIGMA_INFLATION,
         retrace_min_step: float = control.RETRACE_MIN_STEP,
         max_retraces: int | None = control.MAX_RETRACES,
+        max_grad_norm: float | None = None,
         cycle_steps: int | None = None,
         backend: str = "auto",
         flat: bool | None = None,
@@ -133,8 +137,12 @@ class ELRA(torch.optim.Optimizer):
             sigma_inflation=sigma_inflation,
             retrace_min_step=retrace_min_step,
             max_retraces=max_retraces,
+            max_grad_norm=max_grad_norm,
         )
         checks.check_memory(memory, state_dtype, flat, reuse_grad_buffer)
+        if state_dtype is not None:  # G_{t-1} must stay finite in the state's dtype
+            limit = torch.finfo(state_dtype).max * (1 - torch.finfo(state_dtype).eps)
+            config = dataclasses.replace(config, max_grad_norm=min(max_grad_norm or limit, limit))
         self.cycle_steps = cycle_steps
         self.memory = memory
         self.process_group = process_group

@@ -89,3 +89,13 @@ def test_unsupported_group_keys_rejected() -> None:
 def test_process_group_must_be_a_process_group() -> None:
     with pytest.raises(TypeError, match="process_group must be a torch.distributed"):
         ELRA(make_model().parameters(), process_group="world")
+
+
+def test_a_compact_state_dtype_limits_the_gradient_norm() -> None:
+    """A G_{t-1} that would round to inf in bfloat16 is never accepted."""
+    model, _, _ = mlp_setup()
+    opt = elra_fused.ELRA(model.parameters(), state_dtype=torch.bfloat16, max_grad_norm=1e40)
+    assert opt.config.max_grad_norm < torch.finfo(torch.bfloat16).max
+    assert elra_fused.ELRA(model.parameters()).config.max_grad_norm is None
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        ELRA(model.parameters(), max_grad_norm=-1.0)

@@ -205,3 +205,14 @@ def test_any_input_keeps_alpha_in_bounds_and_the_state_finite(rows, config) -> N
         if index % 7 == 6:
             tensor_state = control.close_cycle(tensor_state, config.min_cycle_losses)
             float_state = tensor_state.tolist()
+
+
+def test_a_gradient_above_max_grad_norm_is_not_stepped_on() -> None:
+    state = accepted_state(max_grad_norm=10.0)
+    _, small = step(state, 0.9, grad_sq=99.0, max_grad_norm=10.0)
+    assert small.accept.item() == 1.0
+    _, large = step(state, 0.9, grad_sq=101.0, max_grad_norm=10.0)
+    assert large.accept.item() == 0.0  # a retrace, as for a non-finite gradient
+    first = control.initial_state(ControlConfig(max_grad_norm=10.0), "cpu")
+    _, skipped = step(first, 1.0, grad_sq=101.0, max_grad_norm=10.0)
+    assert skipped.accept.item() == 0.0 and skipped.back.item() == 0.0
