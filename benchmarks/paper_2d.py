@@ -19,8 +19,8 @@ ELRA settings, the same for all five problems: the paper's defaults except
 exact) and ``gamma_max=1e6`` (section 3.1, "e.g. gamma_max ~ 10^6"; footnote 4's 10 is
 for neural networks).
 
-Usage: ``python benchmarks/paper_2d.py [--json PATH] [--budget N]`` (about 30 s on one
-CPU core; more where ELRA needs many steps, up to the budget, from many starts).
+Usage: ``python benchmarks/paper_2d.py [--json PATH] [--budget N]`` (30 s to 2 min on
+one CPU core: most of it is the ELRA runs from (-11, 121), up to the budget each).
 """
 
 from __future__ import annotations
