@@ -32,8 +32,8 @@ the median final full-data loss of ELRA and of Adam and their ratio.
 an ELRA whose constructor has no guard arguments has no guards, so "off" then passes
 nothing and "on" is refused.
 
-``--step-crop C`` passes ``step_crop=C`` (off by default in ELRA): without it the
-small-batch runs that do not lock diverge, with or without the guards.
+``--step-crop C`` passes ``step_crop=C`` (ELRA's default is 2, off with ``--guards
+off``): without it the small-batch runs that do not lock diverge, guards or not.
 
 Usage: ``python benchmarks/bench_lockup.py --guards off [--seeds N] [--steps N]
 [--batches 2 4 16] [--cycles 4 16 32 epoch] [--step-crop C] [--json PATH]`` (about
@@ -63,6 +63,7 @@ GUARDS_OFF = {
     "sigma_inflation": 1.0,
     "retrace_min_step": 0.0,
     "max_retraces": None,
+    "step_crop": None,  # the step crop (on by default since the guards) off too
 }
 EPOCH = "epoch"
 
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--step-crop",
         type=float,
-        help="ELRA step_crop c (alpha ||G|| <= c; paper section 3.5 uses 2); default: ELRA's (off)",
+        help="ELRA step_crop c (alpha ||G|| <= c, paper 3.5); default: ELRA's 2 (None if off)",
     )
     args = parser.parse_args(argv)
     if args.steps < LOCK_WINDOW:

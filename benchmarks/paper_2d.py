@@ -35,7 +35,15 @@ from elra_fused import ELRA
 
 BUDGET = 10_000
 #: ELRA settings for deterministic (noise-free) problems; see the module docstring.
-ELRA_DETERMINISTIC = {"kappa_gain": 0.0, "gamma_max": 1e6}
+#: Exact gradients, one setting for every problem: no noise correction (kappa_gain=0, as
+#: the paper prescribes for noise-free problems), no cap that only matters for networks,
+#: and none of the guards against mini-batch noise (retrace floor, step crop).
+ELRA_DETERMINISTIC = {
+    "kappa_gain": 0.0,
+    "gamma_max": 1e6,
+    "retrace_min_step": 0.0,
+    "step_crop": None,
+}
 #: Paper section 4.1.2: Adam alpha=0.05, betas (0.8, 0.9); RMSprop alpha=0.05.
 ADAM_BOWL = {"lr": 0.05, "betas": (0.8, 0.9)}
 RMSPROP = {"lr": 0.05}

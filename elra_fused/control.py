@@ -108,11 +108,11 @@ MAX_RETRACES = 25
 
 @dataclass(frozen=True)
 class ControlConfig:
-    """Constants of the control law; every default is the paper's value.
-
-    ``step_crop`` and ``warmup_steps`` are off by default (the paper enables them per
-    problem); ``initial_retrace_factor=None`` drops the ``f_t > 1.1 f_0`` rule, as the
-    paper suggests for pre-trained starting points. The last four fields are the authors'
+    """Constants of the control law; defaults are the paper's (or the authors') values.
+    ``step_crop`` is on at c = 2 (paper 3.5 "we use c = 2"; the authors' code always
+    clips at 2: without it small-batch runs diverge), ``warmup_steps`` off (the paper
+    enables it for language models); ``initial_retrace_factor=None`` drops the
+    ``f_t > 1.1 f_0`` rule (pre-trained starts). The last five fields are the authors'
     guards (module docstring); ``min_cycle_losses=1, sigma_inflation=1.0,
     retrace_min_step=0.0, max_retraces=None`` is the paper's law without them.
     """
@@ -122,7 +122,7 @@ class ControlConfig:
     gamma_max: float = GAMMA_MAX
     alpha_min: float = ALPHA_MIN
     alpha_max: float = ALPHA_MAX
-    step_crop: float | None = None
+    step_crop: float | None = STEP_CROP
     warmup_steps: int = 0
     warmup_min_step: float = WARMUP_MIN_STEP
     retrace_sigmas: float = RETRACE_SIGMAS

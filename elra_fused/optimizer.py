@@ -45,7 +45,8 @@ class ELRA(torch.optim.Optimizer):
         kappa_gain: k in kappa(a) = 1 + k / (1 + a^2); 0 for noise-free problems.
         gamma_max: cap of alpha_t / alpha_{t-1}.
         alpha_min, alpha_max: bounds on alpha.
-        step_crop: c in alpha_t ||G_t|| <= c (paper: 2), None = off.
+        step_crop: c in alpha_t ||G_t|| <= c (paper 3.5 and the authors' code: 2); None
+            = off.
         warmup_steps, warmup_min_step: alpha_t ||G_t|| >= warmup_min_step during the
             first ``warmup_steps`` steps (paper: 0.1 for language models).
         retrace_sigmas: retrace when f_t > mean + retrace_sigmas * sigma of the last
@@ -97,7 +98,7 @@ class ELRA(torch.optim.Optimizer):
         gamma_max: float = control.GAMMA_MAX,
         alpha_min: float = control.ALPHA_MIN,
         alpha_max: float = control.ALPHA_MAX,
-        step_crop: float | None = None,
+        step_crop: float | None = control.STEP_CROP,
         warmup_steps: int = 0,
         warmup_min_step: float = control.WARMUP_MIN_STEP,
         retrace_sigmas: float = control.RETRACE_SIGMAS,

@@ -31,6 +31,8 @@ def running_state(
 
 
 def step(state, loss, grad_sq, dot, **config):
+    """One step of the law; the hand-computed values below are eq. 4 uncropped."""
+    config.setdefault("step_crop", None)
     return control.control_step(state, t(loss), t(grad_sq), t(dot), ControlConfig(**config))
 
 
