@@ -192,6 +192,11 @@ class RetraceBuffers:
             )
         self._bind()
 
+    def check(self) -> None:
+        """Raise if a tracked buffer was replaced (see below); changes nothing. ELRA calls
+        it before a step, so a replaced buffer fails before any parameter moves."""
+        self._check_bound()
+
     def _check_bound(self) -> None:
         """Raise if a tracked buffer was replaced in its module or got new storage, shape
         or dtype (host metadata only: no device read; well under 1 us per buffer)."""
@@ -238,6 +243,12 @@ class RetraceBuffers:
         current)``, written to both), so nothing depends on the flag's value on the host.
         """
         self._check_bound()
+        self.apply(retraced)
+
+    @torch.no_grad()
+    def apply(self, retraced: torch.Tensor | bool | float) -> None:
+        """:meth:`update` without the replacement check (for a caller that ran
+        :meth:`check` before the step)."""
         if isinstance(retraced, torch.Tensor):
             if retraced.numel() != 1:
                 raise ValueError(
@@ -316,6 +327,12 @@ class RetraceBuffers:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load remembered values saved by :meth:`state_dict` (validated before any is
         applied: same names, same shapes; dtypes and devices are converted)."""
+        saved = self.check_state_dict(state_dict)
+        for name, view in self._views_by_name.items():
+            view.copy_(saved[name])
+
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+        """Raise unless :meth:`load_state_dict` can take ``state_dict``; its buffers."""
         saved = state_dict.get("buffers") if isinstance(state_dict, Mapping) else None
         if not isinstance(saved, Mapping):
             raise ValueError(
@@ -337,8 +354,7 @@ class RetraceBuffers:
                     f"RetraceBuffers.load_state_dict: buffer {name!r} has shape "
                     f"{tuple(view.shape)}, the saved value {got}"
                 )
-        for name, view in self._views_by_name.items():
-            view.copy_(saved[name])
+        return saved
 
 
 # ---------------------------------------------------------------------------------------

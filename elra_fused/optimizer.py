@@ -323,12 +323,14 @@ class ELRA(torch.optim.Optimizer):
                 returned = loss()
             loss = returned
         checks.check_loss(loss)
+        if self.retrace_buffers is not None:
+            self.retrace_buffers.check()  # a replaced buffer fails before anything moves
         loss_value = self._law.loss_value(loss, self.process_group)
         work = self.layout.gather(self.param_groups, self.state)
         decision = elra_step(work.segments, loss_value, self._law, self._kernels)
         self.layout.finish(work, decision)
         if self.retrace_buffers is not None:
-            self.retrace_buffers.update(self._law.state[control.LAST_RETRACED])
+            self.retrace_buffers.apply(self._law.state[control.LAST_RETRACED])
         self._steps_in_cycle += 1
         if self.cycle_steps is not None and self._steps_in_cycle >= self.cycle_steps:
             self.end_cycle()
@@ -372,13 +374,17 @@ class ELRA(torch.optim.Optimizer):
                 f"this optimizer uses memory={self.memory!r}; build it with "
                 f"memory={saved_memory!r} (recover and offload are interchangeable)"
             )
-        if self.retrace_buffers is not None:  # checks before it applies anything
-            saved = extra.get("buffers")
-            if saved is None:  # the model's loaded buffers are the accepted state
-                self.retrace_buffers.remember()
-            else:
-                self.retrace_buffers.load_state_dict(saved)
+        saved_buffers = extra.get("buffers")
+        if self.retrace_buffers is not None:  # checked here, applied last
+            self.retrace_buffers.check()
+            if saved_buffers is not None:
+                saved_buffers = self.retrace_buffers.check_state_dict(saved_buffers)
         super().load_state_dict(state_dict)
         self.layout.load_state(self.state)
         self._law.load(control_state)
+        if self.retrace_buffers is not None:  # last: checked above, cannot fail now
+            if saved_buffers is None:  # the model's loaded buffers are the accepted state
+                self.retrace_buffers.remember()
+            else:
+                self.retrace_buffers.load_state_dict({"buffers": saved_buffers})
         self._steps_in_cycle = int(extra.get("steps_in_cycle", 0))

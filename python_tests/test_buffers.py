@@ -394,3 +394,24 @@ def test_elra_buffers_argument_restores_on_retrace_and_checkpoints() -> None:
         o.step(forward_backward(m, SPIKE + 1, spike=SPIKE + 1))  # another retrace
     assert_stats_equal(stats(copy), stats(model))
     assert_stats_equal(stats(copy), accepted)
+
+
+def test_elra_with_a_replaced_buffer_fails_before_anything_moves() -> None:
+    """A step (or a load) that would fail on a replaced buffer leaves parameters, state
+    and buffers exactly as they were."""
+    model = make_cnn()
+    opt = ELRA(model.parameters(), buffers=model)
+    opt.zero_grad()
+    opt.step(forward_backward(model, 0))
+    saved = opt.state_dict()
+    model[1].running_mean = model[1].running_mean.clone()  # replaced in its module
+    opt.zero_grad()
+    loss = forward_backward(model, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    control_before = opt.control_state.clone()
+    with pytest.raises(RuntimeError, match="was replaced"):
+        opt.step(loss)
+    with pytest.raises(RuntimeError, match="was replaced"):
+        opt.load_state_dict(saved)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert torch.equal(opt.control_state, control_before)
