@@ -32,14 +32,12 @@ from typing import Any, Protocol
 
 import torch
 
-from .checks import MEMORY_MODES
 from .control import Decision
 from .flat import FlatBuffer
 from .ops import KernelSet
 
 __all__ = [
     "GRAD_PREV_KEY",
-    "MEMORY_MODES",
     "POINT_MODES",
     "X_PREV_KEY",
     "GradPrevList",
