@@ -27,7 +27,7 @@ from .control import (
     control_step,
     initial_state,
 )
-from .control_math import FLOAT_MATH
+from .control_math import FLOAT_MATH, TENSOR_MATH, Math
 
 
 @functools.cache
@@ -64,6 +64,20 @@ def upgrade_state(saved: torch.Tensor) -> torch.Tensor:
     extra[control.CYCLE_SCALE - control.LEGACY_STATE_SIZE] = 1.0
     extra[control.ALPHA_ACCEPTED - control.LEGACY_STATE_SIZE] = saved[control.ALPHA]
     return torch.cat([saved, extra])
+
+
+def trusted_dot(dot: Any, bound: Any, xp: Math) -> Any:
+    """<G_{t-1}, G_t> as far as it is known: moved towards 0 by its error ``bound``.
+
+    The recover and offload modes know the dot only within a bound
+    (:class:`elra_fused.memory.PointCoefficients`). Of all the values the bound allows,
+    the law takes the one nearest 0, the neutral angle (ratio 1 in eq. 4): the growth or
+    shrinking of alpha is never more than the data proves. An interval that holds 0 gives
+    0, so alpha then grows only by kappa, gently, until the steps are large enough against
+    the points' resolution to be measured again. NaN stays NaN (the law retraces).
+    """
+    shrunk = xp.clamp(abs(dot) - bound, lo=0.0)
+    return xp.where(dot < 0.0, -shrunk, shrunk)
 
 
 class ControlRunner:
@@ -146,15 +160,19 @@ class ControlRunner:
         return float(value.item()) if self.host else value
 
     def step(self, loss: float | torch.Tensor, partials: Sequence[torch.Tensor]) -> Decision:
-        """Sum the segments' [||G_t||^2, <G_t, G_{t-1}>] (in segment order, from zero, in
-        fp64), run the law and commit the new state. The decision comes as 0-d device
-        tensors, or as floats with ``host``."""
+        """Sum the segments' [||G_t||^2, <G_t, G_{t-1}>] (and the dot's error bound, where
+        a segment has one: :func:`trusted_dot`) in segment order, from zero, in fp64; run
+        the law and commit the new state. The decision comes as 0-d device tensors, or as
+        floats with ``host``."""
+        bounded = any(partial.numel() > 2 for partial in partials)
         if self.host:
-            grad_sq = grad_dot_prev = 0.0
+            totals = [0.0, 0.0, 0.0]
             for partial in partials:
-                part_sq, part_dot = partial.tolist()
-                grad_sq += part_sq
-                grad_dot_prev += part_dot
+                for index, value in enumerate(partial.tolist()):
+                    totals[index] += value
+            grad_sq, grad_dot_prev, bound = totals
+            if bounded:
+                grad_dot_prev = trusted_dot(grad_dot_prev, bound, FLOAT_MATH)
             # The state goes in and out through a numpy view (one call each way: this
             # runs right after backward, when the CPU's caches are cold and every torch
             # call costs several us). On the CPU .cpu() is the tensor itself; on a GPU
@@ -169,10 +187,13 @@ class ControlRunner:
             if host_state is not self.state:
                 self.state.copy_(host_state)
             return decision
-        totals = torch.zeros(2, dtype=torch.float64, device=self.state.device)
+        totals = torch.zeros(3 if bounded else 2, dtype=torch.float64, device=self.state.device)
         for partial in partials:
-            totals += partial.to(self.state.device, non_blocking=True)
-        args = (self.state, loss, totals[0], totals[1], self.config)
+            totals[: partial.numel()] += partial.to(self.state.device, non_blocking=True)
+        grad_dot_prev = totals[1]
+        if bounded:
+            grad_dot_prev = trusted_dot(grad_dot_prev, totals[2], TENSOR_MATH)
+        args = (self.state, loss, totals[0], grad_dot_prev, self.config)
         # Inside a torch.compile of the user's own step, dynamo traces the plain law.
         if self.compiled and not torch.compiler.is_compiling():
             try:

@@ -61,7 +61,9 @@ class PrevStore(Protocol):
     """What the functional core needs of a previous-step store.
 
     ``x`` and ``grad`` are one flat buffer each, or (per-parameter layout) lists of the
-    parameters' own tensors. Coefficient tensors are shared by every store of the same
+    parameters' own tensors. ``dots`` gives the fp64 partials [<G_t,G_t>, <G_{t-1},G_t>],
+    and a third entry where <G_{t-1},G_t> is only known within an error bound (point
+    stores). Coefficient tensors are shared by every store of the same
     ``coeff_kind``, ``wd`` and device in one step (the core caches them).
     """
 
@@ -134,6 +136,17 @@ class PointCoefficients:
     dots: ``[wd, 1 / alpha_{t-1}]`` to recover G_{t-1} = (wd x_{t-1} - x_t) / alpha_{t-1}
     per element. update: a retrace steps along (wd x_{t-1} - x_t) = alpha_{t-1} G_{t-1},
     so its back coefficient is (alpha_{t-1} - alpha_t) / alpha_{t-1}.
+
+    The recovered G_{t-1} is only as exact as x_t: writing x_t rounded each element by up
+    to u |x_t,i| (u: the unit roundoff of x's dtype), so the recovered <G_{t-1}, G_t> is off
+    by at most sum_i u |x_t,i| |G_t,i| / alpha_{t-1} <= u ||x_t|| ||G_t|| / alpha_{t-1}.
+    The worst case is real: a step below half an ulp of x_i is rounded away entirely, so
+    at small steps the recovered dot is biased towards 0, not merely noisy. Relative to
+    ||G_{t-1}|| ||G_t|| the bound is u ||x_t|| / ||x_t - x_{t-1}||: small while the steps
+    are large against x's resolution, above 1 once they shrink to it.
+    :meth:`with_error_bound` appends it (times 2, for the decay's and the retrace's own
+    roundings) to the dots; the control runner trusts the dot only as far as the bound
+    allows (:func:`elra_fused.control_runner.trusted_dot`).
     """
 
     state_key = X_PREV_KEY
@@ -148,6 +161,21 @@ class PointCoefficients:
     ) -> torch.Tensor:
         back = decision.back / alpha_prev
         return coefficient_tensor([decision.accept, wd, decision.alpha, back], device)
+
+    @staticmethod
+    def with_error_bound(
+        partial: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor
+    ) -> torch.Tensor:
+        """``[<G,G>, <G_prev,G>, bound]``: the dots and the bound of the recovered dot's
+        error, 2 u ||x_t|| ||G_t|| / alpha_{t-1} (class docstring), on the device.
+
+        ||x_t|| is one more read of x, accumulated in fp32 (on the CPU a float64 norm is
+        ~30x slower; an overflow to inf only makes the bound distrust the dot).
+        """
+        x_norm = torch.linalg.vector_norm(x, dtype=torch.float32).to(torch.float64)
+        eps = torch.finfo(x.dtype).eps  # 2 u
+        bound = eps * x_norm * partial[0].sqrt() * coeffs[1].to(partial.device)
+        return torch.cat([partial, bound.reshape(1)])
 
     def synchronize(self) -> None:
         """Nothing in flight: the tensor is always current."""
@@ -179,7 +207,7 @@ class PointPrevStore(PointCoefficients):
     def dots(
         self, kernels: KernelSet, x: torch.Tensor, grad: torch.Tensor, coeffs: torch.Tensor
     ) -> torch.Tensor:
-        return kernels.dots_recover(self.tensor, x, grad, coeffs)
+        return self.with_error_bound(kernels.dots_recover(self.tensor, x, grad, coeffs), x, coeffs)
 
     def update_(
         self, kernels: KernelSet, x: torch.Tensor, grad: torch.Tensor, coeffs: torch.Tensor

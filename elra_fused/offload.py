@@ -106,14 +106,15 @@ class OffloadedPrev(PointCoefficients):
     def dots(
         self, kernels: KernelSet, x: torch.Tensor, grad: torch.Tensor, coeffs: torch.Tensor
     ) -> torch.Tensor:
-        """[<G,G>, <G_prev,G>] with x_{t-1} streamed in; partials summed in chunk order."""
+        """[<G,G>, <G_prev,G>, bound] with x_{t-1} streamed in; partials summed in chunk
+        order (the bound: :meth:`PointCoefficients.with_error_bound`)."""
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for index, (start, stop) in enumerate(self._ranges()):
             slot = index % STAGING_SLOTS
             staged = self._stage_in(slot, start, stop)
             total += kernels.dots_recover(staged, x[start:stop], grad[start:stop], coeffs)
             self._release(slot)
-        return total
+        return self.with_error_bound(total, x, coeffs)
 
     def update_(
         self, kernels: KernelSet, x: torch.Tensor, grad: torch.Tensor, coeffs: torch.Tensor

@@ -18,6 +18,9 @@ to be read back from the device (the control law writes them, the kernels read t
 * recover mode (``x_prev`` kept instead of ``grad_prev``, paper section 3.6):
     accept != 0:  x_prev <- x ;  x <- decay * x - step * grad
     accept == 0:  x <- x + back * (decay * x_prev - x) ;  x_prev unchanged
+    (formed from the nearer end: for back >= 1/2 as decay * x_prev - (1 - back) *
+    (decay * x_prev - x), so that a full return, back = 1, gives decay * x_prev exactly:
+    x_prev itself when decay = 1, even after a huge step)
 
 * swap mode (standard mode whose caller swaps the roles of the ``grad`` and ``grad_prev``
   buffers after every step, so that G_t becomes G_{t-1} without being copied):
@@ -72,15 +75,15 @@ def dots_recover(
 
 
 def _stepped_x(
-    c: torch.Tensor, xd: torch.Tensor, gd: torch.Tensor, back_direction: torch.Tensor
+    c: torch.Tensor, xd: torch.Tensor, gd: torch.Tensor, retraced: torch.Tensor
 ) -> torch.Tensor:
-    """x after an accept (decay x - step G) or a retrace (x + back * direction), float64.
+    """x after an accept (decay x - step G) or a retrace (``retraced``), float64.
 
     torch.where keeps the unselected branch out of the result, so a NaN gradient on a
     retrace never reaches x; both branches are computed (no host sync to choose one).
     """
     accepted = c[COEF_DECAY] * xd - c[COEF_STEP] * gd
-    return torch.where(c[COEF_ACCEPT] != 0, accepted, xd + c[COEF_BACK] * back_direction)
+    return torch.where(c[COEF_ACCEPT] != 0, accepted, retraced)
 
 
 def _write(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -99,7 +102,8 @@ def _standard_update(
     xd, gd, gpd = (t.detach().double() for t in (x, grad, grad_prev))
     accept = c[COEF_ACCEPT] != 0
     kept = grad if swap else grad_prev
-    _write([(x, _stepped_x(c, xd, gd, gpd)), (kept, torch.where(accept, gd, gpd))])
+    retraced = xd + c[COEF_BACK] * gpd
+    _write([(x, _stepped_x(c, xd, gd, retraced)), (kept, torch.where(accept, gd, gpd))])
 
 
 def update_(
@@ -128,5 +132,10 @@ def update_recover_(
     c = coeffs.double()
     xd, gd, xpd = (t.detach().double() for t in (x, grad, x_prev))
     accept = c[COEF_ACCEPT] != 0
-    direction = c[COEF_DECAY] * xpd - xd  # = alpha_{t-1} G_{t-1}
-    _write([(x, _stepped_x(c, xd, gd, direction)), (x_prev, torch.where(accept, xd, xpd))])
+    decayed_prev = c[COEF_DECAY] * xpd
+    direction = decayed_prev - xd  # = alpha_{t-1} G_{t-1}
+    back = c[COEF_BACK]
+    retraced = torch.where(
+        back < 0.5, xd + back * direction, decayed_prev - (1.0 - back) * direction
+    )
+    _write([(x, _stepped_x(c, xd, gd, retraced)), (x_prev, torch.where(accept, xd, xpd))])

@@ -239,16 +239,24 @@ def _update_kernel(
     else:
         # Retrace: the gradient is never loaded (SWAP only overwrites it), so a
         # non-finite G_t cannot reach x.
-        back = tl.load(coeffs_ptr + COEF_BACK).to(tl.float32)
+        back64 = tl.load(coeffs_ptr + COEF_BACK)
         other_raw = tl.load(o_ptr + offs, mask=mask)
         if SWAP:
             tl.store(g_ptr + offs, other_raw, mask=mask)  # grad <- grad_prev (bit copy)
         other = other_raw.to(tl.float32)
         if RECOVER:
+            # x + back dir, formed from the nearer end (see retrace_range in
+            # csrc/cpu/kernels.h): from x_prev, decay x_prev - (1 - back) dir, for
+            # back >= 1/2, so that a full return (back = 1) is exact.
             decay_m1 = (decay64 - 1.0).to(tl.float32)
-            new_x = x + back * ((other - x) + decay_m1 * other)
+            direction = (other - x) + decay_m1 * other
+            if back64 < 0.5:
+                new_x = x + back64.to(tl.float32) * direction
+            else:
+                remain = (1.0 - back64).to(tl.float32)
+                new_x = (other + decay_m1 * other) - remain * direction
         else:
-            new_x = x + back * other
+            new_x = x + back64.to(tl.float32) * other
     tl.store(x_ptr + offs, _to_storage(new_x, x_ptr.dtype.element_ty, BF16_BITS), mask=mask)
 
 

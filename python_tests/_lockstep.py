@@ -24,6 +24,7 @@ from elra_fused import ELRA, control, ops
 from elra_fused.control_runner import ControlRunner
 from elra_fused.core import elra_step
 from elra_fused.layouts import ListLayout
+from elra_fused.memory import POINT_MODES, PointCoefficients
 
 #: Injected failures: loss spikes (retraced by the f_0 / 5 sigma rules) and a NaN gradient.
 SPIKES = (50, 200)
@@ -133,10 +134,22 @@ def assert_round_trip(
     assert opt2.alpha == opt.alpha
 
 
+class _BoundedRunner(ControlRunner):
+    """The law with extra partials: the point modes' error estimates, which the shadow's
+    G_{t-1} vectors do not carry (see :meth:`Shadow.step`)."""
+
+    extra: list[torch.Tensor] = []
+
+    def step(self, loss: torch.Tensor, partials: list[torch.Tensor]) -> control.Decision:
+        return super().step(loss, [*partials, *self.extra])
+
+
 class Shadow:
     """The float64 oracle beside ``opt``: the functional core (:func:`elra_step`) on the
     reference kernels, over float64 copies of ``opt``'s parameters in the per-parameter
-    layout, with G_{t-1} kept as a vector (``memory="standard"``)."""
+    layout, with G_{t-1} kept as a vector (``memory="standard"``). For a point mode it
+    recovers G_{t-1} from ``opt``'s points and gives the law the same error estimate of
+    <G_{t-1}, G_t> as ``opt``'s stores (per flat buffer, from its x and G)."""
 
     def __init__(self, opt: ELRA) -> None:
         self.opt = opt
@@ -146,7 +159,7 @@ class Shadow:
             for group in self.groups
         ]
         self.kernels = ops.get_kernels("reference", "cpu")
-        self.law = ControlRunner(opt.config, torch.device("cpu"), host=False, compiled=False)
+        self.law = _BoundedRunner(opt.config, torch.device("cpu"), host=False, compiled=False)
 
     def step(self, loss: torch.Tensor) -> None:
         """Take opt's exact state (parameters, gradients, G_{t-1}, control state), then
@@ -172,6 +185,14 @@ class Shadow:
             {"params": mine, "wd": g["wd"]}
             for mine, g in zip(self.params, self.opt.param_groups, strict=True)
         ]
+        self.law.extra = []
+        if self.opt.memory in POINT_MODES:
+            inv_alpha = torch.tensor([0.0, 1.0 / alpha_prev], dtype=torch.float64)
+            for buffer in self.opt.layout.buffers:
+                grad = buffer.grad.double()
+                dots = torch.stack([torch.dot(grad, grad), torch.zeros((), dtype=torch.float64)])
+                bounded = PointCoefficients.with_error_bound(dots, buffer.data, inv_alpha)
+                self.law.extra.append(bounded * torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
         layout = ListLayout(None, "reference", ops.REFERENCE_DTYPES)
         work = layout.gather(groups, state)
         self.opt.step(loss)

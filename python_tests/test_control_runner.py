@@ -3,12 +3,15 @@ the host law at once and on the device law at the next read of the state."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 
 from elra_fused import ELRA, control
+from elra_fused.control_math import FLOAT_MATH, TENSOR_MATH
+from elra_fused.control_runner import trusted_dot
 
 
 def spiking_run(opt: ELRA, param: torch.nn.Parameter, steps: int) -> None:
@@ -54,3 +57,33 @@ def test_restart_returns_to_the_last_accepted_point() -> None:
     loss.backward()
     opt.step(loss.detach() * 1e6)  # a first step after a restart is accepted
     assert not opt.last_step_retraced
+
+
+@pytest.mark.parametrize(
+    ("dot", "bound", "expected"),
+    [
+        (3.0, 1.0, 2.0),
+        (-3.0, 1.0, -2.0),
+        (0.5, 1.0, 0.0),
+        (-0.5, 1.0, 0.0),
+        (2.0, 0.0, 2.0),
+        (2.0, math.inf, 0.0),
+        (math.inf, 1.0, math.inf),
+        (math.nan, 1.0, math.nan),
+    ],
+)
+def test_trusted_dot_moves_towards_zero_by_the_bound(
+    dot: float, bound: float, expected: float
+) -> None:
+    """The host and tensor laws take the same value: the one nearest 0 that the bound
+    allows; NaN stays NaN (the law then retraces)."""
+    on_host = trusted_dot(dot, bound, FLOAT_MATH)
+    on_device = trusted_dot(
+        torch.tensor(dot, dtype=torch.float64),
+        torch.tensor(bound, dtype=torch.float64),
+        TENSOR_MATH,
+    ).item()
+    if math.isnan(expected):
+        assert math.isnan(on_host) and math.isnan(on_device)
+    else:
+        assert on_host == on_device == expected

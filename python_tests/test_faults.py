@@ -77,3 +77,46 @@ def test_a_fault_is_recovered_from(setup: tuple[str, dict], fault: str) -> None:
     before = min(losses[FAULT_STEP - 10 : FAULT_STEP + 1])
     after = losses[FAULT_STEP + 1 :]
     assert min(after) <= 1.2 * before, (before, min(after))
+
+
+POINT_SETUPS = [
+    (fused_backends()[0], {"memory": "recover"}),
+    (fused_backends()[0], {"memory": "offload", "offload_chunk": 37}),
+]
+
+
+@pytest.mark.parametrize("setup", POINT_SETUPS, ids=[setup_id(s) for s in POINT_SETUPS])
+def test_a_restart_returns_exactly_to_the_last_accepted_point(setup: tuple[str, dict]) -> None:
+    """Point modes keep x_{t-1}: after a huge gradient was accepted, the restart (here the
+    first retrace, max_retraces=1) puts back the last accepted point bit for bit, although
+    the step moved one weight by ~1e7 (issue 12, item 3)."""
+    backend, options = setup
+    model = make_model()
+    inputs, target = data()
+    # No step crop: the step is as large as the gradient makes it.
+    opt = ELRA(
+        model.parameters(),
+        backend=backend,
+        cycle_steps=5,
+        max_retraces=1,
+        step_crop=None,
+        **options,
+    )
+    loss_fn = torch.nn.functional.mse_loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # restarts warn (max_retraces=1: every retrace)
+        for step_index in range(FAULT_STEP + 2):
+            opt.zero_grad()
+            loss = loss_fn(model(inputs), target)
+            loss.backward()
+            if step_index == FAULT_STEP:
+                model[0].weight.grad[0, 0] = 1e10
+                accepted = [p.detach().clone() for p in model.parameters()]
+                restarts = opt.restart_count
+            opt.step(loss)
+            if step_index == FAULT_STEP:
+                assert not opt.last_step_retraced, "the huge step is taken"
+                assert model[0].weight[0, 0].abs() > 1e5
+    assert opt.restart_count == restarts + 1, "the step after the huge gradient restarts"
+    for param, saved in zip(model.parameters(), accepted, strict=True):
+        assert torch.equal(param, saved)

@@ -15,7 +15,9 @@ from _lockstep import (
 )
 
 from elra_fused import ELRA, ops
-from elra_fused.memory import SwapGradPrevStore
+from elra_fused.control_math import FLOAT_MATH
+from elra_fused.control_runner import trusted_dot
+from elra_fused.memory import PointPrevStore, SwapGradPrevStore
 
 BACKEND = "cpp" if "cpp" in ops.available_backends("cpu") else "reference"
 STEPS = 300
@@ -255,3 +257,30 @@ def test_reused_grad_buffer_needs_standard_flat_mode() -> None:
     # A bf16 G_{t-1} cannot trade places with an fp32 gradient: copying store instead.
     opt = ELRA(make_model().parameters(), state_dtype=torch.bfloat16, reuse_grad_buffer=True)
     assert not isinstance(opt.layout.stores[0], SwapGradPrevStore)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recovered_dot_error_is_within_its_estimate(dtype: torch.dtype) -> None:
+    """The issue's case: |x| ~ 0.05, |G| ~ 1e-3 per element. As alpha shrinks the
+    recovered <G_{t-1}, G_t> loses its digits (x_t rounds the step away); the store's
+    bound covers the error, and the trusted dot never claims more than the exact one
+    (same sign or 0, not larger), while at steps well above x's resolution it is the
+    exact one within 1%."""
+    n = 1 << 18
+    gen = torch.Generator().manual_seed(3)
+    x_prev = (0.05 * torch.randn(n, generator=gen)).to(dtype)
+    grad_prev = (1e-3 * torch.randn(n, generator=gen)).to(dtype)
+    grad = (0.3 * grad_prev.double() + 1e-3 * torch.randn(n, generator=gen)).to(dtype)
+    exact = torch.dot(grad_prev.double(), grad.double()).item()
+    kernels = ops.get_kernels(BACKEND, "cpu")
+    store = PointPrevStore(x_prev)
+    for alpha in (1e-1, 1e-3, 1e-5, 1e-6, 1e-7):
+        x = (x_prev.double() - alpha * grad_prev.double()).to(dtype)
+        coeffs = store.dots_coeffs(1.0, alpha, torch.device("cpu"))
+        grad_sq, recovered, bound = store.dots(kernels, x, grad, coeffs).tolist()
+        assert abs(recovered - exact) <= bound, (alpha, recovered, exact, bound)
+        trusted = trusted_dot(recovered, bound, FLOAT_MATH)
+        assert 0.0 <= trusted <= exact, (alpha, trusted, exact)
+        if alpha == 1e-1 and dtype == torch.float32:
+            assert trusted == pytest.approx(exact, rel=1e-2)
+    assert trusted == 0.0, "at alpha 1e-7 the steps are below x's resolution"

@@ -351,3 +351,33 @@ def test_cpp_float16_conversions_bit_exact(device: str) -> None:
         nan = torch.isnan(expected)
         assert torch.equal(torch.isnan(out), nan)
         assert torch.equal(bits(out)[~nan], bits(expected)[~nan]), s
+
+
+@pytest.mark.parametrize("decay", [1.0, DECAY], ids=["no-decay", "decay"])
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("backend", MIXED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_recover_full_return_is_exact(
+    backend: str, device: str, dtype: torch.dtype, decay: float
+) -> None:
+    """An accept along a gradient with one huge entry, then a full retrace (back = 1, the
+    restart): x returns to decay * x_prev -- x_prev's own bits without decay -- although
+    x + (x_prev - x) would round at the huge entry (issue 12, item 3)."""
+    k = kernels_or_skip(backend, device)
+    n = 4099
+    gen = torch.Generator().manual_seed(77)
+    x_prev = (0.05 * torch.randn(n, generator=gen)).to(device, dtype)
+    g = torch.randn(n, generator=gen).mul_(1e-3)
+    g[17] = torch.finfo(dtype).max / 4  # the bad batch's entry
+    g = g.to(device, dtype)
+    x = x_prev.clone()
+    k.update_recover_(x, g, torch.empty_like(x), coeffs([ACCEPT, decay, 1e-3, 0.0], device))
+    saved = x_prev.clone()
+    x_prev = x_prev.clone()
+    k.update_recover_(x, g, x_prev, coeffs([RETRACE, decay, 1e-3, 1.0], device))
+    assert torch.equal(x_prev, saved), "a retrace leaves x_prev as it is"
+    expected = (decay * saved.double()).to(dtype)
+    if decay == 1.0:
+        assert torch.equal(bits(x), bits(saved))
+    else:  # decay * x_prev, rounded once in the kernel's fp32 math
+        assert_close_elementwise(x, expected, saved.double().abs(), dtype)

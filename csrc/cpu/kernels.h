@@ -295,13 +295,15 @@ struct UpdateCoeffs {
   float step;
   float back;
   float decay_m1;  // decay - 1, formed in fp64 (see recover_diff)
+  float remain;    // 1 - back, formed in fp64: the recover-mode retrace (see retrace_range)
 };
 
 inline UpdateCoeffs load_update_coeffs(const at::Tensor& coeffs) {
   const double* c = coeffs.const_data_ptr<double>();
   return UpdateCoeffs{c[kCoefAccept] != 0.0, static_cast<float>(c[kCoefDecay]),
                       static_cast<float>(c[kCoefStep]), static_cast<float>(c[kCoefBack]),
-                      static_cast<float>(c[kCoefDecay] - 1.0)};
+                      static_cast<float>(c[kCoefDecay] - 1.0),
+                      static_cast<float>(1.0 - c[kCoefBack])};
 }
 
 // Runs body(begin, end) over fixed chunks in parallel (static schedule).
@@ -385,13 +387,19 @@ void accept_range_f32_stream(float* __restrict x, const float* __restrict g,
 }
 #endif
 
-// Retrace: x <- x + back * dir, dir = grad_prev (standard, swap) or the G_prev recovered
-// from x_prev (recover). Swap mode also writes grad <- grad_prev (bit copy), so that after
-// the caller's swap the state is still G_{t-1}; grad is only written, never read. In the
-// other modes grad is not touched at all.
+// Retrace: x <- x + back * dir, dir = grad_prev (standard, swap). Swap mode also writes
+// grad <- grad_prev (bit copy), so that after the caller's swap the state is still
+// G_{t-1}; grad is only written, never read. In the other modes grad is not touched.
+// Recover mode (dir = decay * x_prev - x, recover_diff) forms the same point from whichever
+// end is nearer: x + back * dir for back < 1/2, else decay * x_prev - remain * dir with
+// remain = 1 - back = alpha_t / alpha_{t-1}. Each rounds ~eps * (|end| + |fraction * dir|),
+// and a full return (back = 1, a restart) gives decay * x_prev itself -- x_prev exactly when
+// decay = 1 -- even after a huge step, where x + (x_prev - x) rounds.
+constexpr float kHalf = 0.5f;  // recover-mode retrace: which end the point is formed from
+
 template <typename T, typename S, bool kRecover, bool kSwap>
 void retrace_range(T* __restrict x, UpdateGradPtr<T, kSwap> g, const S* __restrict other,
-                   float back, float decay_m1, int64_t begin, int64_t end) {
+                   float back, float remain, float decay_m1, int64_t begin, int64_t end) {
   static_assert(!kSwap || std::is_same_v<T, S>, "swap mode: grad and grad_prev trade roles");
   using C = Codec<T>;
   auto* __restrict xr = raw_ptr(x);
@@ -405,8 +413,12 @@ void retrace_range(T* __restrict x, UpdateGradPtr<T, kSwap> g, const S* __restri
     }
     const float xi = C::load(xr[i]);
     const float oi = Codec<S>::load(oi_raw);
-    const float dir = kRecover ? recover_diff(oi, xi, decay_m1) : oi;
-    xr[i] = C::store(xi + back * dir);
+    if constexpr (kRecover) {
+      const float dir = recover_diff(oi, xi, decay_m1);
+      xr[i] = C::store(back < kHalf ? xi + back * dir : (oi + decay_m1 * oi) - remain * dir);
+    } else {
+      xr[i] = C::store(xi + back * oi);
+    }
   }
 }
 
@@ -424,7 +436,7 @@ void update_chunk(T* x, UpdateGradPtr<T, kSwap> g, UpdateOtherPtr<S, kSwap> othe
 #endif
     accept_range<T, S, kRecover, kSwap>(x, g, other, k.decay, k.step, begin, end);
   } else {
-    retrace_range<T, S, kRecover, kSwap>(x, g, other, k.back, k.decay_m1, begin, end);
+    retrace_range<T, S, kRecover, kSwap>(x, g, other, k.back, k.remain, k.decay_m1, begin, end);
   }
 }
 

@@ -86,6 +86,14 @@ __device__ __forceinline__ float recover_diff(float xp, float x, float decay_m1)
   return (xp - x) + decay_m1 * xp;
 }
 
+// The recover-mode retrace point x + back * dir, formed from the nearer end (see
+// retrace_range in cpu/kernels.h): back = 1 returns to decay * x_prev exactly.
+__device__ __forceinline__ float retrace_point(float xp, float x, float decay_m1, float back,
+                                               float remain) {
+  const float dir = recover_diff(xp, x, decay_m1);
+  return back < 0.5f ? x + back * dir : (xp + decay_m1 * xp) - remain * dir;
+}
+
 // True when p (holding elements of E) may be read in packs of kPackN<T> elements of E.
 template <typename T, typename E>
 bool aligned_pack(const void* p) {
@@ -213,8 +221,9 @@ __global__ void __launch_bounds__(kThreads)
 // kernel (UpdateOp in common.h). other = grad_prev (standard, swap) or x_prev (recover),
 // stored as S (T, or bfloat16 for a compact grad_prev). Accept: x <- decay * x - step * g
 // and other <- g (standard) or x (recover); swap mode writes only x (the caller swaps the
-// roles of grad and grad_prev). Retrace: x <- x + back * dir; swap mode also writes
-// g <- grad_prev (bit copy). `accept` is uniform across the grid, so the branch does not
+// roles of grad and grad_prev). Retrace: x <- x + back * grad_prev (swap mode also writes
+// g <- grad_prev, a bit copy), or in recover mode the same point along the recovered
+// direction, formed from the nearer end (retrace_point: a full return is exact). `accept` is uniform across the grid, so the branch does not
 // diverge; on a retrace `g` is never loaded, so a non-finite gradient cannot reach x.
 template <typename T, typename S, bool kRecover, bool kSwap>
 __global__ void __launch_bounds__(kThreads)
@@ -231,6 +240,7 @@ __global__ void __launch_bounds__(kThreads)
   const float step = static_cast<float>(coeffs[kCoefStep]);
   const float back = static_cast<float>(coeffs[kCoefBack]);
   const float decay_m1 = static_cast<float>(coeffs[kCoefDecay] - 1.0);
+  const float remain = static_cast<float>(1.0 - coeffs[kCoefBack]);
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t scalar_begin = 0;
@@ -262,8 +272,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < kN; ++j) {
           const float xj = to_f(px.v[j]);
           const float oj = to_f(po.v[j]);
-          const float dir = kRecover ? recover_diff(oj, xj, decay_m1) : oj;
-          nx.v[j] = static_cast<T>(xj + back * dir);
+          nx.v[j] = static_cast<T>(kRecover ? retrace_point(oj, xj, decay_m1, back, remain)
+                                            : xj + back * oj);
         }
         if constexpr (kSwap) gv[k] = po;
         xv[k] = nx;
@@ -282,8 +292,7 @@ __global__ void __launch_bounds__(kThreads)
       const S oi = other[i];
       if constexpr (kSwap) g[i] = oi;
       const float of = to_f(oi);
-      const float dir = kRecover ? recover_diff(of, xf, decay_m1) : of;
-      x[i] = static_cast<T>(xf + back * dir);
+      x[i] = static_cast<T>(kRecover ? retrace_point(of, xf, decay_m1, back, remain) : xf + back * of);
     }
   }
 }
