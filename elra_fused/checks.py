@@ -109,6 +109,41 @@ def check_group_keys(param_group: dict[str, Any]) -> None:
         check_wd(param_group["wd"])
 
 
+def group_param_list(param_group: dict[str, Any], group_index: int) -> dict[str, Any]:
+    """``param_group`` with its parameters as a list (a generator is read once), after
+    checking that no tensor is listed twice: torch only warns, and a twice-listed tensor
+    would be stepped twice per step (or alias itself in a flat buffer)."""
+    params = param_group.get("params")
+    if isinstance(params, (torch.Tensor, set)) or params is None:
+        return param_group  # torch's own checks give the error (or wrap the tensor)
+    params = list(params)
+    seen: dict[int, int] = {}
+    for index, param in enumerate(params):
+        first = seen.setdefault(id(param), index)
+        if first != index:
+            raise ValueError(
+                f"ELRA: {describe(group_index, index, param)} is the same tensor as "
+                f"parameter {first} of the group; list each parameter once (tied weights "
+                "are one parameter: model.parameters() lists them once)"
+            )
+    return {**param_group, "params": params}
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements fill a block of ``numel`` storage slots exactly once
+    (contiguous, channels_last, or any other permutation of the dimensions): then the
+    block, read as one vector, holds every element once, and elementwise kernels can run
+    over it when the other operands have the same strides."""
+    expected = 1
+    for stride, size in sorted(zip(tensor.stride(), tensor.shape, strict=True)):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 # ------------------------------------------------------------------ parameters
 def check_param(name: str, param: torch.Tensor) -> None:
     """What ELRA needs of every parameter, whatever the backend and layout."""
@@ -149,13 +184,18 @@ def check_group_params(
             raise ValueError(
                 f"ELRA: {name} is on {param.device}, the optimizer's parameters on {device}"
             )
-        if not flat and param.requires_grad and not param.is_contiguous():
-            # The per-parameter layout flattens each parameter without a copy.
-            raise ValueError(
-                f"ELRA: {name} is not contiguous (strides {param.stride()}); flat=False "
-                "updates each parameter in place as one vector: use flat=True (or the "
-                "default layout)"
-            )
+        if not flat and param.requires_grad and not is_dense(param):
+            raise not_dense(name, param)
+
+
+def not_dense(name: str, param: torch.Tensor) -> ValueError:
+    """The per-parameter layout steps each parameter in place through its storage block,
+    which must hold its elements exactly once."""
+    return ValueError(
+        f"ELRA: {name} is a view with gaps or overlaps (shape {tuple(param.shape)}, strides "
+        f"{param.stride()}); flat=False updates each parameter in place through its "
+        "storage: give it its own tensor (p.data = p.data.clone()) or use flat=True"
+    )
 
 
 # ------------------------------------------------------------------ gradients

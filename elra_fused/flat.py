@@ -23,6 +23,11 @@ What can break the aliasing, and what we do:
   raises instead.
 
 Frozen parameters (``requires_grad=False``) are left out of the buffers entirely.
+
+Each view keeps its parameter's memory format: a dense tensor with permuted strides (a
+``channels_last`` conv weight) gets a view with the same strides over its slice (its
+elements in memory order), so ``is_contiguous(memory_format=torch.channels_last)`` still
+holds and autograd's gradients, which follow the parameter's strides, land in place.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import ParameterMovedError, check_grad
+from .checks import ParameterMovedError, check_grad, is_dense
 
 __all__ = ["FlatBuffer", "ParameterMovedError", "build_flat_buffers"]
 
@@ -48,6 +53,7 @@ class FlatBuffer:
         data: 1-D buffer; ``params[i].data`` is a view of it.
         grad: 1-D buffer; ``params[i].grad`` is (normally) a view of it.
         names: how errors name each parameter.
+        strides: each parameter's strides within its slice (:func:`dense_strides`).
     """
 
     group_index: int
@@ -56,16 +62,18 @@ class FlatBuffer:
     data: torch.Tensor
     grad: torch.Tensor
     names: list[str] = field(default_factory=list)
+    strides: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
         return self.data.numel()
 
     def view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
-        """The slice of ``flat`` that belongs to ``params[index]``, shaped like it."""
+        """The slice of ``flat`` that belongs to ``params[index]``, shaped (and strided)
+        like it."""
         param = self.params[index]
         start = self.offsets[index]
-        return flat[start : start + param.numel()].view_as(param)
+        return flat.as_strided(param.shape, self.strides[index], flat.storage_offset() + start)
 
     def check(self) -> None:
         """Raise :class:`ParameterMovedError` if a parameter left the buffer."""
@@ -76,7 +84,7 @@ class FlatBuffer:
             if (
                 param.device != self.data.device
                 or param.dtype != self.data.dtype
-                or param.data_ptr() != expected
+                or (param.data_ptr() != expected and param.numel() > 0)  # empty: no address
             ):
                 raise ParameterMovedError(
                     f"ELRA: {self.names[index]} was moved or re-allocated after the optimizer "
@@ -97,7 +105,9 @@ class FlatBuffer:
         itemsize = self.grad.element_size()
         for index, param in enumerate(self.params):
             grad = param.grad
-            if grad is not None and grad.data_ptr() == base + self.offsets[index] * itemsize:
+            if grad is not None and (
+                grad.data_ptr() == base + self.offsets[index] * itemsize or param.numel() == 0
+            ):
                 continue
             target = self.view(self.grad, index)
             if grad is None:
@@ -115,6 +125,15 @@ class FlatBuffer:
         for index, param in enumerate(self.params):
             if param.grad is None:
                 param.grad = self.view(self.grad, index)
+
+
+def dense_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """``tensor``'s strides if it is dense (:func:`elra_fused.checks.is_dense`: contiguous,
+    channels_last or any other permutation of the dimensions), else the contiguous
+    strides of its shape (an overlapping or gapped view is laid out anew)."""
+    if is_dense(tensor):
+        return tensor.stride()
+    return torch.empty(tensor.shape, device="meta").stride()
 
 
 def build_flat_buffers(
@@ -146,19 +165,23 @@ def build_flat_buffers(
             grad = torch.zeros(total, dtype=dtype, device=device)
             names = []
             params = []
+            strides = []
             for (param_index, param), start in zip(members, offsets, strict=True):
-                size = param.numel()
+                stride = dense_strides(param)
+                data_view = data.as_strided(param.shape, stride, start)
+                grad_view = grad.as_strided(param.shape, stride, start)
                 with torch.no_grad():
-                    data[start : start + size].copy_(param.detach().reshape(-1))
+                    data_view.copy_(param.detach())
                     if param.grad is not None and not param.grad.is_sparse:
-                        grad[start : start + size].copy_(param.grad.detach().reshape(-1))
-                param.data = data[start : start + size].view(param.shape)
-                param.grad = grad[start : start + size].view(param.shape)
+                        grad_view.copy_(param.grad.detach())
+                param.data = data_view
+                param.grad = grad_view
                 params.append(param)
+                strides.append(stride)
                 names.append(
                     describe(group_index, param_index, param)
                     if describe
                     else f"parameter {param_index} of param group {group_index}"
                 )
-            buffers.append(FlatBuffer(group_index, params, offsets, data, grad, names))
+            buffers.append(FlatBuffer(group_index, params, offsets, data, grad, names, strides))
     return buffers

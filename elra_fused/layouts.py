@@ -79,6 +79,11 @@ def _as_tensors(decision: control.Decision) -> control.Decision:
     return control.Decision(*(torch.as_tensor(v, dtype=torch.float64) for v in decision))
 
 
+def _same_order(tensor: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds its elements in ``param``'s memory order (both dense)."""
+    return tensor.stride() == param.stride() or (tensor.is_contiguous() and param.is_contiguous())
+
+
 class ListLayout:
     """Per-parameter tensor lists; G_{t-1} kept by reference where it can be."""
 
@@ -136,24 +141,30 @@ class ListLayout:
                 ):
                     name = checks.describe(group_index, param_index, param)
                     checks.reject_list_grad(name, param, self.backend)
+                if not param.is_contiguous() and not checks.is_dense(param):
+                    name = checks.describe(group_index, param_index, param)
+                    raise checks.not_dense(name, param)
                 if (
                     grad.dtype != dtype
-                    or not grad.is_contiguous()
+                    or not _same_order(grad, param)
                     or (grad_prev is not None and grad.data_ptr() == grad_prev.data_ptr())
                 ):
                     # Rare: a gradient assigned by hand, or a second step without backward
                     # (the gradient is still last step's tensor, now G_{t-1}). One copy
-                    # in the parameter's dtype and layout keeps it apart.
-                    grad = grad.to(dtype, memory_format=torch.contiguous_format, copy=True)
+                    # in the parameter's dtype and strides keeps it apart. (Autograd's own
+                    # gradients follow the parameter's strides, channels_last included.)
+                    grad = torch.empty_like(param).copy_(grad)
                     param.grad = grad
-                if grad_prev is None:
+                if grad_prev is None or not _same_order(grad_prev, param):
                     # A parameter seen for the first time had no gradient before: its
-                    # previous gradient is zero, which is exact for <G_{t-1}, G_t>.
-                    grad_prev = torch.zeros_like(
-                        param,
-                        dtype=self.state_dtype or dtype,
-                        memory_format=torch.contiguous_format,
-                    )
+                    # previous gradient is zero, which is exact for <G_{t-1}, G_t>. A
+                    # loaded G_{t-1} is laid out like its parameter (the kernels read the
+                    # three tensors' storage as vectors of the same order).
+                    fresh = torch.empty_like(param, dtype=self.state_dtype or dtype)
+                    if grad_prev is None:
+                        grad_prev = fresh.zero_()
+                    else:
+                        grad_prev = fresh.copy_(grad_prev)
                     param_state[GRAD_PREV_KEY] = grad_prev
                 store = segments.get((device, wd))
                 if store is None:
@@ -223,16 +234,44 @@ class FlatLayout:
         self.reuse_grad_buffer = reuse_grad_buffer
         self.buffers: list[FlatBuffer] = []
         self.stores: list[PrevStore] = []
+        #: (group index, index in the group, parameter) of each parameter left out of the
+        #: buffers because it was frozen; one that becomes trainable joins at the next step.
+        self.frozen: list[tuple[int, int, torch.Tensor]] = []
 
     def add_group(self, group_index: int, group: dict[str, Any], state: OptimizerState) -> None:
         """Move the group's trainable parameters into flat buffers, one store each."""
-        buffers = build_flat_buffers([group], checks.describe, group_offset=group_index)
+        self._add_buffers(
+            build_flat_buffers([group], checks.describe, group_offset=group_index), state
+        )
+        self.frozen.extend(
+            (group_index, index, param)
+            for index, param in enumerate(group["params"])
+            if not param.requires_grad
+        )
+
+    def _add_buffers(self, buffers: list[FlatBuffer], state: OptimizerState) -> None:
         self.buffers.extend(buffers)
         for buffer in buffers:
             store = self._make_store(buffer, state)
             self.stores.append(store)
             for index, param in enumerate(buffer.params):
                 state[param][store.state_key] = buffer.view(store.tensor, index)
+
+    def _adopt_unfrozen(self, state: OptimizerState) -> None:
+        """Parameters unfrozen since the optimizer was built (``requires_grad_(True)``,
+        e.g. a backbone unfrozen mid fine-tuning) move into new flat buffers of their
+        group, with a fresh previous-step store (G_{t-1} = 0, or x_{t-1} = x: as a
+        parameter that had no gradient so far)."""
+        unfrozen = [entry for entry in self.frozen if entry[2].requires_grad]
+        self.frozen = [entry for entry in self.frozen if not entry[2].requires_grad]
+        for group_index in sorted({entry[0] for entry in unfrozen}):
+            members = [(index, param) for g, index, param in unfrozen if g == group_index]
+            buffers = build_flat_buffers(
+                [{"params": [param for _, param in members]}],
+                lambda g, i, param, members=members: checks.describe(g, members[i][0], param),
+                group_offset=group_index,
+            )
+            self._add_buffers(buffers, state)
 
     def _make_store(self, buffer: FlatBuffer, state: OptimizerState) -> PrevStore:
         if self.memory == "recover":
@@ -248,6 +287,8 @@ class FlatLayout:
 
     def gather(self, param_groups: ParamGroups, state: OptimizerState) -> StepWork:
         """One segment per flat buffer; grad-less parameters keep their value."""
+        if self.frozen and any(param.requires_grad for _, _, param in self.frozen):
+            self._adopt_unfrozen(state)
         work = StepWork()
         for buffer, store in zip(self.buffers, self.stores, strict=True):
             buffer.check()
@@ -311,10 +352,11 @@ def default_flat(
     params: list[torch.Tensor],
 ) -> bool:
     """flat=None: flat buffers for the point memory modes and reuse_grad_buffer (they need
-    them), on CUDA (graph capture, one launch per pass) and for non-contiguous parameters
-    (the per-parameter layout views each one as a vector); tensor lists otherwise."""
+    them), on CUDA (graph capture, one launch per pass) and for parameters that are views
+    with gaps or overlaps (the per-parameter layout steps each one through its storage
+    block); tensor lists otherwise."""
     if memory != "standard" or reuse_grad_buffer:
         return True
     if device.type == "cuda" and backend != "reference":
         return True
-    return not all(p.is_contiguous() for p in params)
+    return not all(checks.is_dense(p) for p in params)

@@ -172,7 +172,8 @@ class PointCoefficients:
         ||x_t|| is one more read of x, accumulated in fp32 (on the CPU a float64 norm is
         ~30x slower; an overflow to inf only makes the bound distrust the dot).
         """
-        x_norm = torch.linalg.vector_norm(x, dtype=torch.float32).to(torch.float64)
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x_norm = torch.linalg.vector_norm(x, dtype=wide).to(torch.float64)
         eps = torch.finfo(x.dtype).eps  # 2 u
         bound = eps * x_norm * partial[0].sqrt() * coeffs[1].to(partial.device)
         return torch.cat([partial, bound.reshape(1)])
@@ -263,6 +264,12 @@ class SwapGradPrevStore(GradPrevStore):
             state[GRAD_PREV_KEY] = prev_view
 
 
+def _storage_vector(tensor: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's storage block as one contiguous vector (its elements in memory
+    order; no copy)."""
+    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
+
+
 class GradPrevList(GradCoefficients):
     """G_{t-1} of each parameter of one (device, wd) segment of the per-parameter layout.
 
@@ -286,12 +293,28 @@ class GradPrevList(GradCoefficients):
       recorded the same way).
     """
 
-    __slots__ = ("xs", "grads", "prevs", "param_states", "by_reference", "versions", "retired")
+    __slots__ = (
+        "xs",
+        "grads",
+        "prevs",
+        "params",
+        "grad_tensors",
+        "param_states",
+        "by_reference",
+        "versions",
+        "retired",
+    )
 
     def __init__(self, versions: dict[torch.Tensor, int]) -> None:
+        #: What the kernels take: the tensors themselves, or for a dense non-contiguous
+        #: parameter (channels_last) 1-D views of their storage blocks, which hold the
+        #: three tensors' elements in the same order (the layout checked the strides).
         self.xs: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self.prevs: list[torch.Tensor] = []
+        #: The parameters and gradients themselves (state entries and version keys).
+        self.params: list[torch.Tensor] = []
+        self.grad_tensors: list[torch.Tensor] = []
         self.param_states: list[dict[str, Any]] = []
         self.by_reference = True
         self.versions = versions
@@ -301,11 +324,15 @@ class GradPrevList(GradCoefficients):
     def add(
         self, x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, state: dict[str, Any]
     ) -> None:
+        self.params.append(x)
+        self.grad_tensors.append(grad)
+        if not x.is_contiguous():
+            x, grad, grad_prev = (_storage_vector(t) for t in (x, grad, grad_prev))
         self.xs.append(x)
         self.grads.append(grad)
         self.prevs.append(grad_prev)
         self.param_states.append(state)
-        if grad_prev.dtype != grad.dtype or grad._base is not None:
+        if grad_prev.dtype != grad.dtype or self.grad_tensors[-1]._base is not None:
             self.by_reference = False
 
     def dots(
@@ -323,11 +350,13 @@ class GradPrevList(GradCoefficients):
         versions = self.versions
         if not self.by_reference or _capturing(x[0].device):
             kernels.update_list_(x, grad, self.prevs, coeffs)
-            for param, grad_prev in zip(x, self.prevs, strict=True):
-                versions[param] = grad_prev._version
+            for param, grad_prev in zip(self.params, self.prevs, strict=True):
+                versions[param] = grad_prev._version  # a view shares its base's counter
             return
         kernels.update_swap_list_(x, grad, self.prevs, coeffs)
-        for param, state, grad_now in zip(x, self.param_states, grad, strict=True):
+        for param, state, grad_now in zip(
+            self.params, self.param_states, self.grad_tensors, strict=True
+        ):
             state[GRAD_PREV_KEY] = grad_now
             versions[param] = grad_now._version
         # The replaced G_{t-1} tensors stay alive until the optimizer lets them go (in

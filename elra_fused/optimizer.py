@@ -184,6 +184,7 @@ class ELRA(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         checks.check_group_keys(param_group)
+        param_group = checks.group_param_list(param_group, len(self.param_groups))
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         # A group the optimizer cannot take is removed again, leaving it as it was.
@@ -326,9 +327,14 @@ class ELRA(torch.optim.Optimizer):
         if self.retrace_buffers is not None:
             self.retrace_buffers.check()  # a replaced buffer fails before anything moves
         loss_value = self._law.loss_value(loss, self.process_group)
-        work = self.layout.gather(self.param_groups, self.state)
-        decision = elra_step(work.segments, loss_value, self._law, self._kernels)
-        self.layout.finish(work, decision)
+        work = self.layout.gather(self.param_groups, self.state)  # every check runs here
+        committed = self._law.state.clone()  # a kernel failing after the law ran undoes it
+        try:
+            decision = elra_step(work.segments, loss_value, self._law, self._kernels)
+            self.layout.finish(work, decision)
+        except BaseException:
+            self._law.state.copy_(committed)
+            raise
         if self.retrace_buffers is not None:
             self.retrace_buffers.apply(self._law.state[control.LAST_RETRACED])
         self._steps_in_cycle += 1

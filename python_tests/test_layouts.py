@@ -272,3 +272,116 @@ def test_param_group_added_later(flat: bool) -> None:
         with pytest.raises(ValueError, match="does not support"):
             opt.add_param_group({"params": [bad]})
         assert len(opt.param_groups) == 2
+
+
+# Every layout and memory mode the matrices below run in.
+LAYOUTS = {
+    "lists": {"flat": False},
+    "flat": {"flat": True},
+    "recover": {"memory": "recover"},
+    "offload": {"memory": "offload", "offload_chunk": 37},
+}
+
+
+def _conv_net(seed: int = 0, channels_last: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), torch.nn.Tanh(), torch.nn.Conv2d(6, 2, 3), torch.nn.Flatten()
+    )
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def _conv_steps(net: torch.nn.Module, opt: ELRA, steps: int) -> None:
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(steps):
+        inputs = torch.randn(4, 3, 7, 7, generator=gen)
+        if next(net.parameters()).is_contiguous(memory_format=torch.channels_last):
+            inputs = inputs.to(memory_format=torch.channels_last)
+        opt.zero_grad()
+        loss = net(inputs).square().mean()
+        loss.backward()
+        opt.step(loss)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_tensor_listed_twice_is_an_error_at_construction(layout: str) -> None:
+    """torch only warns; stepping it twice (lists) or aliasing it in a buffer (flat) would
+    be wrong, so ELRA refuses, naming both places."""
+    model = make_model()
+    params = list(model.parameters())
+    with pytest.raises(
+        ValueError, match="parameter 4 of param group 0.*same tensor as parameter 0"
+    ):
+        ELRA([*params, params[0]], backend=BACKENDS[0], **LAYOUTS[layout])
+    opt = ELRA(params, backend=BACKENDS[0], **LAYOUTS[layout])
+    with pytest.raises(ValueError, match="same tensor"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))] * 2})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_zero_element_parameters_change_nothing(layout: str) -> None:
+    """An empty parameter (a zero-width layer) is stepped like the others -- nothing to
+    do -- and the rest trains exactly as without it."""
+    model, twin = make_model(), make_model()
+    empty = torch.nn.Parameter(torch.zeros(0, 3))
+    opt = ELRA([empty, *model.parameters()], backend=BACKENDS[0], **LAYOUTS[layout])
+    opt_twin = ELRA(twin.parameters(), backend=BACKENDS[0], **LAYOUTS[layout])
+    inputs, target = data()
+    for _ in range(12):
+        for net, optimizer, with_empty in ((model, opt, True), (twin, opt_twin, False)):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(inputs), target)
+            (loss + empty.sum() if with_empty else loss).backward()
+            optimizer.step(loss)
+    for mine, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_parameter_unfrozen_later_is_trained_like_the_reference(layout: str) -> None:
+    """Fine-tuning unfreezes a frozen layer after the optimizer was built: it trains from
+    the next step on, in every layout, as the reference optimizer trains it."""
+    model, twin = make_model(), make_model()
+    for net in (model, twin):
+        net[0].requires_grad_(False)
+    opt = ELRA(model.parameters(), backend=BACKENDS[0], cycle_steps=6, **LAYOUTS[layout])
+    reference = ELRA(twin.parameters(), backend="reference", flat=False, cycle_steps=6)
+    inputs, target = data()
+    frozen = model[0].weight.detach().clone()
+    for step_index in range(16):
+        if step_index == 5:
+            for net in (model, twin):
+                net[0].requires_grad_(True)
+        for net, optimizer in ((model, opt), (twin, reference)):
+            optimizer.zero_grad()
+            optimizer.step(forward_backward(net, inputs, target, step_index))
+        assert opt.last_step_retraced == reference.last_step_retraced, step_index
+    assert not torch.equal(model[0].weight, frozen)
+    for mine, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_channels_last_weights_keep_their_format_and_train_like_contiguous_ones(
+    layout: str,
+) -> None:
+    net = _conv_net(channels_last=True)
+    twin = _conv_net()
+    opt = ELRA(net.parameters(), backend=BACKENDS[0], **LAYOUTS[layout])
+    opt_twin = ELRA(twin.parameters(), backend=BACKENDS[0], **LAYOUTS[layout])
+    weights = [net[0].weight, net[2].weight]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    _conv_steps(net, opt, 10)
+    _conv_steps(twin, opt_twin, 10)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    for mine, theirs in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    # A reloaded state (the loader's tensors are contiguous) steps the same way.
+    opt2 = ELRA(net.parameters(), backend=BACKENDS[0], **LAYOUTS[layout])
+    opt2.load_state_dict(opt.state_dict())
+    _conv_steps(net, opt2, 3)
+    _conv_steps(twin, opt_twin, 3)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    for mine, theirs in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

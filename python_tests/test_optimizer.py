@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from _lockstep import mlp_setup, mlp_step, no_host_reads
+from _lockstep import data, forward_backward, make_model, mlp_setup, mlp_step, no_host_reads
 
 import elra_fused
 
@@ -258,3 +258,83 @@ def test_cycle_statistics_skip_empty_cycles() -> None:
     opt.end_cycle()  # a cycle without accepted steps: nothing new to report
     assert opt.cycle_statistics() is None
     assert opt.alpha_tensor.dtype == F64 and opt.alpha_tensor.item() == opt.alpha
+
+
+# ------------------------------------------------------------------ failed steps
+FAILING_LAYOUTS = {
+    "lists": {"flat": False},
+    "flat": {"flat": True},
+    "swap": {"flat": True, "reuse_grad_buffer": True},
+    "recover": {"memory": "recover"},
+}
+
+
+def _snapshot(opt: ELRA, model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter, every state tensor and the control state, as copies."""
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for entry in opt.state_dict()["state"].values():
+        tensors.extend(v.detach().clone() for v in entry.values() if isinstance(v, torch.Tensor))
+    return [*tensors, opt.control_state.clone()]
+
+
+def _assert_same(before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
+    assert len(before) == len(after)
+    for old, new in zip(before, after, strict=True):
+        assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize("layout", list(FAILING_LAYOUTS))
+def test_a_kernel_failing_after_the_law_ran_changes_nothing(layout: str) -> None:
+    """The law commits its state before the update pass runs; if that pass raises, the
+    state is restored: alpha, counters and statistics, the parameters and G_{t-1} are as
+    before, and the run continues exactly as a run that never saw the failure."""
+    model, twin = make_model(), make_model()
+    kwargs = {"cycle_steps": 4, **FAILING_LAYOUTS[layout]}
+    opt, opt_twin = ELRA(model.parameters(), **kwargs), ELRA(twin.parameters(), **kwargs)
+    inputs, target = data()
+    for step_index in range(6):
+        for net, optimizer in ((model, opt), (twin, opt_twin)):
+            optimizer.zero_grad()
+            optimizer.step(forward_backward(net, inputs, target, step_index))
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("injected kernel failure")
+
+    kernels = opt._kernels
+    opt._kernels = kernels._replace(
+        **{name: boom for name in kernels._fields if name.startswith("update")}
+    )
+    opt.zero_grad()
+    loss = forward_backward(model, inputs, target, 6)
+    before = _snapshot(opt, model)
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step(loss)
+    _assert_same(before, _snapshot(opt, model))
+    opt._kernels = kernels
+    opt.step(loss)  # the same step, now for real
+    opt_twin.zero_grad()
+    opt_twin.step(forward_backward(twin, inputs, target, 6))
+    for step_index in range(7, 12):
+        for net, optimizer in ((model, opt), (twin, opt_twin)):
+            optimizer.zero_grad()
+            optimizer.step(forward_backward(net, inputs, target, step_index))
+    _assert_same(_snapshot(opt_twin, twin), _snapshot(opt, model))
+
+
+def test_a_parameter_replaced_by_a_gapped_view_fails_before_anything_moves() -> None:
+    """lists: ``p.data = <a view with gaps>`` after construction cannot be stepped in
+    place; the step says so before the law runs (no phantom step)."""
+    model = make_model()
+    opt = ELRA(model.parameters(), flat=False)
+    inputs, target = data()
+    for step_index in range(3):
+        opt.zero_grad()
+        opt.step(forward_backward(model, inputs, target, step_index))
+    weight = model[0].weight
+    weight.data = torch.cat([weight.detach(), weight.detach()], dim=1)[:, ::2]
+    opt.zero_grad()
+    loss = forward_backward(model, inputs, target, 3)
+    before = _snapshot(opt, model)
+    with pytest.raises(ValueError, match="gaps or overlaps"):
+        opt.step(loss)
+    _assert_same(before, _snapshot(opt, model))

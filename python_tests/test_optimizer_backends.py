@@ -140,12 +140,17 @@ def test_auto_backend_choice() -> None:
     assert not opt.flat  # per-parameter lists on the CPU; flat buffers are the CUDA default
     assert ELRA(make_model().parameters(), memory="recover").flat
 
-    def channels_last() -> torch.nn.Module:  # its weight is not contiguous
+    def channels_last() -> torch.nn.Module:  # its weight is dense, not contiguous
         return torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
 
-    assert ELRA(channels_last().parameters()).flat
-    with pytest.raises(ValueError, match="not contiguous"):
-        ELRA(channels_last().parameters(), flat=False)
+    assert not ELRA(channels_last().parameters()).flat  # stepped through its storage
+
+    def gapped() -> list[torch.nn.Parameter]:  # every other column of a matrix
+        return [torch.nn.Parameter(torch.randn(4, 6)[:, ::2])]
+
+    assert ELRA(gapped()).flat
+    with pytest.raises(ValueError, match="gaps or overlaps"):
+        ELRA(gapped(), flat=False)
     assert ELRA(make_model(torch.float64).parameters()).backend == "reference"
     with pytest.raises(ValueError, match="float64"):
         ELRA(make_model(torch.float64).parameters(), backend="cpp")
