@@ -9,6 +9,7 @@ with their schemas in :mod:`elra_fused.ops`; the control law's constants are che
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -20,7 +21,10 @@ from ._torch_compat import is_dtensor
 
 #: Param-group keys a user may set per group. alpha is global (paper section 3.1), so
 #: only the multiplicative weight decay can differ between groups.
-PER_GROUP_KEYS = frozenset({"params", "wd", "name"})
+#: Keys a param group may have: ``wd`` (or torch's ``weight_decay``, mapped to
+#: wd = 1 - weight_decay), ``lr`` (scales the step: lr * alpha), a ``name``, and the
+#: ``initial_lr`` torch's LR schedulers add.
+PER_GROUP_KEYS = frozenset({"params", "wd", "weight_decay", "lr", "initial_lr", "name"})
 #: What is kept from the previous step (paper section 3.6; :mod:`elra_fused.memory`).
 MEMORY_MODES = ("standard", "recover", "offload")
 
@@ -102,17 +106,76 @@ def check_group_keys(param_group: dict[str, Any]) -> None:
     unknown = set(param_group) - PER_GROUP_KEYS
     if unknown:
         raise ValueError(
-            f"ELRA: param group keys {sorted(unknown)} are not supported; only 'wd' can "
-            "be set per group (alpha is global and adapts by itself, paper section 3.1)"
+            f"ELRA: param group keys {sorted(unknown)} are not supported; a group may set "
+            "'wd' (or torch's 'weight_decay') and 'lr' (alpha is global and adapts by "
+            "itself, paper section 3.1; lr scales the step it takes)"
         )
     if "wd" in param_group:
         check_wd(param_group["wd"])
+    if "weight_decay" in param_group:
+        check_weight_decay(param_group["weight_decay"])
+        if "wd" in param_group and param_group["wd"] != 1.0 - param_group["weight_decay"]:
+            raise ValueError(
+                f"ELRA: a param group gives wd={param_group['wd']!r} and weight_decay="
+                f"{param_group['weight_decay']!r}; they are one setting (wd = 1 - "
+                "weight_decay): give one"
+            )
+    if "lr" in param_group:
+        check_lr(param_group["lr"])
+
+
+def check_weight_decay(weight_decay: Any) -> None:
+    """torch's decoupled weight decay, as ELRA's multiplicative wd = 1 - weight_decay."""
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not 0.0 <= weight_decay < 1.0
+    ):
+        raise ValueError(
+            "ELRA: weight_decay (torch's name for the decay per step, ELRA's wd = 1 - "
+            f"weight_decay) must lie in [0, 1), e.g. 3e-4, got {weight_decay!r}"
+        )
+
+
+def check_lr(lr: Any) -> None:
+    """lr scales the step ELRA takes (lr * alpha); a scheduler may take it to 0."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"ELRA: lr must be a number or a 1-element float tensor, got {lr!r}")
+        return
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
+        raise ValueError(
+            "ELRA: lr scales the step alpha * lr that ELRA takes (1.0: the paper's step; "
+            f"schedulers anneal it) and must be a finite number >= 0, got {lr!r}"
+        )
+
+
+def step_lr(param_groups: list[dict[str, Any]]) -> float | torch.Tensor:
+    """The one lr of every param group (the law's step is global): a scheduler keeps
+    them equal when they start equal."""
+    lr = param_groups[0]["lr"]
+    for index, group in enumerate(param_groups):
+        other = group["lr"]
+        if other is not lr and not (
+            not isinstance(other, torch.Tensor) and not isinstance(lr, torch.Tensor) and other == lr
+        ):
+            raise ValueError(
+                f"ELRA: param group {index} has lr={other!r}, group 0 lr={lr!r}; ELRA's step "
+                "alpha * lr is one global step (the law measures it along the whole "
+                "gradient), so every group needs the same lr. Scale groups with wd instead."
+            )
+        if not isinstance(other, torch.Tensor):
+            check_lr(other)
+    return lr
 
 
 def group_param_list(param_group: dict[str, Any], group_index: int) -> dict[str, Any]:
     """``param_group`` with its parameters as a list (a generator is read once), after
     checking that no tensor is listed twice: torch only warns, and a twice-listed tensor
-    would be stepped twice per step (or alias itself in a flat buffer)."""
+    would be stepped twice per step (or alias itself in a flat buffer). torch's
+    ``weight_decay`` becomes ``wd = 1 - weight_decay`` (the key stays)."""
+    if "weight_decay" in param_group and "wd" not in param_group:
+        param_group = {**param_group, "wd": 1.0 - param_group["weight_decay"]}
     params = param_group.get("params")
     if isinstance(params, (torch.Tensor, set)) or params is None:
         return param_group  # torch's own checks give the error (or wrap the tensor)
@@ -235,23 +298,24 @@ def grad_prev_changed(name: str) -> RuntimeError:
 
 
 # ------------------------------------------------------------------ loss
-def check_loss(loss: Any) -> None:
+def check_loss(loss: Any, caller: str = "ELRA.step") -> None:
     """A real scalar tensor or a number (a closure has been called already)."""
     if loss is None:
         raise TypeError(
-            "ELRA.step needs the loss: call opt.step(loss) after loss.backward(), or "
-            "opt.step(closure) with a closure that returns the loss"
+            "ELRA.step needs the loss: call opt.step(loss) after loss.backward(), "
+            "opt.step(closure) with a closure that returns the loss, or record each "
+            "micro-batch's loss with opt.record_loss(loss) before opt.step()"
         )
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(
-                f"ELRA.step: the loss must be a scalar (one element), got shape "
-                f"{tuple(loss.shape)}; reduce it (e.g. .mean()) before calling step"
+                f"{caller}: the loss must be a scalar (one element), got shape "
+                f"{tuple(loss.shape)}; reduce it (e.g. .mean()) first"
             )
         if loss.is_complex():
-            raise TypeError("ELRA.step: the loss must be real, got a complex tensor")
+            raise TypeError(f"{caller}: the loss must be real, got a complex tensor")
     elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(
-            f"ELRA.step: the loss must be a 0-d tensor, a number or a closure, "
+            f"{caller}: the loss must be a 0-d tensor, a number or a closure, "
             f"got {type(loss).__name__}"
         )

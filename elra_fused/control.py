@@ -66,133 +66,38 @@ shift avoids cancellation when sigma << |mean|. Saved raw sums read as K = 0, S 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
 
+from . import control_config
 from .control_math import FLOAT_MATH as FLOAT_MATH  # re-exported: control.FLOAT_MATH
 from .control_math import TENSOR_MATH, Math, all_finite
 
-# ---------------------------------------------------------------------------------------
-# Paper constants (defaults of the constructor arguments).
-# ---------------------------------------------------------------------------------------
-#: Initial step size alpha_0 (section 3.1: "We chose alpha_0 = 1e-3").
-ALPHA0 = 1e-3
-#: Gain k of the noise correction kappa(a) = 1 + k / (1 + a^2) (section 3.1).
-KAPPA_GAIN = 0.15
-#: Cap of the growth ratio alpha_t / alpha_{t-1} (section 3.1, footnote 4: "for neural
-#: networks gamma_max = 10 is probably sufficient").
-GAMMA_MAX = 10.0
-#: Hard bounds 1e-8 < alpha < 1e6 (section 3.1).
-ALPHA_MIN = 1e-8
-ALPHA_MAX = 1e6
-#: Step cropping constant c in alpha_t * ||G_t|| <= c (section 3.5, "we use c = 2").
-STEP_CROP = 2.0
-#: Warm-up floor m in alpha_t * ||G_t|| >= m (section 3.1, footnote 5).
-WARMUP_MIN_STEP = 0.1
-#: Retrace when f_t > mean + 5 sigma of the last control cycle (section 3.2).
-RETRACE_SIGMAS = 5.0
-#: Before the first cycle closes: retrace when f_t > 1.1 f_0 (section 3.2).
-INITIAL_RETRACE_FACTOR = 1.1
-#: A retrace reduces alpha at least by this factor (section 3.2).
-RETRACE_MAX_SHRINK = 0.5
-#: Fallback shrink when the parabola formula gives no usable step (issue spec: alpha/100).
-RETRACE_FALLBACK_SHRINK = 0.01
-#: The authors' guards (module docstring).
-MIN_CYCLE_LOSSES = 100
-SIGMA_INFLATION = 1.05
-RETRACE_MIN_STEP = 1e-4
-MAX_RETRACES = 25
-
-
-@dataclass(frozen=True)
-class ControlConfig:
-    """Constants of the control law; defaults are the paper's (or the authors') values.
-    ``step_crop`` is on at c = 2 (paper 3.5 "we use c = 2"; the authors' code always
-    clips at 2: without it small-batch runs diverge), ``warmup_steps`` off (the paper
-    enables it for language models); ``initial_retrace_factor=None`` drops the
-    ``f_t > 1.1 f_0`` rule (pre-trained starts). The last five fields are the authors'
-    guards (module docstring); ``min_cycle_losses=1, sigma_inflation=1.0,
-    retrace_min_step=0.0, max_retraces=None`` is the paper's law without them.
-    """
-
-    alpha0: float = ALPHA0
-    kappa_gain: float = KAPPA_GAIN
-    gamma_max: float = GAMMA_MAX
-    alpha_min: float = ALPHA_MIN
-    alpha_max: float = ALPHA_MAX
-    step_crop: float | None = STEP_CROP
-    warmup_steps: int = 0
-    warmup_min_step: float = WARMUP_MIN_STEP
-    retrace_sigmas: float = RETRACE_SIGMAS
-    initial_retrace_factor: float | None = INITIAL_RETRACE_FACTOR
-    min_cycle_losses: int = MIN_CYCLE_LOSSES
-    sigma_inflation: float = SIGMA_INFLATION
-    retrace_min_step: float = RETRACE_MIN_STEP
-    max_retraces: int | None = MAX_RETRACES
-    max_grad_norm: float | None = None
-
-    def __post_init__(self) -> None:
-        positive = {
-            "alpha0": self.alpha0,
-            "gamma_max": self.gamma_max,
-            "alpha_min": self.alpha_min,
-            "alpha_max": self.alpha_max,
-            "warmup_min_step": self.warmup_min_step,
-            "retrace_sigmas": self.retrace_sigmas,
-        }
-        for name, value in positive.items():
-            if not (isinstance(value, (int, float)) and value > 0 and value != float("inf")):
-                raise ValueError(f"ELRA: {name} must be a finite positive number, got {value!r}")
-        if not self.alpha_min < self.alpha_max:
-            raise ValueError(
-                f"ELRA: need alpha_min < alpha_max, got {self.alpha_min} and {self.alpha_max}"
-            )
-        if not self.alpha_min <= self.alpha0 <= self.alpha_max:
-            raise ValueError(
-                f"ELRA: alpha0={self.alpha0} lies outside [alpha_min, alpha_max] = "
-                f"[{self.alpha_min}, {self.alpha_max}]"
-            )
-        if not (isinstance(self.kappa_gain, (int, float)) and self.kappa_gain >= 0):
-            raise ValueError(f"ELRA: kappa_gain must be >= 0, got {self.kappa_gain!r}")
-        if self.step_crop is not None and not self.step_crop > 0:
-            raise ValueError(f"ELRA: step_crop must be > 0 or None, got {self.step_crop!r}")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
-            raise ValueError(f"ELRA: warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if self.initial_retrace_factor is not None and not self.initial_retrace_factor >= 1:
-            raise ValueError(
-                "ELRA: initial_retrace_factor must be >= 1 or None, "
-                f"got {self.initial_retrace_factor!r}"
-            )
-        _check_count("min_cycle_losses", self.min_cycle_losses, allow_none=False)
-        _check_count("max_retraces", self.max_retraces, allow_none=True)
-        if not (isinstance(self.sigma_inflation, (int, float)) and 1.0 <= self.sigma_inflation):
-            raise ValueError(f"ELRA: sigma_inflation must be >= 1, got {self.sigma_inflation!r}")
-        limit = self.max_grad_norm
-        if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
-            raise ValueError(f"ELRA: max_grad_norm must be > 0 or None, got {limit!r}")
-        step = self.retrace_min_step
-        if not (isinstance(step, (int, float)) and 0.0 <= step < float("inf")):
-            raise ValueError(f"ELRA: retrace_min_step must be finite and >= 0, got {step!r}")
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
-
-
-def _check_count(name: str, value: Any, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
-        none = " or None" if allow_none else ""
-        raise ValueError(f"ELRA: {name} must be an int >= 1{none}, got {value!r}")
-
+# The law's constants live in :mod:`elra_fused.control_config`; re-exported here
+# (``control.ControlConfig``, ``control.MAX_RETRACES``, ...).
+ALPHA0 = control_config.ALPHA0
+ALPHA_MAX = control_config.ALPHA_MAX
+ALPHA_MIN = control_config.ALPHA_MIN
+GAMMA_MAX = control_config.GAMMA_MAX
+INITIAL_RETRACE_FACTOR = control_config.INITIAL_RETRACE_FACTOR
+KAPPA_GAIN = control_config.KAPPA_GAIN
+MAX_RETRACES = control_config.MAX_RETRACES
+MIN_CYCLE_LOSSES = control_config.MIN_CYCLE_LOSSES
+RETRACE_FALLBACK_SHRINK = control_config.RETRACE_FALLBACK_SHRINK
+RETRACE_MAX_SHRINK = control_config.RETRACE_MAX_SHRINK
+RETRACE_MIN_STEP = control_config.RETRACE_MIN_STEP
+RETRACE_SIGMAS = control_config.RETRACE_SIGMAS
+SIGMA_INFLATION = control_config.SIGMA_INFLATION
+STEP_CROP = control_config.STEP_CROP
+WARMUP_MIN_STEP = control_config.WARMUP_MIN_STEP
+ControlConfig = control_config.ControlConfig
 
 # ---------------------------------------------------------------------------------------
 # Packed control state: one float64 vector on the parameters' device. One tensor means
 # one in-place write per step (graph-capturable) and one entry in the state_dict.
 # ---------------------------------------------------------------------------------------
-ALPHA = 0  # alpha of the last step taken (alpha_{t-1} when step t starts)
+ALPHA = 0  # alpha_{t-1}: the law's line-optimal step of the last step (taken: lr * alpha)
 GRAD_PREV_SQ = 1  # Ga = ||G_{t-1}||^2
 LOSS_PREV = 2  # f_{t-1}
 LOSS_FIRST = 3  # f_0
@@ -215,7 +120,10 @@ RETRACE_RUN = 17  # retraces in a row
 RESTARTS = 18  # restarts after max_retraces retraces in a row
 ALPHA_ACCEPTED = 19  # alpha set by the last accepted step (restored by a restart)
 RESTART_PENDING = 20  # 1.0: the next step starts afresh, like a first step
-STATE_SIZE = 21
+#: A state of this size (saved before the learning rate) loads with LR_TAKEN = 1.
+GUARDS_STATE_SIZE = 21
+LR_TAKEN = 21  # lr of the last step taken: that step was LR_TAKEN * ALPHA long
+STATE_SIZE = 22
 #: The largest finite float64: the scale S is clamped to it (|f - K| can overflow).
 FLOAT64_MAX = 1.7976931348623157e308
 
@@ -227,6 +135,7 @@ def initial_state(config: ControlConfig, device: torch.device | str) -> torch.Te
     state[ALPHA_ACCEPTED] = config.alpha0
     state[SIGMA_SCALE] = 1.0
     state[CYCLE_SCALE] = 1.0
+    state[LR_TAKEN] = 1.0
     return state
 
 
@@ -234,10 +143,10 @@ class Decision(NamedTuple):
     """What the kernels need from one control step (0-d float64 tensors, or floats with
     :data:`FLOAT_MATH`).
 
-    accept: 1.0 for an accepted step (x <- wd x - alpha G), 0.0 for a retrace or a
+    accept: 1.0 for an accepted step (x <- wd x - step G), 0.0 for a retrace or a
         skipped first step (x <- x + back * G_{t-1}).
-    alpha: the new alpha_t (the step length of an accepted step).
-    back: alpha_{t-1} - alpha_t on a retrace, 0.0 otherwise.
+    alpha: the step taken, lr * alpha_t (alpha_t itself with lr = 1).
+    back: on a retrace the step taken last minus the one taken now, 0.0 otherwise.
     """
 
     accept: Any
@@ -377,6 +286,7 @@ def control_step(
     grad_dot_prev: Any,
     config: ControlConfig,
     xp: Math = TENSOR_MATH,
+    lr: Any = 1.0,
 ) -> tuple[Any, Decision]:
     """One step of the law. Returns the new packed state and the kernels' decision.
 
@@ -387,9 +297,16 @@ def control_step(
         grad_sq: <G_t, G_t>.
         grad_dot_prev: <G_{t-1}, G_t> (ignored on the first step).
         xp: :data:`TENSOR_MATH` or :data:`FLOAT_MATH`.
+        lr: the param groups' learning rate (a float, or 0-d float64 on the state's
+            device): the step taken is lr * alpha_t. alpha follows eq. (4) as before,
+            measured at the points actually reached; a retrace fits its parabola along
+            the step actually taken, lr_{t-1} alpha_{t-1}, and moves back by the
+            difference of the steps taken. lr = 1 is the paper's law, bit for bit.
     """
     state = xp.unpack(state)
     alpha_prev = state[ALPHA]
+    lr_prev = state[LR_TAKEN]
+    taken_prev = alpha_prev * lr_prev  # the step that led to x_t
     grad_prev_sq = state[GRAD_PREV_SQ]
     loss_prev = state[LOSS_PREV]
     has_prev = (state[ACCEPTED] > 0) & (state[RESTART_PENDING] == 0)
@@ -408,7 +325,7 @@ def control_step(
         config,
         xp,
     )
-    later_retrace_alpha = retrace_alpha(alpha_prev, grad_prev_sq, loss, loss_prev, config, xp)
+    later_retrace_alpha = retrace_alpha(taken_prev, grad_prev_sq, loss, loss_prev, config, xp)
 
     accept = xp.where(has_prev, xp.logical_not(retrace), finite_now)
     moved_back = has_prev & retrace
@@ -423,8 +340,9 @@ def control_step(
         xp.where(retrace, later_retrace_alpha, later_accept_alpha),
         xp.where(finite_now, first_alpha, alpha_prev),
     )
-    back = xp.where(moved_back, alpha_prev - xp.where(restart, 0.0, alpha_new), 0.0)
+    back = xp.where(moved_back, taken_prev - xp.where(restart, 0.0, alpha_new * lr), 0.0)
     alpha_new = xp.where(restart, state[ALPHA_ACCEPTED], alpha_new)
+    taken = alpha_new * lr
 
     accept_f = xp.as_float(accept)
     reject_f = 1.0 - accept_f
@@ -468,9 +386,10 @@ def control_step(
             state[RESTARTS] + (1.0 - keep_f),
             xp.where(accept, alpha_new, state[ALPHA_ACCEPTED]),
             xp.where(restart, 1.0, xp.where(first_accept, 0.0, state[RESTART_PENDING])),
+            lr_prev * 0.0 + lr,  # as a state entry (a float lr joins a tensor state)
         ]
     )
-    return new_state, Decision(accept_f, alpha_new, back)
+    return new_state, Decision(accept_f, taken, back)
 
 
 def close_cycle(state: torch.Tensor, min_losses: int = 1) -> torch.Tensor:

@@ -10,6 +10,7 @@ turns the loss into what the law takes (averaged over a data-parallel group).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from . import control
 from .control import (
     ALPHA,
+    LR_TAKEN,
     RESTARTS,
     ControlConfig,
     Decision,
@@ -46,24 +48,28 @@ def upgrade_state(saved: torch.Tensor) -> torch.Tensor:
     """A saved control state in the current layout (float64, ``control.STATE_SIZE`` entries).
 
     A state saved before the guards (``control.LEGACY_STATE_SIZE`` entries) gains them as a
-    fresh state has them; its raw cycle sums are the shifted sums with K = 0.
+    fresh state has them; its raw cycle sums are the shifted sums with K = 0. A state saved
+    before the learning rate (``control.GUARDS_STATE_SIZE``) took its steps at lr = 1.
     """
     saved = saved.detach().to(torch.float64)
-    if saved.shape == (control.STATE_SIZE,):
-        return saved
-    if saved.shape != (control.LEGACY_STATE_SIZE,):
+    sizes = (control.STATE_SIZE, control.GUARDS_STATE_SIZE, control.LEGACY_STATE_SIZE)
+    if saved.dim() != 1 or saved.shape[0] not in sizes:
         raise ValueError(
             f"ELRA.load_state_dict: control state must be a tensor of {control.STATE_SIZE} (or "
-            f"{control.LEGACY_STATE_SIZE}) values, got shape {tuple(saved.shape)}; the state dict "
-            "is corrupt or from an incompatible version"
+            f"{control.GUARDS_STATE_SIZE} or {control.LEGACY_STATE_SIZE}) values, got shape "
+            f"{tuple(saved.shape)}; the state dict is corrupt or from an incompatible version"
         )
-    extra = torch.zeros(
-        control.STATE_SIZE - control.LEGACY_STATE_SIZE, dtype=torch.float64, device=saved.device
-    )
-    extra[control.SIGMA_SCALE - control.LEGACY_STATE_SIZE] = 1.0
-    extra[control.CYCLE_SCALE - control.LEGACY_STATE_SIZE] = 1.0
-    extra[control.ALPHA_ACCEPTED - control.LEGACY_STATE_SIZE] = saved[control.ALPHA]
-    return torch.cat([saved, extra])
+    size = saved.shape[0]
+    if size == control.STATE_SIZE:
+        return saved
+    fresh = torch.zeros(control.STATE_SIZE, dtype=torch.float64, device=saved.device)
+    fresh[:size] = saved
+    fresh[control.LR_TAKEN] = 1.0
+    if size == control.LEGACY_STATE_SIZE:
+        fresh[control.SIGMA_SCALE] = 1.0
+        fresh[control.CYCLE_SCALE] = 1.0
+        fresh[control.ALPHA_ACCEPTED] = saved[control.ALPHA]
+    return fresh
 
 
 def trusted_dot(dot: Any, bound: Any, xp: Math) -> Any:
@@ -104,6 +110,7 @@ class ControlRunner:
         self.compiled = compiled
         #: Whether the first restart (max_retraces retraces in a row) was warned about.
         self.restart_warned = False
+        self._lr_cache: tuple[float, torch.Tensor] | None = None
 
     def read(self, *entries: int) -> list[float]:
         """State entries as floats, in one host read (a sync on a GPU). Every read also
@@ -129,11 +136,12 @@ class ControlRunner:
             )
 
     def alpha_prev(self) -> float | torch.Tensor:
-        """alpha_{t-1} (read before :meth:`step` commits): a float with ``host``, else a
-        0-d device tensor (a copy, no host read)."""
+        """The step taken last, lr_{t-1} alpha_{t-1} (read before :meth:`step` commits):
+        a float with ``host``, else a 0-d device tensor (no host read)."""
         if self.host:
-            return float(self.state.cpu()[ALPHA])
-        return self.state[ALPHA].clone()
+            alpha, lr = self.state.cpu()[[ALPHA, LR_TAKEN]].tolist()
+            return alpha * lr
+        return self.state[ALPHA] * self.state[LR_TAKEN]
 
     def loss_value(self, loss: torch.Tensor | float, group: Any = None) -> float | torch.Tensor:
         """f_t as the law takes it: a Python float with ``host``, else a 0-d fp64 tensor on
@@ -159,11 +167,20 @@ class ControlRunner:
         value /= dist.get_world_size(group)
         return float(value.item()) if self.host else value
 
-    def step(self, loss: float | torch.Tensor, partials: Sequence[torch.Tensor]) -> Decision:
+    def step(
+        self,
+        loss: float | torch.Tensor,
+        partials: Sequence[torch.Tensor],
+        lr: float | torch.Tensor = 1.0,
+        found_inf: torch.Tensor | None = None,
+    ) -> Decision:
         """Sum the segments' [||G_t||^2, <G_t, G_{t-1}>] (and the dot's error bound, where
         a segment has one: :func:`trusted_dot`) in segment order, from zero, in fp64; run
         the law and commit the new state. The decision comes as 0-d device tensors, or as
-        floats with ``host``."""
+        floats with ``host``. ``lr`` scales the step taken (:func:`control.control_step`):
+        a float, or a 0-d tensor (the device law takes it as one, so a changing lr never
+        recompiles the law). A ``found_inf`` > 0 (GradScaler) makes ||G_t||^2 NaN: the
+        law retraces as for any non-finite gradient."""
         bounded = any(partial.numel() > 2 for partial in partials)
         if self.host:
             totals = [0.0, 0.0, 0.0]
@@ -171,6 +188,8 @@ class ControlRunner:
                 for index, value in enumerate(partial.tolist()):
                     totals[index] += value
             grad_sq, grad_dot_prev, bound = totals
+            if found_inf is not None and float(found_inf) > 0:
+                grad_sq = math.nan
             if bounded:
                 grad_dot_prev = trusted_dot(grad_dot_prev, bound, FLOAT_MATH)
             # The state goes in and out through a numpy view (one call each way: this
@@ -180,7 +199,13 @@ class ControlRunner:
             host_state = self.state.cpu()
             state_view = host_state.numpy()
             state, decision = control_step(
-                state_view.tolist(), loss, grad_sq, grad_dot_prev, self.config, FLOAT_MATH
+                state_view.tolist(),
+                loss,
+                grad_sq,
+                grad_dot_prev,
+                self.config,
+                FLOAT_MATH,
+                float(lr),
             )
             state_view[:] = state
             self._warn_restart(state[RESTARTS], stacklevel=7)  # the user's opt.step call
@@ -191,9 +216,13 @@ class ControlRunner:
         for partial in partials:
             totals[: partial.numel()] += partial.to(self.state.device, non_blocking=True)
         grad_dot_prev = totals[1]
+        grad_sq = totals[0]
+        if found_inf is not None:
+            grad_sq = torch.where(found_inf > 0, math.nan, grad_sq)
         if bounded:
             grad_dot_prev = trusted_dot(grad_dot_prev, totals[2], TENSOR_MATH)
-        args = (self.state, loss, totals[0], grad_dot_prev, self.config)
+        lr = self._lr_tensor(lr)
+        args = (self.state, loss, grad_sq, grad_dot_prev, self.config, TENSOR_MATH, lr)
         # Inside a torch.compile of the user's own step, dynamo traces the plain law.
         if self.compiled and not torch.compiler.is_compiling():
             try:
@@ -213,6 +242,20 @@ class ControlRunner:
             new_state, decision = control_step(*args)
         self.state.copy_(new_state)
         return decision
+
+    def _lr_tensor(self, lr: float | torch.Tensor) -> torch.Tensor:
+        """lr as a 0-d float64 tensor on the state's device without a host sync: a
+        tensor is moved (non-blocking), a float is written by a fill kernel (a copy from
+        host memory could wait for the device), cached while the value stays."""
+        if isinstance(lr, torch.Tensor):
+            return lr.detach().reshape(()).to(self.state.device, torch.float64, non_blocking=True)
+        cached = self._lr_cache
+        if cached is None or cached[0] != lr:
+            cached = self._lr_cache = (
+                lr,
+                torch.full((), lr, dtype=torch.float64, device=self.state.device),
+            )
+        return cached[1]
 
     def load(self, saved: torch.Tensor) -> None:
         """Take a saved state (see :func:`upgrade_state`); raises before changing anything."""

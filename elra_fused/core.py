@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .amp import GradScales
 from .control import Decision
 from .control_runner import ControlRunner
 from .memory import PrevStore
@@ -55,12 +56,16 @@ def elra_step(
     loss: float | torch.Tensor,
     law: ControlRunner,
     kernels: KernelSet,
+    lr: float | torch.Tensor = 1.0,
+    scales: GradScales | None = None,
 ) -> Decision:
     """One ELRA step over ``segments``; returns the law's decision (floats with a host law,
     0-d device tensors otherwise).
 
-    ``loss`` is f_t as :meth:`ControlRunner.loss_value` gives it. Coefficient tensors are
-    built once per (memory kind, wd, device) and shared by the segments that match.
+    ``loss`` is f_t as :meth:`ControlRunner.loss_value` gives it; ``lr`` scales the step
+    taken (lr * alpha); ``scales`` fold a GradScaler's scale into the dots and the
+    update (:mod:`elra_fused.amp`). Coefficient tensors are built once per (memory kind, wd, device)
+    and shared by the segments that match.
     """
     alpha_prev = law.alpha_prev() if any(seg.store.needs_alpha_prev for seg in segments) else None
     dots_coeffs: dict[tuple[str, float, torch.device], Any] = {}
@@ -69,14 +74,17 @@ def elra_step(
         key = (seg.store.coeff_kind, seg.wd, seg.device)
         if key not in dots_coeffs:
             dots_coeffs[key] = seg.store.dots_coeffs(seg.wd, alpha_prev, seg.device)
-        partials.append(seg.store.dots(kernels, seg.x, seg.grad, dots_coeffs[key]))
+        partial = seg.store.dots(kernels, seg.x, seg.grad, dots_coeffs[key])
+        partials.append(seg.store.unscale(partial, scales))
 
-    decision = law.step(loss, partials)
+    decision = law.step(loss, partials, lr, None if scales is None else scales.found_inf)
 
     update_coeffs: dict[tuple[str, float, torch.device], torch.Tensor] = {}
     for seg in segments:
         key = (seg.store.coeff_kind, seg.wd, seg.device)
         if key not in update_coeffs:
-            update_coeffs[key] = seg.store.update_coeffs(decision, seg.wd, alpha_prev, seg.device)
+            update_coeffs[key] = seg.store.update_coeffs(
+                decision, seg.wd, alpha_prev, seg.device, scales
+            )
         seg.store.update_(kernels, seg.x, seg.grad, update_coeffs[key])
     return decision

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .amp import GradScales
 from .control import Decision
 from .flat import FlatBuffer
 from .ops import KernelSet
@@ -79,8 +80,15 @@ class PrevStore(Protocol):
     ) -> torch.Tensor | None: ...
 
     def update_coeffs(
-        self, decision: Decision, wd: float, alpha_prev: Scalar | None, device: torch.device
+        self,
+        decision: Decision,
+        wd: float,
+        alpha_prev: Scalar | None,
+        device: torch.device,
+        scales: GradScales | None = None,
     ) -> torch.Tensor: ...
+
+    def unscale(self, partial: torch.Tensor, scales: GradScales | None) -> torch.Tensor: ...
 
     def dots(
         self, kernels: KernelSet, x: Any, grad: Any, coeffs: torch.Tensor | None
@@ -122,9 +130,26 @@ class GradCoefficients:
         return None  # dots(G_t, G_{t-1}) needs none
 
     def update_coeffs(
-        self, decision: Decision, wd: float, alpha_prev: Scalar | None, device: torch.device
+        self,
+        decision: Decision,
+        wd: float,
+        alpha_prev: Scalar | None,
+        device: torch.device,
+        scales: GradScales | None = None,
     ) -> torch.Tensor:
-        return coefficient_tensor([decision.accept, wd, decision.alpha, decision.back], device)
+        if scales is None:
+            return coefficient_tensor([decision.accept, wd, decision.alpha, decision.back], device)
+        step = decision.alpha * scales.inv  # G_t carries s_t, G_{t-1} carries s_{t-1}
+        back = decision.back * scales.inv_prev
+        return coefficient_tensor([decision.accept, wd, step, back], device)
+
+    @staticmethod
+    def unscale(partial: torch.Tensor, scales: GradScales | None) -> torch.Tensor:
+        """[<G,G> / s_t^2, <G_prev,G> / (s_{t-1} s_t)] (:mod:`elra_fused.amp`)."""
+        if scales is None:
+            return partial
+        factors = torch.stack([scales.inv * scales.inv, scales.inv * scales.inv_prev])
+        return partial * factors.to(partial.device)
 
     def synchronize(self) -> None:
         """Nothing in flight: the tensors are always current."""
@@ -157,10 +182,25 @@ class PointCoefficients:
         return coefficient_tensor([wd, 1.0 / alpha_prev], device)
 
     def update_coeffs(
-        self, decision: Decision, wd: float, alpha_prev: Scalar, device: torch.device
+        self,
+        decision: Decision,
+        wd: float,
+        alpha_prev: Scalar,
+        device: torch.device,
+        scales: GradScales | None = None,
     ) -> torch.Tensor:
         back = decision.back / alpha_prev
-        return coefficient_tensor([decision.accept, wd, decision.alpha, back], device)
+        step = decision.alpha if scales is None else decision.alpha * scales.inv
+        return coefficient_tensor([decision.accept, wd, step, back], device)
+
+    @staticmethod
+    def unscale(partial: torch.Tensor, scales: GradScales | None) -> torch.Tensor:
+        """The dots (and the bound, ~||G_t||) of a G_t scaled by s_t; the recovered
+        G_{t-1} is unscaled (:mod:`elra_fused.amp`)."""
+        if scales is None:
+            return partial
+        inv = scales.inv
+        return partial * torch.stack([inv * inv, inv, inv]).to(partial.device)
 
     @staticmethod
     def with_error_bound(

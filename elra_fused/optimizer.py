@@ -19,17 +19,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import checks, control, ops
+from . import checks, control, loading, ops
 from ._torch_compat import step_entry
+from .amp import AmpScales
 from .buffers import RetraceBuffers
 from .control import ControlConfig
-from .control_runner import ControlRunner, upgrade_state
+from .control_runner import ControlRunner
 from .core import elra_step
 from .layouts import FlatLayout, Layout, ListLayout, default_flat
-from .memory import POINT_MODES
+from .losses import LossRecord, judged_loss, without_grad_scale
 from .offload import DEFAULT_CHUNK
 
-_STATE_KEY = "elra_control"
+_STATE_KEY = loading.STATE_KEY
 
 LossArg = torch.Tensor | float | int | Callable[[], Any] | None
 
@@ -61,6 +62,11 @@ class ELRA(torch.optim.Optimizer):
             ``1, 1.0, 0.0, None`` is the paper's law without them.
         max_grad_norm: a step on a gradient of larger norm is not taken (a retrace); off
             by default, the largest finite value of a compact ``state_dtype``.
+        lr: scales the step taken, lr * alpha (1.0: the paper's step), for torch's LR
+            schedulers; alpha stays the law's line-optimal estimate, measured along the
+            steps actually taken (:func:`elra_fused.control.control_step`).
+        weight_decay: torch's name for the decay per step: wd = 1 - weight_decay (param
+            groups may give either).
         cycle_steps: close a control cycle automatically every ``cycle_steps`` steps;
             None (default) means the user calls :meth:`end_cycle` (e.g. once per epoch,
             the paper's cycle).
@@ -85,8 +91,12 @@ class ELRA(torch.optim.Optimizer):
             :class:`~elra_fused.buffers.RetraceBuffers`: restored to their values of the
             last accepted step on every retrace (as the authors do), no host read.
 
-    Use ``opt.step(loss)`` after ``loss.backward()``, or ``opt.step(closure)``.
+    Use ``opt.step(loss)`` after ``loss.backward()``, ``opt.step(closure)``, or
+    ``opt.record_loss(loss)`` per micro-batch and then ``opt.step()`` (frameworks).
     """
+
+    #: GradScaler.step hands over grad_scale / found_inf instead of unscaling (amp.py).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -108,6 +118,8 @@ class ELRA(torch.optim.Optimizer):
         retrace_min_step: float = control.RETRACE_MIN_STEP,
         max_retraces: int | None = control.MAX_RETRACES,
         max_grad_norm: float | None = None,
+        lr: float = 1.0,
+        weight_decay: float | None = None,
         cycle_steps: int | None = None,
         backend: str = "auto",
         flat: bool | None = None,
@@ -147,7 +159,15 @@ class ELRA(torch.optim.Optimizer):
         self.cycle_steps = cycle_steps
         self.memory = memory
         self.process_group = process_group
-        super().__init__(params, {"wd": wd})  # checks every parameter (add_param_group)
+        if weight_decay is not None:  # torch's name: wd = 1 - weight_decay
+            checks.check_weight_decay(weight_decay)
+            if wd != 1.0:
+                raise ValueError("ELRA: give wd or weight_decay (wd = 1 - weight_decay)")
+            wd = 1.0 - weight_decay
+        checks.check_lr(lr)
+        self._losses = LossRecord()
+        self._amp = AmpScales()
+        super().__init__(params, {"wd": wd, "lr": lr})  # checks each parameter (add_param_group)
         trainable = self._trainable() or [self._first_param()]
         self._device = self._first_param().device
         self.backend = ops.resolve_backend(backend, trainable, self._device)
@@ -306,37 +326,49 @@ class ELRA(torch.optim.Optimizer):
         )
         return (mean, std * scale) if closed > 0 and count > 0 else None
 
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Record one micro-batch's loss (as backpropagated: with the 1/N of gradient
+        accumulation); a ``step()`` without a loss judges the sum of those recorded
+        since the last step (:mod:`elra_fused.losses`). No host read."""
+        self._losses.add(loss)
+
     @step_entry
     @torch.no_grad()
-    def step(self, loss: LossArg = None) -> Any:  # type: ignore[override]
+    def step(self, closure: LossArg = None, loss: LossArg = None) -> Any:  # type: ignore[override]
         """One ELRA step.
 
         Args:
-            loss: the loss f_t at the current parameters (0-d tensor or number), or a
-                closure that re-evaluates the model and returns the loss (torch style).
+            closure: torch's closure (re-evaluates the model, returns the loss), or the
+                loss f_t itself (0-d tensor or number).
+            loss: the loss f_t, by keyword. Without either, the sum of the losses given
+                to :meth:`record_loss` since the last step (:mod:`elra_fused.losses`).
 
         Returns:
             The loss that was passed or that the closure returned.
         """
-        returned = loss
-        if callable(loss):
-            with torch.enable_grad():
-                returned = loss()
-            loss = returned
+        loss, returned, factors = judged_loss(closure, loss, self._losses)
+        if loss is None and callable(closure):
+            return None  # the closure skipped the batch (Lightning: training_step -> None)
         checks.check_loss(loss)
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
+        loss = without_grad_scale(loss, factors, grad_scale)
+        lr = checks.step_lr(self.param_groups)
+        scales = self._amp.for_step(grad_scale, getattr(self, "found_inf", None), self._device)
         if self.retrace_buffers is not None:
             self.retrace_buffers.check()  # a replaced buffer fails before anything moves
         loss_value = self._law.loss_value(loss, self.process_group)
         work = self.layout.gather(self.param_groups, self.state)  # every check runs here
         committed = self._law.state.clone()  # a kernel failing after the law ran undoes it
         try:
-            decision = elra_step(work.segments, loss_value, self._law, self._kernels)
+            decision = elra_step(work.segments, loss_value, self._law, self._kernels, lr, scales)
             self.layout.finish(work, decision)
+            self._amp.after_step(scales, decision)
         except BaseException:
             self._law.state.copy_(committed)
             raise
         if self.retrace_buffers is not None:
             self.retrace_buffers.apply(self._law.state[control.LAST_RETRACED])
+        self._losses.clear()
         self._steps_in_cycle += 1
         if self.cycle_steps is not None and self._steps_in_cycle >= self.cycle_steps:
             self.end_cycle()
@@ -354,43 +386,14 @@ class ELRA(torch.optim.Optimizer):
             "flat": self.flat,
             "memory": self.memory,
             "buffers": None if self.retrace_buffers is None else self.retrace_buffers.state_dict(),
+            "grad_prev_inv_scale": self._amp.state_dict(),
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop(_STATE_KEY, None)
-        if extra is None:
-            raise ValueError(
-                "ELRA.load_state_dict: this state dict has no ELRA control state "
-                f"('{_STATE_KEY}'); was it saved by another optimizer?"
-            )
-        control_state = extra["control"]
-        if not isinstance(control_state, torch.Tensor):
-            raise ValueError(
-                "ELRA.load_state_dict: the control state must be a tensor; the state dict "
-                "is corrupt or from an incompatible version"
-            )
-        control_state = upgrade_state(control_state)  # checked before anything changes
-        saved_memory = extra.get("memory", "standard")
-        if (saved_memory in POINT_MODES) != (self.memory in POINT_MODES):
-            raise ValueError(
-                f"ELRA.load_state_dict: the state was saved with memory={saved_memory!r} "
-                f"(it holds {'x_prev' if saved_memory in POINT_MODES else 'grad_prev'}) but "
-                f"this optimizer uses memory={self.memory!r}; build it with "
-                f"memory={saved_memory!r} (recover and offload are interchangeable)"
-            )
-        saved_buffers = extra.get("buffers")
-        if self.retrace_buffers is not None:  # checked here, applied last
-            self.retrace_buffers.check()
-            if saved_buffers is not None:
-                saved_buffers = self.retrace_buffers.check_state_dict(saved_buffers)
-        super().load_state_dict(state_dict)
-        self.layout.load_state(self.state)
-        self._law.load(control_state)
-        if self.retrace_buffers is not None:  # last: checked above, cannot fail now
-            if saved_buffers is None:  # the model's loaded buffers are the accepted state
-                self.retrace_buffers.remember()
-            else:
-                self.retrace_buffers.load_state_dict({"buffers": saved_buffers})
-        self._steps_in_cycle = int(extra.get("steps_in_cycle", 0))
+        """Load a state saved by :meth:`state_dict`. Everything is checked before anything
+        changes (:mod:`elra_fused.loading`): a state that does not fit raises one
+        ValueError and leaves the optimizer exactly as it was, and so does a failure
+        while applying (the applied part is undone)."""
+        plan = loading.validate_state_dict(self, state_dict)
+        loading.apply_plan(self, plan, super().load_state_dict)

@@ -140,8 +140,10 @@ class _BoundedRunner(ControlRunner):
 
     extra: list[torch.Tensor] = []
 
-    def step(self, loss: torch.Tensor, partials: list[torch.Tensor]) -> control.Decision:
-        return super().step(loss, [*partials, *self.extra])
+    def step(
+        self, loss: torch.Tensor, partials: list[torch.Tensor], *args: object
+    ) -> control.Decision:
+        return super().step(loss, [*partials, *self.extra], *args)
 
 
 class Shadow:

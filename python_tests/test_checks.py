@@ -81,9 +81,25 @@ def test_bad_wd_rejected(wd: float) -> None:
         ELRA([torch.nn.Parameter(torch.ones(2))], wd=wd)
 
 
-def test_unsupported_group_keys_rejected() -> None:
-    with pytest.raises(ValueError, match="only 'wd'"):
-        ELRA([{"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.1}])
+@pytest.mark.parametrize("key", ["momentum", "betas", "eps"])
+def test_unsupported_group_keys_rejected(key: str) -> None:
+    with pytest.raises(ValueError, match=f"param group keys \\['{key}'\\] are not supported"):
+        ELRA([{"params": [torch.nn.Parameter(torch.ones(2))], key: 0.9}])
+
+
+@pytest.mark.parametrize(
+    ("group", "match"),
+    [
+        ({"lr": -0.1}, "lr scales the step"),
+        ({"lr": float("nan")}, "lr scales the step"),
+        ({"weight_decay": 1.0}, "weight_decay"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"wd": 0.9, "weight_decay": 0.2}, "they are one setting"),
+    ],
+)
+def test_bad_lr_and_weight_decay_rejected(group: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ELRA([{"params": [torch.nn.Parameter(torch.ones(2))], **group}])
 
 
 def test_process_group_must_be_a_process_group() -> None:

@@ -306,3 +306,61 @@ def test_compiled_law_gives_the_eager_bits(config: ControlConfig) -> None:
         if index % 25 == 24:
             eager_state = control.close_cycle(eager_state)
             compiled_state = control.close_cycle(compiled_state)
+
+
+def test_lr_scales_the_step_taken_and_alpha_follows_eq_4() -> None:
+    """lr = 0.5: the accepted step is 0.5 alpha_t with alpha_t from eq. (4) as at lr = 1;
+    the state remembers the lr of the step taken."""
+    config = ControlConfig(step_crop=None)
+    state = running_state()
+    _, full = control.control_step(state, t(0.9), t(9.0), t(1.0), config)
+    new_state, half = control.control_step(state, t(0.9), t(9.0), t(1.0), config, lr=t(0.5))
+    assert half.accept.item() == 1.0
+    assert new_state[control.ALPHA].item() == full.alpha.item()
+    assert half.alpha.item() == 0.5 * full.alpha.item()
+    assert new_state[control.LR_TAKEN].item() == 0.5
+
+
+def test_a_retrace_fits_its_parabola_along_the_step_taken() -> None:
+    """The failed step was lr_{t-1} alpha_{t-1} = 0.5 * 0.5 long: the parabola through
+    f_{t-1} (slope -Ga) and f_t at 0.25 gives s* = 0.25 * 0.5 * 0.25 * 4 / (3 - 1 + 0.25 * 4)
+    = 1/24; the retrace moves back by 0.25 - lr * s*."""
+    state = running_state()
+    state[control.LR_TAKEN] = 0.5
+    config = ControlConfig(step_crop=None)
+    new_state, decision = control.control_step(state, t(3.0), t(9.0), t(1.0), config, lr=t(0.5))
+    assert decision.accept.item() == 0.0
+    assert new_state[control.ALPHA].item() == pytest.approx(1 / 24, rel=1e-15)
+    assert decision.alpha.item() == pytest.approx(0.5 / 24, rel=1e-15)
+    assert decision.back.item() == pytest.approx(0.25 - 0.5 / 24, rel=1e-15)
+
+
+def test_float_math_gives_the_tensor_math_bits_with_a_changing_lr() -> None:
+    config = ControlConfig()
+    gen = torch.Generator().manual_seed(8)
+    tensor_state = control.initial_state(config, "cpu")
+    float_state = tensor_state.tolist()
+    lrs = torch.rand(300, generator=gen, dtype=F64).tolist()
+    for index, ((loss, grad_sq, dot), lr) in enumerate(
+        zip(_random_inputs(gen, 300), lrs, strict=True)
+    ):
+        new_t, dec_t = control.control_step(
+            tensor_state, t(loss), t(grad_sq), t(dot), config, lr=t(lr)
+        )
+        new_f, dec_f = control.control_step(
+            float_state, loss, grad_sq, dot, config, control.FLOAT_MATH, lr
+        )
+        assert torch.equal(new_t, torch.tensor(new_f, dtype=F64)), index
+        assert torch.equal(torch.stack(list(dec_t)), torch.tensor(list(dec_f), dtype=F64)), index
+        tensor_state, float_state = new_t, new_f
+        if index % 25 == 24:
+            tensor_state = control.close_cycle(tensor_state)
+            float_state = tensor_state.tolist()
+
+
+def test_a_state_saved_before_the_lr_loads_with_lr_one() -> None:
+    saved = running_state()[: control.GUARDS_STATE_SIZE]
+    upgraded = control_runner.upgrade_state(saved)
+    assert upgraded.shape == (control.STATE_SIZE,)
+    assert upgraded[control.LR_TAKEN].item() == 1.0
+    assert torch.equal(upgraded[: control.GUARDS_STATE_SIZE], saved)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -338,3 +339,104 @@ def test_a_parameter_replaced_by_a_gapped_view_fails_before_anything_moves() -> 
     with pytest.raises(ValueError, match="gaps or overlaps"):
         opt.step(loss)
     _assert_same(before, _snapshot(opt, model))
+
+
+# ------------------------------------------------------------------ lr and schedulers
+def _scheduler_cases() -> dict[str, Callable[[ELRA], object]]:
+    sched = torch.optim.lr_scheduler
+    return {
+        "LambdaLR": lambda o: sched.LambdaLR(o, lambda s: 1 / (1 + s)),
+        "MultiplicativeLR": lambda o: sched.MultiplicativeLR(o, lambda s: 0.9),
+        "StepLR": lambda o: sched.StepLR(o, step_size=3),
+        "MultiStepLR": lambda o: sched.MultiStepLR(o, milestones=[2, 5]),
+        "ConstantLR": lambda o: sched.ConstantLR(o, factor=0.5, total_iters=4),
+        "LinearLR": lambda o: sched.LinearLR(o, start_factor=0.2, total_iters=5),
+        "ExponentialLR": lambda o: sched.ExponentialLR(o, gamma=0.8),
+        "PolynomialLR": lambda o: sched.PolynomialLR(o, total_iters=8),
+        "CosineAnnealingLR": lambda o: sched.CosineAnnealingLR(o, T_max=10),
+        "CosineAnnealingWarmRestarts": lambda o: sched.CosineAnnealingWarmRestarts(o, T_0=4),
+        "CyclicLR": lambda o: sched.CyclicLR(o, 0.1, 1.0, step_size_up=3, cycle_momentum=False),
+        "OneCycleLR": lambda o: sched.OneCycleLR(o, 1.0, total_steps=20, cycle_momentum=False),
+        "SequentialLR": lambda o: sched.SequentialLR(
+            o, [sched.ConstantLR(o, 0.5, 2), sched.ExponentialLR(o, 0.9)], milestones=[2]
+        ),
+        "ChainedScheduler": lambda o: sched.ChainedScheduler(
+            [sched.ConstantLR(o, 0.5, 2), sched.ExponentialLR(o, 0.9)]
+        ),
+        "ReduceLROnPlateau": lambda o: sched.ReduceLROnPlateau(o, patience=0, factor=0.5),
+    }
+
+
+@pytest.mark.parametrize("name", list(_scheduler_cases()))
+def test_every_lr_scheduler_drives_the_step(name: str) -> None:
+    """Each of torch's schedulers (without momentum cycling) builds on ELRA, steps, and
+    changes the trajectory: the step taken is lr * alpha."""
+    inputs, target = data()
+    runs = []
+    for scheduled in (False, True):
+        model = make_model()
+        opt = ELRA(model.parameters(), cycle_steps=5)
+        scheduler = _scheduler_cases()[name](opt) if scheduled else None
+        for step_index in range(12):
+            opt.zero_grad()
+            loss = forward_backward(model, inputs, target, step_index)
+            opt.step(loss)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(1.0)  # never improves: the lr halves every step
+            elif scheduler is not None:
+                scheduler.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert all(torch.isfinite(p).all() for p in runs[-1])
+    assert any(not torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("name", ["OneCycleLR", "CyclicLR"])
+def test_momentum_cycling_schedulers_say_elra_has_no_momentum(name: str) -> None:
+    opt = ELRA(make_model().parameters())
+    sched = torch.optim.lr_scheduler
+    with pytest.raises(ValueError, match="momentum"):
+        if name == "OneCycleLR":
+            sched.OneCycleLR(opt, 1.0, total_steps=10)
+        else:
+            sched.CyclicLR(opt, 0.1, 1.0)
+
+
+def test_lr_scales_the_first_step_exactly() -> None:
+    """x_1 = x_0 - lr alpha_0 G_0 (float64 parameters, reference backend)."""
+    steps = []
+    for lr in (1.0, 0.25):
+        param = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        opt = ELRA([param], lr=lr, step_crop=None)
+        loss = (param * param).sum()
+        loss.backward()
+        opt.step(loss)
+        steps.append(param.detach() - torch.tensor([1.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(steps[1], 0.25 * steps[0], rtol=0, atol=1e-15)  # ulp of x
+
+
+def test_groups_with_different_lr_are_a_clear_error() -> None:
+    model = make_model()
+    opt = ELRA(
+        [
+            {"params": list(model[0].parameters()), "lr": 0.5},
+            {"params": list(model[2].parameters())},
+        ]
+    )
+    inputs, target = data()
+    loss = forward_backward(model, inputs, target, 0)
+    with pytest.raises(ValueError, match="same lr"):
+        opt.step(loss)
+
+
+def test_weight_decay_is_torchs_name_for_one_minus_wd() -> None:
+    params = list(make_model().parameters())
+    opt = ELRA(
+        [
+            {"params": params[:2], "weight_decay": 0.1},
+            {"params": params[2:], "weight_decay": 0.0},
+        ]
+    )
+    assert [g["wd"] for g in opt.param_groups] == [0.9, 1.0]
+    assert ELRA(make_model().parameters(), weight_decay=3e-4).param_groups[0]["wd"] == 1 - 3e-4
+    with pytest.raises(ValueError, match="give wd or weight_decay"):
+        ELRA(make_model().parameters(), wd=0.9, weight_decay=0.1)
