@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 REQUIREMENTS := torch==2.14.1 triton==3.8.0 numpy==2.4.6 pytest==9.2.0 hypothesis==6.170.17 \
 	ninja==1.13.2 ruff==0.17.6 "setuptools>=64" wheel \
 	mlxtend==0.25.0 lion-pytorch==0.2.5 prodigyopt==1.1.2 tqdm==4.70.1 matplotlib==3.11.2 \
-	scikit-learn==1.9.1
+	scikit-learn==1.9.1 \
+	transformers==5.24.0 pytorch-lightning==2.6.6 accelerate==1.15.0
 # nvcc lives here on our machines; torch would otherwise guess /usr/local and fail to link.
 export CUDA_HOME ?= /usr/local/cuda
 

@@ -5,6 +5,8 @@
   ``_optimizer_step_code`` and ``_profiler_enabled``).
 * :func:`is_dtensor`: DTensor moved from ``torch.distributed._tensor`` to
   ``torch.distributed.tensor`` in torch 2.5.
+* :func:`grad_scaler_scale`: a GradScaler's scale as a tensor (``_get_scale_async``);
+  the public ``get_scale()`` reads it back to the host.
 """
 
 from __future__ import annotations
@@ -68,3 +70,12 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     except ImportError:  # torch < 2.5 keeps it under torch.distributed._tensor
         from torch.distributed._tensor import DTensor
     return isinstance(tensor, DTensor)
+
+
+def grad_scaler_scale(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """The scale ``scaler`` multiplies losses by now, as a tensor: dividing a scaled loss
+    by it needs no host sync (``GradScaler.get_scale()`` returns a float, which syncs)."""
+    scale = scaler._get_scale_async()
+    if scale is None:  # no loss scaled yet: the scale tensor is created lazily
+        return torch.tensor(scaler.get_scale())
+    return scale
