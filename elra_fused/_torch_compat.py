@@ -61,15 +61,26 @@ def step_entry(step: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def is_dtensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (FSDP2 / tensor-parallel shard)."""
+@functools.cache
+def _dtensor_class() -> type | None:
     if not dist.is_available():
-        return False
+        return None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch < 2.5 keeps it under torch.distributed._tensor
         from torch.distributed._tensor import DTensor
-    return isinstance(tensor, DTensor)
+    return DTensor
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2 / tensor-parallel shard)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself, no copy), or ``tensor``."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def grad_scaler_scale(scaler: torch.amp.GradScaler) -> torch.Tensor:

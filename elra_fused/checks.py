@@ -9,6 +9,7 @@ with their schemas in :mod:`elra_fused.ops`; the control law's constants are che
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable
@@ -16,8 +17,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from ._torch_compat import is_dtensor
 
 #: Param-group keys a user may set per group. alpha is global (paper section 3.1), so
 #: only the multiplicative weight decay can differ between groups.
@@ -82,14 +81,19 @@ def check_memory(memory: str, state_dtype: Any, flat: bool | None, reuse_grad_bu
 
 
 def check_process_group(process_group: Any) -> None:
-    """A ProcessGroup or None; warns when distributed training runs without one."""
-    if process_group is not None:
-        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-            raise TypeError(
-                "ELRA: process_group must be a torch.distributed ProcessGroup (e.g. "
-                f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}"
-            )
-        return
+    """A ProcessGroup or None."""
+    if process_group is not None and not (
+        dist.is_available() and isinstance(process_group, dist.ProcessGroup)
+    ):
+        raise TypeError(
+            "ELRA: process_group must be a torch.distributed ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}"
+        )
+
+
+def warn_without_process_group() -> None:
+    """Warn when distributed training runs with plain (replicated) parameters and no
+    process group (sharded parameters bring their own)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         warnings.warn(
             f"ELRA: torch.distributed is initialized with {dist.get_world_size()} ranks but "
@@ -98,7 +102,7 @@ def check_process_group(process_group: Any) -> None:
             "otherwise each rank decides accept / retrace on its own loss and the replicas "
             "drift apart. Ignore this if you pass a loss that is already averaged over "
             "the ranks.",
-            stacklevel=3,
+            stacklevel=4,  # warn_without_process_group <- loss_group <- ELRA() <- user
         )
 
 
@@ -135,6 +139,26 @@ def check_weight_decay(weight_decay: Any) -> None:
             "ELRA: weight_decay (torch's name for the decay per step, ELRA's wd = 1 - "
             f"weight_decay) must lie in [0, 1), e.g. 3e-4, got {weight_decay!r}"
         )
+
+
+def grad_norm_for_state(config: Any, state_dtype: torch.dtype | None) -> Any:
+    """``config`` (a ControlConfig) with ``max_grad_norm`` at most the largest finite
+    value of a compact ``state_dtype``: a G_{t-1} rounded to inf there could never be
+    stepped back along."""
+    if state_dtype is None:
+        return config
+    limit = torch.finfo(state_dtype).max * (1 - torch.finfo(state_dtype).eps)
+    return dataclasses.replace(config, max_grad_norm=min(config.max_grad_norm or limit, limit))
+
+
+def resolve_wd(wd: Any, weight_decay: Any) -> Any:
+    """The constructor's ``wd``, or ``1 - weight_decay`` when torch's name is given."""
+    if weight_decay is None:
+        return wd
+    check_weight_decay(weight_decay)
+    if wd != 1.0:
+        raise ValueError("ELRA: give wd or weight_decay (wd = 1 - weight_decay)")
+    return 1.0 - weight_decay
 
 
 def check_lr(lr: Any) -> None:
@@ -210,12 +234,6 @@ def is_dense(tensor: torch.Tensor) -> bool:
 # ------------------------------------------------------------------ parameters
 def check_param(name: str, param: torch.Tensor) -> None:
     """What ELRA needs of every parameter, whatever the backend and layout."""
-    if is_dtensor(param):
-        raise ValueError(
-            f"ELRA: {name} is a DTensor (FSDP / tensor parallel). Sharded parameters are "
-            "not supported: the dots pass would need a sum over the shards. For data "
-            "parallel training use DDP with process_group=..."
-        )
     if param.is_complex():
         raise ValueError(
             f"ELRA: {name} is complex; ELRA supports real floating-point parameters only"

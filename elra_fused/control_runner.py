@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import control
+from ._torch_compat import is_dtensor
 from .control import (
     ALPHA,
     LR_TAKEN,
@@ -111,6 +112,9 @@ class ControlRunner:
         #: Whether the first restart (max_retraces retraces in a row) was warned about.
         self.restart_warned = False
         self._lr_cache: tuple[float, torch.Tensor] | None = None
+        #: Sharded parameters (:mod:`elra_fused.sharding`): the group the partial sums
+        #: are all-reduced over, or None.
+        self.shard_group: dist.ProcessGroup | None = None
 
     def read(self, *entries: int) -> list[float]:
         """State entries as floats, in one host read (a sync on a GPU). Every read also
@@ -150,6 +154,8 @@ class ControlRunner:
         same count, so all take bit-identical decisions, and a non-finite loss on any
         rank makes every rank retrace. ``loss`` has passed :func:`checks.check_loss`."""
         device = self.state.device
+        if is_dtensor(loss):  # computed from DTensors (tensor parallel): the global value
+            loss = loss.full_tensor()
         if group is None and self.host:
             return float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss)
         if isinstance(loss, torch.Tensor):
@@ -182,6 +188,9 @@ class ControlRunner:
         recompiles the law). A ``found_inf`` > 0 (GradScaler) makes ||G_t||^2 NaN: the
         law retraces as for any non-finite gradient."""
         bounded = any(partial.numel() > 2 for partial in partials)
+        if self.shard_group is not None:  # this rank's shards: one all-reduce of the sums
+            partials = [self._all_ranks(partials)]
+            bounded = True
         if self.host:
             totals = [0.0, 0.0, 0.0]
             for partial in partials:
@@ -242,6 +251,16 @@ class ControlRunner:
             new_state, decision = control_step(*args)
         self.state.copy_(new_state)
         return decision
+
+    def _all_ranks(self, partials: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[<G,G>, <G_prev,G>, bound] summed over this rank's segments (in order, fp64)
+        and then over the shard group (:mod:`elra_fused.sharding`): every rank gets the
+        same bits. No host read."""
+        totals = torch.zeros(3, dtype=torch.float64, device=self.state.device)
+        for partial in partials:
+            totals[: partial.numel()] += partial.to(self.state.device, non_blocking=True)
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.shard_group)
+        return totals
 
     def _lr_tensor(self, lr: float | torch.Tensor) -> torch.Tensor:
         """lr as a 0-d float64 tensor on the state's device without a host sync: a

@@ -42,6 +42,8 @@ class Segment:
         store: what is kept from the previous step, and its coefficients.
         wd: the multiplicative weight decay of the segment's param group.
         device: where x lives (the coefficients go there).
+        weight: the weight of its partial sums, 1 / (ranks holding each element): below 1
+            for replicated shards (:mod:`elra_fused.sharding`).
     """
 
     x: torch.Tensor | list[torch.Tensor]
@@ -49,6 +51,7 @@ class Segment:
     store: PrevStore
     wd: float
     device: torch.device
+    weight: float = 1.0
 
 
 def elra_step(
@@ -75,7 +78,8 @@ def elra_step(
         if key not in dots_coeffs:
             dots_coeffs[key] = seg.store.dots_coeffs(seg.wd, alpha_prev, seg.device)
         partial = seg.store.dots(kernels, seg.x, seg.grad, dots_coeffs[key])
-        partials.append(seg.store.unscale(partial, scales))
+        partial = seg.store.unscale(partial, scales)
+        partials.append(partial if seg.weight == 1.0 else partial * seg.weight)
 
     decision = law.step(loss, partials, lr, None if scales is None else scales.found_inf)
 

@@ -16,7 +16,12 @@ What can break the aliasing, and what we do:
   ``ELRA.zero_grad`` instead zeroes the buffer in one fill and keeps the views.
 * A parameter without gradient this step (unused branch): its slice of the gradient buffer
   is zeroed so the kernels see G = 0, and it is reported so the optimizer can keep its
-  value (the reference optimizer skips such parameters).
+  value (the reference optimizer skips such parameters). "Without gradient" is torch's
+  ``.grad is None``; since ``ELRA.zero_grad()`` keeps the views, a buffer whose group
+  decays (wd != 1, the only case where the two differ) also tracks which parameters
+  backward touched since the last ``zero_grad(set_to_none=True)``
+  (:meth:`FlatBuffer.track_touched`: one post-accumulate-grad hook per parameter, which
+  sets a byte); an untouched one counts as grad None although its view stayed.
 * A parameter moved or re-allocated after the optimizer was built (``model.to(...)``,
   ``model.half()``, ``load_state_dict(..., assign=True)``): it no longer lives in the
   buffer, so updating the buffer would silently train a copy. :meth:`FlatBuffer.check`
@@ -32,6 +37,7 @@ holds and autograd's gradients, which follow the parameter's strides, land in pl
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +60,11 @@ class FlatBuffer:
         grad: 1-D buffer; ``params[i].grad`` is (normally) a view of it.
         names: how errors name each parameter.
         strides: each parameter's strides within its slice (:func:`dense_strides`).
+        touched: per parameter, 1 if it has a gradient in torch's sense (``.grad`` not
+            None): whether it had one when the buffer was built, then, once
+            :meth:`track_touched` runs, whether backward reached it since the last
+            ``zero_grad(set_to_none=True)``. Only read while tracking.
+        hooks: the post-accumulate-grad hooks that keep ``touched`` (empty: not tracking).
     """
 
     group_index: int
@@ -63,10 +74,47 @@ class FlatBuffer:
     grad: torch.Tensor
     names: list[str] = field(default_factory=list)
     strides: list[tuple[int, ...]] = field(default_factory=list)
+    touched: bytearray = field(default_factory=bytearray)
+    hooks: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.touched) != len(self.params):
+            self.touched = bytearray(b"\x01" * len(self.params))
 
     @property
     def numel(self) -> int:
         return self.data.numel()
+
+    @property
+    def tracking(self) -> bool:
+        """Whether :attr:`touched` follows backward (:meth:`track_touched`)."""
+        return bool(self.hooks)
+
+    def track_touched(self, assume_touched: bool) -> None:
+        """From now on, record which parameters backward reaches: one
+        post-accumulate-grad hook per parameter (it runs after autograd wrote ``.grad``
+        and sets the parameter's byte in :attr:`touched`; ~1 us per parameter and
+        backward). ``assume_touched``: what is known of the time before (True: nothing,
+        so every parameter counts as having a gradient until the next
+        ``zero_grad(set_to_none=True)``; False: :attr:`touched` is still as built). The
+        hooks are removed when the buffer is released."""
+        if self.hooks:
+            return
+        touched = self.touched
+        if assume_touched:
+            touched[:] = b"\x01" * len(touched)
+
+        def hook_for(index: int) -> Callable[[torch.Tensor], None]:
+            def mark(_param: torch.Tensor) -> None:
+                touched[index] = 1
+
+            return mark
+
+        self.hooks = [
+            param.register_post_accumulate_grad_hook(hook_for(index))
+            for index, param in enumerate(self.params)
+        ]
+        weakref.finalize(self, _remove_hooks, self.hooks)
 
     def view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """The slice of ``flat`` that belongs to ``params[index]``, shaped (and strided)
@@ -98,16 +146,22 @@ class FlatBuffer:
 
         Gradients that are already views of the buffer cost nothing. A gradient that
         autograd allocated elsewhere is copied in and ``.grad`` re-pointed at the view.
-        A missing gradient becomes zeros in the buffer (G = 0 for that parameter).
+        A missing gradient becomes zeros in the buffer (G = 0 for that parameter). While
+        :attr:`tracking`, a view that backward did not reach since the last
+        ``zero_grad(set_to_none=True)`` is reported too, and left as it is (zero after
+        that fill; a gradient written into it by hand stays, for the caller to judge).
         """
         missing: list[int] = []
         base = self.grad.data_ptr()
         itemsize = self.grad.element_size()
+        touched = self.touched if self.hooks else None
         for index, param in enumerate(self.params):
             grad = param.grad
             if grad is not None and (
                 grad.data_ptr() == base + self.offsets[index] * itemsize or param.numel() == 0
             ):
+                if touched is not None and not touched[index] and param.numel() > 0:
+                    missing.append(index)
                 continue
             target = self.view(self.grad, index)
             if grad is None:
@@ -119,12 +173,21 @@ class FlatBuffer:
             param.grad = target
         return missing
 
-    def zero_grad(self) -> None:
-        """One fill over the whole gradient buffer; the ``.grad`` views stay valid."""
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """One fill over the whole gradient buffer; the ``.grad`` views stay valid.
+        ``set_to_none``: the parameters count as having no gradient until backward
+        reaches them (:attr:`touched`, read while :attr:`tracking`)."""
         self.grad.zero_()
         for index, param in enumerate(self.params):
             if param.grad is None:
                 param.grad = self.view(self.grad, index)
+        if set_to_none and self.hooks:
+            self.touched[:] = bytes(len(self.touched))
+
+
+def _remove_hooks(hooks: list) -> None:
+    for handle in hooks:
+        handle.remove()
 
 
 def dense_strides(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -166,7 +229,9 @@ def build_flat_buffers(
             names = []
             params = []
             strides = []
+            had_grad = bytearray()
             for (param_index, param), start in zip(members, offsets, strict=True):
+                had_grad.append(param.grad is not None)
                 stride = dense_strides(param)
                 data_view = data.as_strided(param.shape, stride, start)
                 grad_view = grad.as_strided(param.shape, stride, start)
@@ -183,5 +248,7 @@ def build_flat_buffers(
                     if describe
                     else f"parameter {param_index} of param group {group_index}"
                 )
-            buffers.append(FlatBuffer(group_index, params, offsets, data, grad, names, strides))
+            buffers.append(
+                FlatBuffer(group_index, params, offsets, data, grad, names, strides, had_grad)
+            )
     return buffers

@@ -18,17 +18,42 @@ holds one layout object and never asks which kind it is.
   capture needs). The price on the host: ``zero_grad`` fills the buffer and backward adds
   each gradient into it.
 
-A parameter without a gradient in a step is skipped by both: an accept leaves it alone
-(no decay in standard mode), a retrace still undoes its last step.
+A parameter without a gradient in a step follows torch's rule in both layouts, every
+memory mode and every way of zeroing: a gradient that is None after backward
+(``set_to_none=True`` zeroing, then not reached by backward) means no step: an accept
+leaves the value alone, bit for bit (no decay, as torch's AdamW skips it), and G_{t-1}
+becomes 0; a retrace still undoes its last step. A gradient that exists and is zero
+(``set_to_none=False``, or zero from backward) is an ordinary G = 0 step, decayed by wd.
+With wd == 1 the two are the same step.
+
+* :class:`ListLayout` sees None directly (``opt.zero_grad()`` sets it) and skips the
+  parameter (:meth:`ListLayout.finish` does the retrace and G_{t-1} = 0).
+* :class:`FlatLayout` keeps the ``.grad`` views through ``opt.zero_grad()``, so in groups
+  with wd != 1 each buffer records which parameters backward reaches (one
+  post-accumulate-grad hook per parameter, ~1-2 us each per backward on the CPU, none
+  where wd == 1; :meth:`~elra_fused.flat.FlatBuffer.track_touched`). A parameter whose
+  ``.grad`` is None or whose view backward did not reach since the last
+  ``zero_grad(set_to_none=True)`` is saved before the step, the kernels run G = 0, and
+  :meth:`FlatLayout.finish` restores its value on an accept (decided on the device; a
+  view holding a non-zero gradient written by hand is stepped on instead).
+* Point modes (``memory="recover"/"offload"``) keep x_{t-1}, from which G_{t-1} =
+  (wd x_{t-1} - x_t) / alpha is recovered: after restoring x, finish sets x_{t-1} := x / wd
+  (rounded once), so the recovered G_{t-1} is 0 up to that rounding (<= ~1 ulp of x over
+  alpha per element, inside the error bound the point stores report for the dot), where
+  the decay would have left (wd - 1) x / alpha. x keeps its bits on the accept; a retrace
+  right after moves it by at most that rounding (the reference: not at all). Offload's
+  x_{t-1} lives on the host: writing it waits for its copies (one host sync, only in
+  steps with such a parameter).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from . import checks, control
+from ._torch_compat import local_tensor
 from .core import Segment
 from .flat import FlatBuffer, build_flat_buffers
 from .memory import (
@@ -40,6 +65,7 @@ from .memory import (
     SwapGradPrevStore,
 )
 from .offload import OffloadedPrev
+from .sharding import replicas
 
 ParamGroups = list[dict[str, Any]]
 OptimizerState = dict[torch.Tensor, dict[str, Any]]
@@ -103,14 +129,25 @@ class ListLayout:
         self.retired: list[torch.Tensor] = []
 
     def add_group(self, group_index: int, group: dict[str, Any], state: OptimizerState) -> None:
-        """Nothing to build: each step gathers the parameters' own tensors."""
+        """G_{t-1} = 0 for each trainable parameter (exact for the first <G_{t-1}, G_t>),
+        laid out like it. Each step gathers the parameters' own tensors; the first accept
+        replaces these by the gradients themselves. Built now rather than at the first
+        step so that the state exists before any step, as torch.distributed.checkpoint
+        expects of an optimizer (it would otherwise call ``step()`` to make it)."""
+        for param in group["params"]:
+            if param.requires_grad and GRAD_PREV_KEY not in state[param]:
+                state[param][GRAD_PREV_KEY] = torch.zeros_like(
+                    param, dtype=self.state_dtype or param.dtype
+                )
 
     def gather(self, param_groups: ParamGroups, state: OptimizerState) -> StepWork:
-        """One segment per (device, wd); grad-less parameters are skipped. Everything is
+        """One segment per (device, wd, replicas: :mod:`elra_fused.sharding`); grad-less
+        parameters are skipped. Sharded (DTensor) parameters step their local shards
+        (:class:`~elra_fused.memory.GradPrevList`). Everything is
         checked before the first kernel runs; error messages are only formatted when
         raised (this loop runs over every parameter per step)."""
         work = StepWork()
-        segments: dict[tuple[torch.device, float], GradPrevList] = {}
+        segments: dict[tuple[torch.device, float, int], GradPrevList] = {}
         # Hoisted: this loop costs ~1-3 us per parameter, most of it attribute reads.
         versions = self.prev_versions
         strided = torch.strided
@@ -147,7 +184,10 @@ class ListLayout:
                 if (
                     grad.dtype != dtype
                     or not _same_order(grad, param)
-                    or (grad_prev is not None and grad.data_ptr() == grad_prev.data_ptr())
+                    or (
+                        grad_prev is not None
+                        and local_tensor(grad).data_ptr() == local_tensor(grad_prev).data_ptr()
+                    )
                 ):
                     # Rare: a gradient assigned by hand, or a second step without backward
                     # (the gradient is still last step's tensor, now G_{t-1}). One copy
@@ -155,23 +195,30 @@ class ListLayout:
                     # gradients follow the parameter's strides, channels_last included.)
                     grad = torch.empty_like(param).copy_(grad)
                     param.grad = grad
-                if grad_prev is None or not _same_order(grad_prev, param):
+                if (
+                    grad_prev is None
+                    or not _same_order(grad_prev, param)
+                    or grad_prev.device != device
+                    or (grad_prev.dtype != dtype and grad_prev.dtype != self.state_dtype)
+                ):
                     # A parameter seen for the first time had no gradient before: its
                     # previous gradient is zero, which is exact for <G_{t-1}, G_t>. A
-                    # loaded G_{t-1} is laid out like its parameter (the kernels read the
-                    # three tensors' storage as vectors of the same order).
+                    # loaded G_{t-1}, or one kept from before the model was cast or
+                    # moved, is laid out like its parameter (the kernels read the three
+                    # tensors' storage as vectors of the same order).
                     fresh = torch.empty_like(param, dtype=self.state_dtype or dtype)
                     if grad_prev is None:
                         grad_prev = fresh.zero_()
                     else:
                         grad_prev = fresh.copy_(grad_prev)
                     param_state[GRAD_PREV_KEY] = grad_prev
-                store = segments.get((device, wd))
+                key = (device, wd, replicas(param))
+                store = segments.get(key)
                 if store is None:
-                    store = segments[(device, wd)] = GradPrevList(versions)
+                    store = segments[key] = GradPrevList(versions)
                 store.add(param, grad, grad_prev, param_state)
-        for (device, wd), store in segments.items():
-            work.segments.append(Segment(store.xs, store.grads, store, wd, device))
+        for (device, wd, copies), store in segments.items():
+            work.segments.append(Segment(store.xs, store.grads, store, wd, device, 1.0 / copies))
         return work
 
     def finish(self, work: StepWork, decision: control.Decision) -> None:
@@ -181,11 +228,12 @@ class ListLayout:
         if work.skipped:
             decision = _as_tensors(decision)
             keep = 1.0 - decision.accept
-            for param, grad_prev in work.skipped:
-                back = (keep * decision.back).to(param.device, grad_prev.dtype)
-                param.add_(grad_prev * back)
-                grad_prev.mul_(keep.to(grad_prev.device, grad_prev.dtype))
-                self.prev_versions[param] = grad_prev._version
+            with torch.no_grad():  # also when called outside ELRA.step (the tests' oracle)
+                for param, grad_prev in work.skipped:
+                    back = (keep * decision.back).to(param.device, grad_prev.dtype)
+                    param.add_(grad_prev * back)
+                    grad_prev.mul_(keep.to(grad_prev.device, grad_prev.dtype))
+                    self.prev_versions[param] = grad_prev._version
         self.retired = [t for seg in work.segments for t in seg.store.retired]
 
     def zero_grad(self, param_groups: ParamGroups, set_to_none: bool) -> None:
@@ -216,6 +264,29 @@ class ListLayout:
         """Nothing in flight."""
 
 
+class _Unused(NamedTuple):
+    """A flat parameter without gradient in a step of a decaying group: its view ``x``,
+    its value before the step, its gradient view, its x_{t-1} view (point modes, else
+    None) with the store that holds it, and the group's wd."""
+
+    x: torch.Tensor
+    saved: torch.Tensor
+    grad: torch.Tensor
+    prev: torch.Tensor | None
+    store: PrevStore
+    wd: float
+
+
+class _FlatWork(StepWork):
+    """A flat step's work: the parameters without gradient are :class:`_Unused`."""
+
+    __slots__ = ("unused",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused: list[_Unused] = []
+
+
 class FlatLayout:
     """Flat buffers per (group, device, dtype), each with one previous-step store."""
 
@@ -241,7 +312,9 @@ class FlatLayout:
     def add_group(self, group_index: int, group: dict[str, Any], state: OptimizerState) -> None:
         """Move the group's trainable parameters into flat buffers, one store each."""
         self._add_buffers(
-            build_flat_buffers([group], checks.describe, group_offset=group_index), state
+            build_flat_buffers([group], checks.describe, group_offset=group_index),
+            state,
+            group["wd"],
         )
         self.frozen.extend(
             (group_index, index, param)
@@ -249,15 +322,17 @@ class FlatLayout:
             if not param.requires_grad
         )
 
-    def _add_buffers(self, buffers: list[FlatBuffer], state: OptimizerState) -> None:
+    def _add_buffers(self, buffers: list[FlatBuffer], state: OptimizerState, wd: float) -> None:
         self.buffers.extend(buffers)
         for buffer in buffers:
             store = self._make_store(buffer, state)
             self.stores.append(store)
             for index, param in enumerate(buffer.params):
                 state[param][store.state_key] = buffer.view(store.tensor, index)
+            if wd != 1.0:  # grad None and G = 0 differ only by the decay (module docstring)
+                buffer.track_touched(assume_touched=False)  # as built: .grad None or not
 
-    def _adopt_unfrozen(self, state: OptimizerState) -> None:
+    def _adopt_unfrozen(self, param_groups: ParamGroups, state: OptimizerState) -> None:
         """Parameters unfrozen since the optimizer was built (``requires_grad_(True)``,
         e.g. a backbone unfrozen mid fine-tuning) move into new flat buffers of their
         group, with a fresh previous-step store (G_{t-1} = 0, or x_{t-1} = x: as a
@@ -271,7 +346,7 @@ class FlatLayout:
                 lambda g, i, param, members=members: checks.describe(g, members[i][0], param),
                 group_offset=group_index,
             )
-            self._add_buffers(buffers, state)
+            self._add_buffers(buffers, state, param_groups[group_index]["wd"])
 
     def _make_store(self, buffer: FlatBuffer, state: OptimizerState) -> PrevStore:
         if self.memory == "recover":
@@ -286,38 +361,75 @@ class FlatLayout:
         return GradPrevStore(grad_prev)  # a compact G_{t-1} cannot trade places with G
 
     def gather(self, param_groups: ParamGroups, state: OptimizerState) -> StepWork:
-        """One segment per flat buffer; grad-less parameters keep their value."""
+        """One segment per flat buffer; grad-less parameters keep their value.
+
+        Where the group decays (wd != 1) each parameter without gradient (``.grad`` None,
+        or a view backward did not reach since ``zero_grad(set_to_none=True)``:
+        :meth:`FlatBuffer.gather_grads`) is saved for :meth:`finish`. With wd == 1 the
+        kernels' G = 0 step is already exactly the skip (x - alpha * 0 = x, and
+        G_{t-1} / x_{t-1} become what the skip leaves), so nothing is tracked there.
+        """
         if self.frozen and any(param.requires_grad for _, _, param in self.frozen):
-            self._adopt_unfrozen(state)
-        work = StepWork()
+            self._adopt_unfrozen(param_groups, state)
+        work = _FlatWork()
+        point = self.memory != "standard"
         for buffer, store in zip(self.buffers, self.stores, strict=True):
             buffer.check()
-            missing = buffer.gather_grads()
             wd = param_groups[buffer.group_index]["wd"]
-            if missing and wd != 1.0 and self.memory == "standard":
-                # G = 0 already leaves x alone except for the decay; undo that on accept
-                # so a parameter without gradient is skipped as in the reference. (Point
-                # modes must decay it: x_{t-1} and x_t have to stay on the decay line.)
+            if wd != 1.0 and not buffer.tracking:
+                buffer.track_touched(assume_touched=True)  # wd set != 1 after construction
+            missing = buffer.gather_grads()
+            if missing and wd != 1.0:
                 for index in missing:
                     view = buffer.view(buffer.data, index)
-                    work.skipped.append((view, view.detach().clone()))
+                    work.unused.append(
+                        _Unused(
+                            view,
+                            view.detach().clone(),
+                            buffer.view(buffer.grad, index),
+                            buffer.view(store.tensor, index) if point else None,
+                            store,
+                            wd,
+                        )
+                    )
             work.segments.append(Segment(buffer.data, buffer.grad, store, wd, buffer.data.device))
         return work
 
     def finish(self, work: StepWork, decision: control.Decision) -> None:
-        """Restore the undecayed value of grad-less parameters on an accept."""
-        if not work.skipped:
+        """On an accept, a parameter without gradient gets back the value the decay took
+        (``x <- wd x - alpha * 0``): it keeps its bits, as in the per-parameter layout. A
+        point mode then also sets its x_{t-1} to x / wd (rounded once), so that the
+        recovered G_{t-1} = (wd x_{t-1} - x) / alpha is zero up to that rounding, not the
+        decay. A view that turns out to hold a gradient written by hand (not zero) is an
+        ordinary step. Decided on the device: no host read, except for
+        ``memory="offload"``, whose x_{t-1} lives on the host (one wait for its copies).
+        A retrace needs nothing: G = 0 leaves it exactly as the skip does."""
+        unused = getattr(work, "unused", None)
+        if not unused:
             return
         accepted = _as_tensors(decision).accept > 0
-        for view, saved in work.skipped:
-            view.copy_(torch.where(accepted.to(view.device), saved, view))
+        with torch.no_grad():
+            for entry in unused:
+                keep = accepted.to(entry.x.device) & ~entry.grad.any()
+                entry.x.copy_(torch.where(keep, entry.saved, entry.x))
+                if entry.prev is None:
+                    continue
+                # The kernel left x_{t-1} = x_t (the saved value) on an accept.
+                prev = entry.prev
+                entry.store.synchronize()  # offload: the host copy may still be in flight
+                lifted = (entry.saved.double() / entry.wd).to(prev.dtype)
+                keep = keep.to(prev.device)
+                prev.copy_(torch.where(keep, lifted.to(prev.device), prev))
 
     def zero_grad(self, param_groups: ParamGroups, set_to_none: bool) -> None:
-        """One fill per gradient buffer; the ``.grad`` views stay (``set_to_none`` is
-        ignored: a None gradient would make autograd allocate a new tensor outside the
-        buffer, which then has to be copied in)."""
+        """One fill per gradient buffer; the ``.grad`` views stay (a None gradient would
+        make autograd allocate a new tensor outside the buffer, which then has to be
+        copied in). ``set_to_none`` (the default) keeps its meaning all the same: a
+        parameter that backward then does not reach counts as having no gradient (kept,
+        not decayed), one that it reaches with zeros as G = 0 (decayed), exactly as with
+        ``.grad = None``; where wd == 1 the two are the same step and nothing is tracked."""
         for buffer in self.buffers:
-            buffer.zero_grad()
+            buffer.zero_grad(set_to_none)
 
     def load_state(self, state: OptimizerState) -> None:
         """torch rebuilt the per-parameter state as new tensors: copy the values back into

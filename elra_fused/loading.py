@@ -111,6 +111,7 @@ def validate_state_dict(opt: ELRA, state_dict: Mapping[str, Any]) -> LoadPlan:
     """
     if not isinstance(state_dict, Mapping):
         _fail(f"expected the dict ELRA.state_dict() returns, got {type(state_dict).__name__}")
+    state_dict = _lift_mirror(state_dict)
     extra = state_dict.get(STATE_KEY)
     if extra is None:
         _fail(
@@ -180,6 +181,26 @@ def _check_memory(memory: str, extra: Mapping[str, Any]) -> None:
         )
 
 
+def _lift_mirror(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state dict with the ELRA entry at the top only.
+
+    ``ELRA.state_dict()`` mirrors its entry into the first param group, because
+    ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``) keeps only ``state``
+    and ``param_groups``; a state that went through it has the entry there alone."""
+    groups = state_dict.get("param_groups")
+    if not (
+        isinstance(groups, (list, tuple))
+        and groups
+        and isinstance(groups[0], Mapping)
+        and STATE_KEY in groups[0]
+    ):
+        return state_dict
+    first = {k: v for k, v in groups[0].items() if k != STATE_KEY}
+    lifted = {**state_dict, "param_groups": [first, *groups[1:]]}
+    lifted.setdefault(STATE_KEY, groups[0][STATE_KEY])
+    return lifted
+
+
 def _check_groups(
     groups: list[dict[str, Any]], saved_groups: Any
 ) -> dict[int, tuple[str, torch.Tensor]]:
@@ -205,10 +226,11 @@ def _check_groups(
                 "saved by another optimizer?"
             )
         ids = saved.get("params")
+        # int ids (Optimizer.state_dict) or names (torch.distributed.checkpoint's FQNs)
         if not isinstance(ids, (list, tuple)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in ids
+            (isinstance(i, int) and not isinstance(i, bool)) or isinstance(i, str) for i in ids
         ):
-            _fail(f"{where} must list its parameters as int ids, got {ids!r}")
+            _fail(f"{where} must list its parameters as int ids or names, got {ids!r}")
         if len(ids) != len(group["params"]):
             _fail(
                 f"{where} has {len(ids)} parameter(s), this optimizer's "

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ._torch_compat import is_dtensor
 from .amp import GradScales
 from .control import Decision
 from .flat import FlatBuffer
@@ -366,6 +367,8 @@ class GradPrevList(GradCoefficients):
     ) -> None:
         self.params.append(x)
         self.grad_tensors.append(grad)
+        if is_dtensor(x):  # sharded: the kernels step the local shards in place
+            x, grad, grad_prev = x.to_local(), grad.to_local(), grad_prev.to_local()
         if not x.is_contiguous():
             x, grad, grad_prev = (_storage_vector(t) for t in (x, grad, grad_prev))
         self.xs.append(x)

@@ -12,7 +12,6 @@ step hooks and the profiler range (:mod:`elra_fused._torch_compat`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +28,7 @@ from .core import elra_step
 from .layouts import FlatLayout, Layout, ListLayout, default_flat
 from .losses import LossRecord, judged_loss, without_grad_scale
 from .offload import DEFAULT_CHUNK
+from .sharding import loss_group, sharding_of
 
 _STATE_KEY = loading.STATE_KEY
 
@@ -153,26 +153,23 @@ class ELRA(torch.optim.Optimizer):
             max_grad_norm=max_grad_norm,
         )
         checks.check_memory(memory, state_dtype, flat, reuse_grad_buffer)
-        if state_dtype is not None:  # G_{t-1} must stay finite in the state's dtype
-            limit = torch.finfo(state_dtype).max * (1 - torch.finfo(state_dtype).eps)
-            config = dataclasses.replace(config, max_grad_norm=min(max_grad_norm or limit, limit))
+        config = checks.grad_norm_for_state(config, state_dtype)
         self.cycle_steps = cycle_steps
         self.memory = memory
-        self.process_group = process_group
-        if weight_decay is not None:  # torch's name: wd = 1 - weight_decay
-            checks.check_weight_decay(weight_decay)
-            if wd != 1.0:
-                raise ValueError("ELRA: give wd or weight_decay (wd = 1 - weight_decay)")
-            wd = 1.0 - weight_decay
+        wd = checks.resolve_wd(wd, weight_decay)
         checks.check_lr(lr)
         self._losses = LossRecord()
         self._amp = AmpScales()
         super().__init__(params, {"wd": wd, "lr": lr})  # checks each parameter (add_param_group)
+        sharded = sharding_of(self.param_groups, flat, memory, reuse_grad_buffer)
+        self.process_group = loss_group(sharded, process_group)
         trainable = self._trainable() or [self._first_param()]
         self._device = self._first_param().device
         self.backend = ops.resolve_backend(backend, trainable, self._device)
         if flat is None:
-            flat = default_flat(memory, reuse_grad_buffer, self.backend, self._device, trainable)
+            flat = sharded is None and default_flat(
+                memory, reuse_grad_buffer, self.backend, self._device, trainable
+            )
         self._kernels = ops.get_kernels(self.backend, self._device)
         self.layout: Layout = (
             FlatLayout(memory, state_dtype, offload_chunk, bool(reuse_grad_buffer))
@@ -186,6 +183,7 @@ class ELRA(torch.optim.Optimizer):
         self._law = ControlRunner(
             config, self._device, host=self._device.type == "cpu", compiled=compile_control
         )
+        self._law.shard_group = sharded.group if sharded else None
         self._steps_in_cycle = 0
         if buffers is not None and not isinstance(buffers, RetraceBuffers):
             buffers = RetraceBuffers(buffers)
@@ -232,8 +230,9 @@ class ELRA(torch.optim.Optimizer):
         """Zero the gradients.
 
         In flat mode the gradient buffers are zeroed with one fill each and the ``.grad``
-        views are kept (``set_to_none`` is ignored there: a None gradient would make
-        autograd allocate a new tensor outside the buffer, which then has to be copied in).
+        views are kept (a None gradient would make autograd allocate outside the buffer);
+        ``set_to_none=True`` keeps its meaning all the same: a parameter backward does not
+        reach is stepped as torch steps a None gradient (:mod:`elra_fused.layouts`).
         Per parameter, ``set_to_none=False`` gives each parameter a new zero tensor
         instead of zeroing the old one in place: that one may be G_{t-1}.
         """
@@ -388,6 +387,7 @@ class ELRA(torch.optim.Optimizer):
             "buffers": None if self.retrace_buffers is None else self.retrace_buffers.state_dict(),
             "grad_prev_inv_scale": self._amp.state_dict(),
         }
+        sd["param_groups"][0][_STATE_KEY] = sd[_STATE_KEY]  # for DCP (loading._lift_mirror)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -234,6 +234,14 @@ def make_baseline(name: str, params: Any) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
+def cosine_tail(progress: float, tail: float) -> float:
+    """1 until ``1 - tail`` of the run, then half a cosine down to 0 at its end."""
+    start = 1.0 - tail
+    if progress <= start:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min((progress - start) / tail, 1.0)))
+
+
 def train_run(
     optimizer_name: str,
     data: Dataset,
@@ -246,9 +254,14 @@ def train_run(
     baseline_batch_size: int = BASELINE_BATCH_SIZE,
     gradient_decay: bool = False,
     boost: bool = False,
+    lr_tail: float = 0.0,
     progress: bool = True,
 ) -> RunResult:
-    """Train one model from the seed's initialisation; evaluate after every epoch."""
+    """Train one model from the seed's initialisation; evaluate after every epoch.
+
+    ``lr_tail`` > 0: ELRA's lr (the step taken is lr * alpha) follows a cosine from 1 to
+    0 over that last fraction of the run, set before every step from the samples seen.
+    """
     from tqdm import tqdm
 
     device = data.x_train.device
@@ -278,11 +291,18 @@ def train_run(
         leave=False,
         dynamic_ncols=True,
     )
+    total_samples = epochs * len(data.x_train)
+    seen = 0
     for _ in bar:
         model.train()
         start = time.perf_counter()
         if is_elra:
             for group in grouped:
+                if lr_tail > 0:
+                    lr = cosine_tail(seen / total_samples, lr_tail)
+                    for param_group in opt.param_groups:
+                        param_group["lr"] = lr
+                seen += len(group) * elra_bs_min
                 total = torch.zeros((), device=device)
                 for xb, yb in group:
                     loss = F.cross_entropy(model(xb), yb)
@@ -372,6 +392,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--boost", action="store_true", help="also evaluate ELRA at the epoch mean (paper 3.7)"
     )
+    parser.add_argument(
+        "--lr-tail",
+        type=float,
+        default=0.0,
+        help="ELRA: cosine decay of lr (the step is lr * alpha) from 1 to 0 over this last "
+        "fraction of the run (e.g. 0.2); 0 = off",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write the figure (PNG)")
     parser.add_argument(
@@ -390,6 +417,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.optimizers = names
     if args.epochs < 1 or args.seeds < 1 or args.batch_size < 1 or args.m0 < 1:
         parser.error("--epochs, --seeds, --batch-size and --m0 must be >= 1")
+    if not 0.0 <= args.lr_tail < 1.0:
+        parser.error("--lr-tail must lie in [0, 1)")
     if args.baseline_batch_size is None:
         args.baseline_batch_size = args.m0 * args.batch_size
     stem = f"{args.dataset}_{args.model}"
@@ -442,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     baseline_batch_size=args.baseline_batch_size,
                     gradient_decay=args.gradient_decay,
                     boost=args.boost,
+                    lr_tail=args.lr_tail,
                     progress=not args.no_progress,
                 )
             )

@@ -55,8 +55,9 @@ def test_complex_and_integer_params_rejected() -> None:
     assert len(opt.param_groups) == 1  # ... is not kept
 
 
-def test_sharded_dtensor_params_rejected() -> None:
-    """FSDP / tensor-parallel parameters (DTensor) get a clear error, not a kernel's."""
+def test_dtensor_params_on_one_rank_step_like_plain_ones() -> None:
+    """A DTensor parameter (here on a 1-rank mesh) is stepped through its local shard,
+    with the same bits as the plain tensor; flat buffers are refused for it."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -68,9 +69,19 @@ def test_sharded_dtensor_params_rejected() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        param = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match="DTensor.*not supported.*DDP"):
-            ELRA([param])
+        start = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+        sharded = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+        plain = torch.nn.Parameter(start.clone())
+        with pytest.raises(ValueError, match="flat=False"):
+            ELRA([sharded], flat=True)
+        optimizers = [ELRA([sharded]), ELRA([plain])]
+        for _ in range(5):
+            for param, opt in zip((sharded, plain), optimizers, strict=True):
+                opt.zero_grad()
+                loss = (param * param).sum()
+                loss.backward()
+                opt.step(loss)
+        assert torch.equal(sharded.to_local(), plain.detach())
     finally:
         dist.destroy_process_group()
 

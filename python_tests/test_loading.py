@@ -158,6 +158,13 @@ def _pop(key: str) -> Callable[[dict], None]:
     return lambda sd: sd.pop(key)
 
 
+def _pop_elra_entry(sd: dict) -> None:
+    """Drop the ELRA entry and its mirror in the first param group (which
+    torch.distributed.checkpoint's state dicts carry alone)."""
+    sd.pop("elra_control")
+    sd["param_groups"][0].pop("elra_control")
+
+
 CASES = [
     # (id, corruption, parameter the message names (index into NAMES) or None, pattern)
     ("wrong_shape", _set_prev(0, lambda t: torch.zeros(16, 5)), 0, r"shape \(16, 5\)"),
@@ -205,7 +212,7 @@ CASES = [
     ("missing_control", _edit(lambda sd: sd["elra_control"].pop("control")), None, "'control'"),
     ("missing_state", _edit(_pop("state")), None, "no 'state' entry"),
     ("missing_param_groups", _edit(_pop("param_groups")), None, "no 'param_groups' entry"),
-    ("missing_elra_entry", _edit(_pop("elra_control")), None, "no ELRA control state"),
+    ("missing_elra_entry", _edit(_pop_elra_entry), None, "no ELRA control state"),
     ("not_a_dict", lambda sd, setup: list(sd.items()), None, "got list"),
     ("other_model_same_counts", _other_model, 0, r"shape \(8, 3\); expected .*\(16, 6\)"),
     ("adam_state_dict", lambda sd, setup: _adam_state(), None, "no ELRA control state"),

@@ -15,6 +15,7 @@ from elra_fused.train import (
     OPTIMIZERS,
     ShuffledBatches,
     build_model,
+    cosine_tail,
     load_dataset,
     main,
     state_bytes,
@@ -72,6 +73,23 @@ def test_elra_learns_digits_end_to_end(digits) -> None:
     assert len(result.test_acc) == len(result.boosted_test_acc) == 4
     assert len(result.alpha_trace) == len(result.batch_trace) == result.steps > 0
     assert all(bs % 32 == 0 and bs >= 64 for bs in result.batch_trace)  # bs_t = m_t x 32
+
+
+def test_cosine_tail_schedule() -> None:
+    assert cosine_tail(0.5, 0.2) == 1.0
+    assert cosine_tail(0.8, 0.2) == 1.0
+    assert cosine_tail(0.9, 0.2) == pytest.approx(0.5)
+    assert cosine_tail(1.0, 0.2) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_lr_tail_anneals_the_last_steps(digits) -> None:
+    """--lr-tail 0.5 over 3 epochs: the first epoch runs at lr 1 as without it, the
+    later ones at the decaying lr, and the run still learns."""
+    plain = train_run("elra", digits, "mlp", epochs=3, seed=0, progress=False)
+    tail = train_run("elra", digits, "mlp", epochs=3, seed=0, lr_tail=0.5, progress=False)
+    assert tail.train_loss[0] == plain.train_loss[0]  # the first epoch is before the tail
+    assert tail.train_loss != plain.train_loss
+    assert tail.best_test_acc > 0.8
 
 
 def test_cli_writes_json_and_png(tmp_path: Path) -> None:
