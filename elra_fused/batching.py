@@ -27,6 +27,11 @@ Three layers, usable on their own:
   skips the short last batch of every pass (3.5), counts samples and closes the control
   cycle through the :class:`DynamicBatchSize` when a cycle ends.
 
+Data parallel (DDP, FSDP2): give each rank its ``DistributedSampler`` share and wrap that
+loader as above. ``opt.cycle_statistics()`` is the same on every rank (ELRA averages the
+loss over the group and shares its decisions), so every rank changes ``m_t`` at the same
+step: the global batch is ``world * m_t * bs_min``.
+
 Integer ``m_t``: the controller tracks the exact multiplier ``m_0 * 1.5**e`` (``e`` = ups
 minus downs, so cascades never drift) and uses ``m_t = clamp(round_half_up(m_0 * 1.5**e),
 m_min, m_max)``. With the paper's ``m_0 = 2`` the sequence of an up-up-down cascade is

@@ -247,3 +247,94 @@ def test_what_elra_cannot_step_is_refused_clearly(tmp_path) -> None:
     assert "flat=False" in messages["flat"]
     assert "memory='standard'" in messages["recover"]
     assert "Partial" in messages["partial"]
+
+
+# ------------------------------------------------------------------ dynamic batch size
+DBS_EPOCHS = 8
+DBS_SAMPLES = 256
+MICRO_BATCH = 4
+
+
+def _dbs_dataset() -> torch.utils.data.TensorDataset:
+    gen = torch.Generator().manual_seed(5)
+    inputs = torch.randn(DBS_SAMPLES, 5, generator=gen)
+    target = torch.sin(inputs[:, :3]) + 0.3 * torch.randn(DBS_SAMPLES, 3, generator=gen)
+    return torch.utils.data.TensorDataset(inputs, target)
+
+
+def _rank_loader(rank: int) -> torch.utils.data.DataLoader:
+    """Rank ``rank``'s share: DistributedSampler semantics, no sample twice per epoch."""
+    sampler = torch.utils.data.DistributedSampler(
+        _dbs_dataset(), num_replicas=WORLD, rank=rank, shuffle=True, seed=3
+    )
+    return torch.utils.data.DataLoader(_dbs_dataset(), batch_size=MICRO_BATCH, sampler=sampler)
+
+
+class _GlobalBatches:
+    """One process: micro-batch k is the union of every rank's micro-batch k."""
+
+    def __init__(self) -> None:
+        self.loaders = [_rank_loader(r) for r in range(WORLD)]
+
+    def set_epoch(self, epoch: int) -> None:
+        for loader in self.loaders:
+            loader.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for parts in zip(*self.loaders, strict=True):
+            yield tuple(torch.cat(tensors) for tensors in zip(*parts, strict=True))
+
+
+def _dbs_train(model: torch.nn.Module, loader, set_epoch) -> tuple[list[int], list[bool]]:
+    """ELRA with the dynamic batch size (paper 3.3): returns m per step and decisions."""
+    from elra_fused.batching import DynamicBatchSize, GroupedBatches
+
+    opt = ELRA(model.parameters(), min_cycle_losses=4)
+    sizer = DynamicBatchSize(opt, m0=2, gradient_decay=True)
+    grouped = GroupedBatches(loader, sizer)
+    ms, decisions = [], []
+    for epoch in range(DBS_EPOCHS):
+        set_epoch(epoch)
+        for group in grouped:
+            total = 0.0
+            for inputs, target in group:
+                loss = torch.nn.functional.mse_loss(model(inputs), target)
+                (loss * group.scale).backward()
+                total = total + loss.detach()
+            opt.step(total / len(group))
+            opt.zero_grad()
+            ms.append(len(group))
+            decisions.append(opt.last_step_retraced)
+    return ms, decisions
+
+
+def _dbs_worker(rank: int, port: int, out_dir: str) -> None:
+    _init(rank, port)
+    try:
+        model = _model()
+        _shard_model(model)
+        loader = _rank_loader(rank)
+        ms, decisions = _dbs_train(model, loader, loader.sampler.set_epoch)
+        torch.save((ms, decisions, _full(model)), os.path.join(out_dir, f"dbs{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dynamic_batch_size_grows_every_ranks_share_at_the_same_step(tmp_path) -> None:
+    """Each rank reads its own DistributedSampler share; the batch-size rule decides from
+    the all-reduced statistics, so every rank takes m_t micro-batches at the same step
+    (the global batch is WORLD * m_t * bs_min), with gradient decay, and the run is the
+    single-process run on the union of the shares."""
+    torch.multiprocessing.spawn(
+        _dbs_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True
+    )
+    ranks = [torch.load(tmp_path / f"dbs{r}.pt") for r in range(WORLD)]
+    model = _model()
+    batches = _GlobalBatches()
+    ms, decisions = _dbs_train(model, batches, batches.set_epoch)
+    assert len(set(ms)) > 1, "the batch size changed during the run"
+    for rank_ms, rank_decisions, full in ranks:
+        assert rank_ms == ms
+        assert rank_decisions == decisions
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(full[name], param.detach(), rtol=1e-4, atol=1e-5)
