@@ -11,6 +11,10 @@ offload staging chunks). On CUDA the peak ``torch.cuda.max_memory_allocated`` of
 training step is reported as well.
 
 Usage: ``python benchmarks/bench_memory.py [--device cpu|cuda] [--params 50M] [--json PATH]``
+
+``--fsdp N`` instead shards the model with FSDP2 (``fully_shard`` per layer) over N CPU
+processes (gloo, loopback) and reports each rank's optimizer state bytes (the local
+shards of the state DTensors) for ELRA and AdamW: ELRA's state is sharded like the model.
 """
 
 from __future__ import annotations
@@ -60,11 +64,16 @@ def baselines() -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:
-    """(device bytes, host bytes) of the optimizer's own tensors, each storage once."""
+    """(device bytes, host bytes) of the optimizer's own tensors, each storage once (a
+    DTensor counts its local shard)."""
     tensors: list[torch.Tensor] = []
     for entry in opt.state.values():
         if isinstance(entry, dict):
-            tensors.extend(v for v in entry.values() if isinstance(v, torch.Tensor))
+            tensors.extend(
+                v.to_local() if hasattr(v, "to_local") else v
+                for v in entry.values()
+                if isinstance(v, torch.Tensor)
+            )
     if isinstance(opt, ELRA):
         tensors.append(opt.control_state)
         # Offload's device staging chunks belong to the flat layout's stores, not to
@@ -198,11 +207,87 @@ def print_results(rows: list[dict], measured: list[dict], device: str) -> None:
     harness.print_table(columns, lines, left_aligned=2)
 
 
+FSDP_OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
+    "elra": lambda m: ELRA(m.parameters()),
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
+}
+
+
+def _fsdp_rank(rank: int, world: int, port: int, n_target: int, out: str) -> None:
+    """One FSDP2 rank: each optimizer steps a fresh sharded copy; local state bytes."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        rows = []
+        for name, make in FSDP_OPTIMIZERS.items():
+            torch.manual_seed(0)
+            model = harness.make_mlp(n_target, DEPTH, torch.device("cpu"))
+            n_params = sum(p.numel() for p in model.parameters())
+            for layer in model:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer)
+            fully_shard(model)
+            opt = make(model)
+            width = next(model.parameters()).shape[1]
+            inputs, target = torch.randn(BATCH, width), torch.randn(BATCH, width)
+            for _ in range(STEPS_BEFORE_MEASURE):
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(inputs), target)
+                loss.backward()
+                opt.step(loss) if isinstance(opt, ELRA) else opt.step()
+            local = sum(state_bytes(opt))  # on CPUs the device is the host
+            rows.append({"name": name, "rank": rank, "local_bytes": local, "n_params": n_params})
+        torch.save(rows, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_fsdp(args: argparse.Namespace) -> list[dict]:
+    import socket
+    import tempfile
+
+    n_target = int(float(args.params.rstrip("Mm")) * 1e6)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/rows"
+        torch.multiprocessing.spawn(
+            _fsdp_rank, args=(args.fsdp, port, n_target, out), nprocs=args.fsdp, join=True
+        )
+        rows = [row for rank in range(args.fsdp) for row in torch.load(f"{out}.{rank}")]
+    adamw = max(r["local_bytes"] for r in rows if r["name"] == "adamw")
+    lines = [
+        [
+            r["name"],
+            str(r["rank"]),
+            harness.cell(r["local_bytes"], ".2f", scale=2**-20),
+            harness.cell(r["local_bytes"] * args.fsdp / r["n_params"], ".2f"),
+            harness.cell(r["local_bytes"] / adamw, ".2f"),
+        ]
+        for r in rows
+    ]
+    print(f"FSDP2 over {args.fsdp} CPU processes, {rows[0]['n_params'] / 1e6:.1f}M parameters")
+    columns = ["optimizer", "rank", "local state MiB", "x world / param (B)", "vs AdamW"]
+    harness.print_table(columns, lines, left_aligned=1)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = harness.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--params", default="50M", help="model size, e.g. 50M (10^6 units)")
+    parser.add_argument(
+        "--fsdp", type=int, default=0, help="shard with FSDP2 over N CPU processes (gloo)"
+    )
     harness.add_timing_flags(parser, repeats=5)
     args = parser.parse_args(argv)
+    if args.fsdp:
+        harness.write_json(args.json, run_fsdp(args))
+        return
     rows, measured = run(args)
     print_results(rows, measured, args.device)
     harness.write_json(args.json, rows)
