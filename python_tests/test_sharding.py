@@ -208,7 +208,7 @@ def _refusal_worker(rank: int, port: int, out_dir: str) -> None:
     _init(rank, port)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import DTensor, Partial
+        from torch.distributed.tensor import DTensor, Partial, Shard
 
         messages = {}
 
@@ -229,6 +229,10 @@ def _refusal_worker(rank: int, port: int, out_dir: str) -> None:
         mesh = init_device_mesh("cpu", (WORLD,))
         partial = torch.nn.Parameter(DTensor.from_local(torch.ones(3), mesh, [Partial()]))
         refused("partial", lambda: ELRA([partial]))
+        other = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("other",))
+        on_mesh = torch.nn.Parameter(DTensor.from_local(torch.ones(3), mesh, [Shard(0)]))
+        on_other = torch.nn.Parameter(DTensor.from_local(torch.ones(3), other, [Shard(0)]))
+        refused("meshes", lambda: ELRA([on_mesh, on_other]))
         unchanged = all(
             torch.equal(p.to_local(), b) for p, b in zip(sharded.parameters(), before, strict=True)
         )
@@ -247,6 +251,7 @@ def test_what_elra_cannot_step_is_refused_clearly(tmp_path) -> None:
     assert "flat=False" in messages["flat"]
     assert "memory='standard'" in messages["recover"]
     assert "Partial" in messages["partial"]
+    assert "different device meshes" in messages["meshes"]
 
 
 # ------------------------------------------------------------------ dynamic batch size
