@@ -33,6 +33,11 @@ Notation (paper numbering): x_t parameters, G_t gradient, f_t loss, alpha_t step
   x_{t+1} = x_t + (alpha_{t-1} - alpha_t) * G_{t-1}: back on the line of the previous
   step, no extra weight decay. G_t is discarded; G_{t-1}, Ga and f_{t-1} stay.
 
+Learning rate (not in the paper; for torch's LR schedulers): the step taken is lr * alpha_t
+(``Decision.alpha``). alpha follows eq. (4) at the points reached; a retrace fits its
+parabola along the step actually taken, lr_{t-1} alpha_{t-1} (``LR_TAKEN``), and moves
+back by the difference of the steps taken. lr = 1 gives the paper's law bit for bit.
+
 The ``f_0 + 0.1 |f_0|`` form of the initial rule equals the paper's ``1.1 f_0`` for a
 positive f_0 and stays a "10 % worse" test when f_0 is negative (e.g. the saddle).
 

@@ -63,8 +63,8 @@ class ELRA(torch.optim.Optimizer):
         max_grad_norm: a step on a gradient of larger norm is not taken (a retrace); off
             by default, the largest finite value of a compact ``state_dtype``.
         lr: scales the step taken, lr * alpha (1.0: the paper's step), for torch's LR
-            schedulers; alpha stays the law's line-optimal estimate, measured along the
-            steps actually taken (:func:`elra_fused.control.control_step`).
+            schedulers; alpha follows the law at the points reached, a retrace fits its
+            parabola along the step taken (:func:`elra_fused.control.control_step`).
         weight_decay: torch's name for the decay per step: wd = 1 - weight_decay (param
             groups may give either).
         cycle_steps: close a control cycle automatically every ``cycle_steps`` steps;
