@@ -3,9 +3,15 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default benchmarks/results/gpu/)
 # Uses the machine's own python3 (torch + triton + nvcc + pytest preinstalled), installs
 # nothing, builds elra_fused._C in place for sm_90, writes every log and JSON into OUT_DIR
-# and prints a short summary last. Each part has its own time limit; together they stay
-# under 8 minutes (build 150 + tests 120 + kernels 45 + step 100 + memory 60 s). The
+# and prints a short summary last. Each part has its own time limit (prereqs 30 + build
+# 150 + extension 30 + tests 120 + report 15 + kernels 45 + step 100 + memory 60 s). The
 # first CUDA step of each control config compiles the law (seconds) in each process.
+# Fails loudly (non-zero exit, FAILED lines in the summary) unless the CUDA kernels were
+# really tested: missing prerequisites (numpy, ninja, pytest, triton, torch with CUDA, a
+# GPU, nvcc of torch's CUDA major version; ELRA_SKIP_CUDA_BUILD set) stop it before the
+# build; _C without its CUDA kernels, or any CUDA test failed or skipped, fails it
+# (benchmarks/gpu_preflight.py; ELRA_REQUIRE_CUDA=1 turns a missing CUDA backend in the
+# tests into a failure).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu}
@@ -16,6 +22,7 @@ NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
 export MAX_JOBS=${MAX_JOBS:-16}
 status=0
+failed=""
 run() {  # run NAME LIMIT CMD...: log to $OUT/NAME.log, remember failures, never abort
   local name=$1 limit=$2
   shift 2
@@ -23,16 +30,29 @@ run() {  # run NAME LIMIT CMD...: log to $OUT/NAME.log, remember failures, never
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc ($((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
-  [ $rc -eq 0 ] || status=1
+  if [ $rc -ne 0 ]; then
+    status=1
+    failed="$failed $name"
+  fi
+  return $rc
 }
 : >"$OUT/summary.txt"
+rm -f "$OUT/gpu_tests.xml"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } >"$OUT/machine.txt" 2>&1
+if ! run prereqs 30 $PY benchmarks/gpu_preflight.py prereqs; then
+  cat "$OUT/prereqs.log"
+  echo "gpu_check: FAILED: prerequisites missing (above); nothing was built or run" |
+    tee -a "$OUT/summary.txt"
+  exit 2
+fi
 run build 150 $PY setup.py build_ext --inplace
-run ext_status 30 $PY -c "import elra_fused.ops as o; print(o.cpp_extension_status())"
-run gpu_tests 120 $PY -m pytest -q -m cuda python_tests
+run extension 30 $PY benchmarks/gpu_preflight.py extension
+export ELRA_REQUIRE_CUDA=1
+run gpu_tests 120 $PY -m pytest -q -rfEs -m cuda python_tests --junitxml="$OUT/gpu_tests.xml"
+run gpu_tests_report 15 $PY benchmarks/gpu_preflight.py tests "$OUT/gpu_tests.xml"
 run bench_kernels 45 $PY benchmarks/bench_kernels.py --device cuda --json "$OUT/kernels_cuda.json"
 run bench_step 100 $PY benchmarks/bench_step.py --device cuda --sizes 16M,128M,1024M \
   --repeats 5 --no-install --json "$OUT/step_cuda.json"
@@ -42,4 +62,11 @@ echo "==== summary ($OUT) ===="
 cat "$OUT/machine.txt" "$OUT/summary.txt"
 tail -n 15 "$OUT/gpu_tests.log" "$OUT/bench_kernels.log" "$OUT/bench_step.log" \
   "$OUT/bench_memory.log" 2>/dev/null
+if [ $status -ne 0 ]; then
+  echo "==== gpu_check: FAILED:$failed ===="
+  grep -h -E "^(MISSING|MISMATCH|FAILED)" "$OUT/extension.log" "$OUT/gpu_tests_report.log" \
+    2>/dev/null | head -n 40
+else
+  echo "==== gpu_check: ok (CUDA kernels compiled, every CUDA test ran and passed) ===="
+fi
 exit $status

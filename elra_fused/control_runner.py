@@ -166,7 +166,9 @@ class ControlRunner:
                 .to(device, torch.float64, non_blocking=True, copy=group is not None)
             )
         else:
-            value = torch.tensor(float(loss), dtype=torch.float64, device=device)
+            # A fill kernel, not torch.tensor(...): a host-to-device copy would block, sync
+            # with the device and fail under CUDA-graph capture (as _lr_tensor does).
+            value = torch.full((), float(loss), dtype=torch.float64, device=device)
         if group is None:
             return value
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)

@@ -64,7 +64,7 @@ from .memory import (
     PrevStore,
     SwapGradPrevStore,
 )
-from .offload import OffloadedPrev
+from .offload import OffloadedPrev, check_not_capturing
 from .sharding import replicas
 
 ParamGroups = list[dict[str, Any]]
@@ -369,6 +369,8 @@ class FlatLayout:
         kernels' G = 0 step is already exactly the skip (x - alpha * 0 = x, and
         G_{t-1} / x_{t-1} become what the skip leaves), so nothing is tracked there.
         """
+        if self.memory == "offload" and self.buffers:  # refused before anything moves
+            check_not_capturing(self.buffers[0].data.device)
         if self.frozen and any(param.requires_grad for _, _, param in self.frozen):
             self._adopt_unfrozen(param_groups, state)
         work = _FlatWork()

@@ -20,7 +20,15 @@ waits for each chunk's arrival. No host synchronisation happens in the step -- t
 engine needs none, because the host buffer is pinned. Reading the host buffer (e.g.
 ``state_dict``) calls :meth:`OffloadedPrev.synchronize` first.
 
-Only ``2 * chunk`` elements of device memory are used beyond x_t and G_t.
+Only ``2 * chunk`` elements of device memory are used beyond x_t and G_t. The events are
+made once, per staging slot, and re-recorded every step.
+
+Not capturable in a CUDA graph: the copy stream is not forked from the captured stream
+(its first wait is on an event recorded before the step), the copy-backs are never joined
+into it, and a step that leaves a grad-less parameter waits on the host for the copies.
+A step on a CUDA device while its stream is capturing raises a RuntimeError
+(:func:`check_not_capturing`) before anything moves; under graphs use ``memory="recover"``
+(x_{t-1} on the device).
 
 On a machine without a GPU the same chunked path runs between host buffers (staging
 chunks in ordinary memory, plain copies, no streams), so the logic is tested everywhere.
@@ -41,6 +49,20 @@ DEFAULT_CHUNK = 1 << 18
 STAGING_SLOTS = 2
 
 
+def check_not_capturing(device: torch.device) -> None:
+    """Raise if ``device`` is a GPU whose current stream is capturing a CUDA graph.
+
+    ``memory="offload"`` cannot be captured (see the module docstring). Only a CUDA device
+    asks CUDA anything: on the CPU path this is a no-op.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            'ELRA: memory="offload" cannot be captured in a CUDA graph (x_{t-1} streams '
+            "from host memory on a side stream, outside the graph). Step it eagerly, or use "
+            'memory="recover" (x_{t-1} on the device, capturable) under torch.cuda.graph.'
+        )
+
+
 class OffloadedPrev(PointCoefficients):
     """x_{t-1} of one flat buffer in host memory, streamed through two staging chunks."""
 
@@ -58,8 +80,12 @@ class OffloadedPrev(PointCoefficients):
         ]
         if self.on_gpu:
             self.copy_stream = torch.cuda.Stream(device=x.device)
+            # Per slot, made once and re-recorded each step (a wait takes the record made
+            # last before it): arrived on the device, drained / read (free to refill),
+            # written by the compute stream (ready to copy back).
             self.ready = [torch.cuda.Event() for _ in range(STAGING_SLOTS)]
             self.free = [torch.cuda.Event() for _ in range(STAGING_SLOTS)]
+            self.computed = [torch.cuda.Event() for _ in range(STAGING_SLOTS)]
 
     @property
     def device_bytes(self) -> int:
@@ -96,7 +122,7 @@ class OffloadedPrev(PointCoefficients):
         if not self.on_gpu:
             self.tensor[start:stop].copy_(staged)
             return
-        done = torch.cuda.Event()
+        done = self.computed[slot]
         done.record(torch.cuda.current_stream(self.device))
         self.copy_stream.wait_event(done)
         with torch.cuda.stream(self.copy_stream):
@@ -108,6 +134,7 @@ class OffloadedPrev(PointCoefficients):
     ) -> torch.Tensor:
         """[<G,G>, <G_prev,G>, bound] with x_{t-1} streamed in; partials summed in chunk
         order (the bound: :meth:`PointCoefficients.with_error_bound`)."""
+        check_not_capturing(self.device)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for index, (start, stop) in enumerate(self._ranges()):
             slot = index % STAGING_SLOTS
@@ -120,6 +147,7 @@ class OffloadedPrev(PointCoefficients):
         self, kernels: KernelSet, x: torch.Tensor, grad: torch.Tensor, coeffs: torch.Tensor
     ) -> None:
         """Accept or retrace chunk by chunk; the new x_{t-1} goes back to the host."""
+        check_not_capturing(self.device)
         for index, (start, stop) in enumerate(self._ranges()):
             slot = index % STAGING_SLOTS
             staged = self._stage_in(slot, start, stop)

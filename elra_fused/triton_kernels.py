@@ -13,13 +13,19 @@ Design:
 
 * Updates: fp32 math whatever the storage dtype; int64 offsets (buffers may exceed 2**31
   elements); masked tails.
+* Index math is 64-bit safe: an ``n`` below 2**31 reaches a kernel as i32, so no kernel
+  computes from it anything that could pass 2**31 - 1 (``tl.cdiv(n, BLOCK)`` wraps to a
+  negative tile count for n in (2**31 - BLOCK, 2**31 - 1]). Tile counts and grids are
+  computed on the host in Python ints (:func:`_dots_grid`); offsets start from an int64
+  program id; ``n`` is only compared with them.
 * Reductions: fp64 math (``tl.float64``), as the float64 reference. Each element is
   widened to fp64, so the products are exact (24 + 24 significand bits <= 53) and nothing
   overflows or underflows over the whole finite fp32 range; only the fp64 additions round.
-  They are two-stage and deterministic: each program accumulates its tiles (grid-stride)
-  in per-lane fp64, sums its lanes and writes the pair into its own slot of a
-  ``[programs, 2]`` float64 buffer; ``torch.sum`` over the slots (fixed shape, fixed
-  order) finishes. The number of programs depends on ``n`` only. No atomics.
+  They are two-stage and deterministic: each program folds every tile it visits
+  (grid-stride) into per-lane fp64 accumulators, as the CUDA kernel's per-thread fp64
+  sums do (no fp32 partial sum grows with n), sums its lanes and writes the pair into
+  its own slot of a ``[programs, 2]`` float64 buffer; ``torch.sum`` over the slots
+  (fixed shape, fixed order) finishes. The number of programs depends on ``n`` only. No atomics.
 * Coefficients are loaded inside the kernels from the float64 ``coeffs`` tensor: no host
   read, no synchronisation.
 * One update kernel for ``update_``, ``update_recover_`` and ``update_swap_``: the mode is
@@ -119,7 +125,8 @@ def _dots_partial_kernel(
     b_ptr,  # *T: recover mode: x_t (standard mode: ignored, pass g_ptr)
     coeffs_ptr,  # *fp64 [decay, inv_alpha_prev] (recover mode; ignored otherwise)
     partials_ptr,  # *fp64 [num_programs, 2]: this program writes row program_id
-    n,  # number of elements in every vector
+    n,  # number of elements in every vector (i32 when < 2**31: only compared, never summed)
+    num_tiles,  # cdiv(n, BLOCK), from the host (_dots_grid): in-kernel it could wrap in i32
     RECOVER: tl.constexpr,  # recover G_{t-1} per element from (x_{t-1}, x_t)
     BF16_BITS: tl.constexpr,  # widen bf16 loads with integer ops (BF16_BY_BITS)
     BLOCK: tl.constexpr,  # elements per tile
@@ -128,11 +135,11 @@ def _dots_partial_kernel(
     num_programs = tl.num_programs(0)
     G_TY: tl.constexpr = g_ptr.dtype.element_ty
     A_TY: tl.constexpr = a_ptr.dtype.element_ty
-    num_tiles = tl.cdiv(n, BLOCK)
     if RECOVER:
         decay = tl.load(coeffs_ptr + RCOEF_DECAY)  # fp64
         inv_alpha = tl.load(coeffs_ptr + RCOEF_INV_ALPHA_PREV)
-    # Per-lane fp64 accumulators: each lane sees only num_tiles / num_programs elements.
+    # Per-lane fp64 accumulators: each tile's exact fp64 products are added into them,
+    # each lane sees num_tiles / num_programs elements (fp64 rounding only).
     acc_gg = tl.zeros((BLOCK,), dtype=tl.float64)
     acc_gpg = tl.zeros((BLOCK,), dtype=tl.float64)
     # An int64 start makes the induction variable (and so the offsets) int64 when compiled;
@@ -156,15 +163,19 @@ def _dots_partial_kernel(
     tl.store(partials_ptr + 2 * pid + 1, tl.sum(acc_gpg, axis=0))
 
 
-def _reduce_programs(n: int) -> int:
-    return max(1, min(triton.cdiv(n, BLOCK_SIZE), MAX_REDUCE_PROGRAMS))
+def _dots_grid(n: int) -> tuple[int, int]:
+    """(programs, tiles) of the dots kernel for ``n`` elements, in Python ints: the tile
+    count cdiv(n, BLOCK_SIZE) is computed here, not in the kernel, where ``n`` < 2**31 is
+    an i32 and ``n + BLOCK_SIZE - 1`` would wrap for n > 2**31 - BLOCK_SIZE."""
+    tiles = -(-int(n) // BLOCK_SIZE)
+    return max(1, min(tiles, MAX_REDUCE_PROGRAMS)), tiles
 
 
 def _launch_dots(
     g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor, recover: bool
 ) -> torch.Tensor:
     n = g.numel()
-    programs = _reduce_programs(n)
+    programs, tiles = _dots_grid(n)
     partials = torch.empty((programs, 2), dtype=torch.float64, device=g.device)
     with _device_guard(g):
         _dots_partial_kernel[(programs,)](
@@ -174,6 +185,7 @@ def _launch_dots(
             coeffs,
             partials,
             n,
+            tiles,
             RECOVER=recover,
             BF16_BITS=BF16_BY_BITS,
             BLOCK=BLOCK_SIZE,

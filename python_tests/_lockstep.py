@@ -15,7 +15,7 @@ import contextlib
 import io
 import math
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 import torch
@@ -29,6 +29,9 @@ from elra_fused.memory import POINT_MODES, PointCoefficients
 #: Injected failures: loss spikes (retraced by the f_0 / 5 sigma rules) and a NaN gradient.
 SPIKES = (50, 200)
 NAN_GRAD = 120
+#: The GPU tests' 80 steps (:func:`short_schedule`): where each injected failure falls.
+SHORT_FAILURES = {SPIKES[0]: SPIKES[0], 65: NAN_GRAD, 75: SPIKES[1]}
+SHORT_STEPS = 80
 
 
 def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
@@ -57,6 +60,13 @@ def forward_backward(model, inputs, target, step_index: int) -> torch.Tensor:
     return loss
 
 
+def short_schedule() -> list[int]:
+    """Step indices for :func:`forward_backward` that meet all three injected failures in
+    :data:`SHORT_STEPS` steps: the spike at step 50, the NaN gradient at 65, the second
+    spike at 75 (replayed on the CPU, each is a retrace: test_optimizer_backends)."""
+    return [SHORT_FAILURES.get(index, index) for index in range(SHORT_STEPS)]
+
+
 #: Tensor methods that read a device value back to the host.
 HOST_READS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy")
 
@@ -74,7 +84,9 @@ def no_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
-def run_steps(opt: ELRA, model: torch.nn.Module, indices: range, zero: str = "opt") -> list[bool]:
+def run_steps(
+    opt: ELRA, model: torch.nn.Module, indices: Iterable[int], zero: str = "opt"
+) -> list[bool]:
     """Zero the grads, forward/backward (with the injected failures), step; the decisions.
 
     ``zero``: "opt" (opt.zero_grad()), "model_none" (model.zero_grad(set_to_none=True))

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from _lockstep import no_host_reads
 
 from elra_fused import ELRA, control
 from elra_fused.control_math import FLOAT_MATH, TENSOR_MATH
@@ -87,3 +88,27 @@ def test_trusted_dot_moves_towards_zero_by_the_bound(
         assert math.isnan(on_host) and math.isnan(on_device)
     else:
         assert on_host == on_device == expected
+
+
+@pytest.mark.parametrize("value", [0.1, 3, -0.0, 1e300, 5e-324, math.inf, math.nan])
+def test_a_number_loss_reaches_the_device_law_without_a_copy(
+    value: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python-number loss becomes the device law's 0-d fp64 tensor by a fill kernel
+    (torch.full), not torch.tensor: a host-to-device copy blocks, syncs the GPU and fails
+    under CUDA-graph capture. Same bits as the copy would give."""
+    expected = torch.tensor(float(value), dtype=torch.float64)
+    opt = ELRA([torch.nn.Parameter(torch.ones(3))], backend="reference")
+    law = opt._law
+    law.host = False
+
+    def copied(*args, **kwargs):
+        raise AssertionError("a host-to-device copy of the loss")
+
+    with no_host_reads(monkeypatch), monkeypatch.context() as patch:
+        for name in ("tensor", "as_tensor", "scalar_tensor"):
+            patch.setattr(torch, name, copied)
+        got = law.loss_value(value)
+    assert isinstance(got, torch.Tensor)
+    assert got.dtype == torch.float64 and got.shape == () and got.device == law.state.device
+    assert torch.equal(got.view(torch.int64), expected.view(torch.int64))  # the bits

@@ -14,10 +14,11 @@ from _lockstep import (
     run_steps,
 )
 
-from elra_fused import ELRA, ops
+from elra_fused import ELRA, layouts, ops
 from elra_fused.control_math import FLOAT_MATH
 from elra_fused.control_runner import trusted_dot
 from elra_fused.memory import PointPrevStore, SwapGradPrevStore
+from elra_fused.offload import check_not_capturing
 
 BACKEND = "cpp" if "cpp" in ops.available_backends("cpu") else "reference"
 STEPS = 300
@@ -160,6 +161,41 @@ def test_offload_keeps_x_prev_on_the_host() -> None:
     assert store.tensor.device.type == "cpu"
     assert store.chunk == ODD_CHUNK
     assert len(store.staging) == 2 and all(s.numel() == ODD_CHUNK for s in store.staging)
+
+
+def test_offload_refuses_cuda_graph_capture_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Capture of an offload step is refused on a CUDA device (the GPU test captures for
+    real); the CPU path never asks CUDA and steps as before."""
+
+    def capturing() -> bool:
+        return True
+
+    def never_asked() -> bool:
+        raise AssertionError("the CPU path asked whether a CUDA stream captures")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", never_asked)
+    check_not_capturing(torch.device("cpu"))
+    model = make_model()
+    opt = build(model, "offload")
+    run_steps(opt, model, range(3))  # the CPU offload path: unchanged, nothing asked
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", capturing)
+    with pytest.raises(RuntimeError, match=r"offload.*cannot be captured.*recover"):
+        check_not_capturing(torch.device("cuda"))
+    # The optimizer refuses before anything moves (a CUDA device faked on a CPU model:
+    # the layout's check sees its buffers on "cuda").
+    params = [p.detach().clone() for p in model.parameters()]
+    state = opt.control_state.clone()
+    x_prev = opt.layout.stores[0].tensor.clone()
+    monkeypatch.setattr(
+        layouts, "check_not_capturing", lambda device: check_not_capturing(torch.device("cuda"))
+    )
+    opt.zero_grad()
+    inputs, target = data()
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        opt.step(forward_backward(model, inputs, target, 3))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert torch.equal(opt.control_state, state)
+    assert torch.equal(opt.layout.stores[0].tensor, x_prev)
 
 
 @pytest.mark.parametrize("memory", ["recover", "offload"])
