@@ -33,10 +33,12 @@ test: env
 	$(PY) -m pytest -q python_tests
 
 # The main job: ELRA vs Adam, Lion and SGD on MNIST-5k (python -m elra_fused, ~1 min),
-# then the paper's 2-D problems.
+# then the paper's 2-D problems, then the language-model job (python -m elra_fused lm:
+# ELRA vs AdamW and Prodigy at equal tokens on a byte-level Llama, ~2 min).
 run: env
 	$(PY) -m elra_fused
 	$(PY) benchmarks/paper_2d.py --json benchmarks/results/paper_2d.json
+	$(PY) -m elra_fused lm
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check elra_fused python_tests benchmarks setup.py

@@ -1,0 +1,153 @@
+"""The language-model job (``python -m elra_fused lm``, issue 16): end to end at a tiny
+size, plus the corpus split and the byte tokenizer it rests on."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from elra_fused import lm
+
+TINY = [
+    "--corpus-bytes",
+    "60000",
+    "--tokens",
+    "1024",
+    "--hidden",
+    "16",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--seq-len",
+    "16",
+    "--elra-batch",
+    "2",
+    "--adamw-batch",
+    "8",
+    "--cycle-tokens",
+    "256",
+    "--warmup-steps",
+    "5",
+    "--val-tokens",
+    "256",
+    "--evals",
+    "4",
+    "--no-progress",
+]
+
+
+def write_tree(root: Path) -> None:
+    """A small fake standard library: packages, a test directory and site-packages."""
+    for i in range(25):
+        sub = root / f"pkg{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"mod{i:02d}.py").write_text(f"# module {i}\n" + "x = 1\n" * (i + 1))
+    for excluded in ("site-packages", "test", "dist-packages"):
+        (root / excluded).mkdir()
+        (root / excluded / "skip.py").write_text("skipped = True\n")
+    (root / "notes.txt").write_text("not python\n")
+
+
+def test_end_to_end_json(tmp_path: Path) -> None:
+    out_json, out_png = tmp_path / "lm.json", tmp_path / "lm.png"
+    payload = lm.main([*TINY, "--json", str(out_json), "--plot", str(out_png)])
+    assert out_png.stat().st_size > 0
+    written = json.loads(out_json.read_text())
+    assert written["results"] == json.loads(json.dumps(payload["results"]))
+    assert {"config", "corpus", "results", "memory_cap"} <= set(written)
+    assert {"bytes", "sha256"} <= set(written["corpus"])
+    assert written["corpus"]["bytes"] == 60000
+    assert len(written["corpus"]["sha256"]) == 64
+    assert set(written["results"]) == {*lm.OPTIMIZERS, "elra_boosted"}
+    keys = {"tokens", "val_loss", "val_loss_at", "tokens_per_s", "state_bytes", "peak_bytes"}
+    tokens = set()
+    for name, row in written["results"].items():
+        assert set(row) == keys, name
+        assert set(row["val_loss_at"]) == {"25%", "50%", "100%"}
+        assert all(math.isfinite(v) for v in [row["val_loss"], *row["val_loss_at"].values()])
+        assert row["val_loss_at"]["100%"] == row["val_loss"]
+        assert row["tokens_per_s"] > 0 and row["peak_bytes"] >= row["state_bytes"] > 0
+        tokens.add(row["tokens"])
+    assert tokens == {written["config"]["tokens"]}  # equal budgets
+    # AdamW keeps two moments, ELRA one gradient: ELRA's state is about half of AdamW's.
+    results = written["results"]
+    assert results["elra"]["state_bytes"] < 0.6 * results["adamw"]["state_bytes"]
+    trace = written["elra_trace"]
+    assert sum(trace["batch_tokens"]) == written["config"]["tokens"]
+    assert all(a > 0 for a in trace["alpha"])
+    assert written["memory_cap"]["optimizers"]["elra"]["max_hidden"] >= 64
+
+
+def test_budget_rounds_to_whole_batches() -> None:
+    args = lm.parse_args(
+        [
+            "--tokens",
+            "1000",
+            "--seq-len",
+            "16",
+            "--elra-batch",
+            "2",
+            "--adamw-batch",
+            "8",
+            "--evals",
+            "4",
+        ]
+    )
+    assert args.tokens == 512  # 8 seqs x 16 tokens x 4 checkpoints
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--evals", "6"])
+
+
+def test_corpus_split_is_deterministic_and_by_file(tmp_path: Path) -> None:
+    write_tree(tmp_path)
+    first = lm.load_corpus(tmp_path, max_bytes=10_000, val_every=5)
+    second = lm.load_corpus(tmp_path, max_bytes=10_000, val_every=5)
+    assert first == second
+    names = first.train_files + first.val_files
+    assert len(names) == 25 and not any("skip" in n for n in names)
+    ordered = sorted(names)
+    assert first.val_files == [n for i, n in enumerate(ordered) if (i + 1) % 5 == 0]
+    assert not set(first.train_files) & set(first.val_files)
+    assert first.bytes == len(first.train) + len(first.val)
+    # The cap cuts the corpus in file order and changes the hash.
+    capped = lm.load_corpus(tmp_path, max_bytes=100, val_every=5)
+    assert capped.bytes == 100 and capped.sha256 != first.sha256
+    assert capped.train_files == ordered[: len(capped.train_files)]
+
+
+def test_stdlib_corpus_excludes_packages_and_tests() -> None:
+    files = lm.corpus_files(lm.stdlib_root())
+    parts = {part for path in files for part in path.relative_to(lm.stdlib_root()).parts}
+    assert files and not parts & lm.EXCLUDED_DIRS
+    rel = [p.relative_to(lm.stdlib_root()).as_posix() for p in files]
+    assert rel == sorted(rel)
+
+
+def test_byte_tokens_round_trip_and_windows() -> None:
+    text = "def f(x):\n    return 'é' * x\n".encode()
+    tokens = lm.encode(text)
+    assert tokens.dtype == torch.int64 and int(tokens.max()) < lm.VOCAB
+    assert len(tokens) == len(text) and lm.decode(tokens) == text
+    seqs = lm.windows(tokens, 8)
+    assert seqs.shape == ((len(tokens) - 1) // 8, 9)
+    # Consecutive windows overlap by one byte: every byte after the first is a target once.
+    targets = torch.cat([s[1:] for s in seqs])
+    assert torch.equal(targets, tokens[1 : 1 + len(targets)])
+    with pytest.raises(ValueError):
+        lm.windows(tokens[:5], 8)
+
+
+def test_live_bytes_counts_a_step_peak() -> None:
+    a = torch.zeros(1000)
+    with lm.LiveBytes([a]) as tracker:
+        b = torch.ones(2000)
+        del b
+        c = torch.ones(500)
+    assert tracker.peak == 4 * (1000 + 2000)
+    assert tracker.current == 4 * (1000 + 500)
+    del c
