@@ -23,6 +23,7 @@ so that the scripts import ``elra_fused`` from the checkout without an install.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -60,6 +61,15 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU, whose ops run in place)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed device memory back (between contenders that each hold a model copy):
+    collect reference cycles, then, on CUDA, empty the caching allocator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def synced_clock(device: torch.device) -> float:

@@ -142,10 +142,12 @@ def time_round_robin(
     target: torch.Tensor,
     warmup: int,
     repeats: int,
+    failures: dict[str, Exception] | None = None,
 ) -> None:
     """Iterations taken in turns, so load from elsewhere hits every optimizer alike.
 
-    A contender that fails is reported and dropped; the others go on.
+    A contender that fails is reported (into ``failures``, by name) and dropped; the
+    others go on.
     """
     for i in range(warmup + repeats):
         for contender in list(contenders):
@@ -154,6 +156,23 @@ def time_round_robin(
             except Exception as exc:  # a broken baseline must not hide the others
                 print(f"  {contender.name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 contenders.remove(contender)
+                if failures is not None:
+                    failures[contender.name] = exc
+                contender.opt = contender.model = None  # free it for the others
+
+
+def _failed_row(name: str, backend: str, n_params: int, exc: Exception) -> dict:
+    """A table row for a contender that could not run, with the reason."""
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:80]
+    print(f"  {name}/{backend} failed: {reason}", file=sys.stderr)
+    return {
+        "optimizer": name,
+        "backend": backend,
+        "n_params": n_params,
+        "step_median_s": None,
+        "iter_median_s": None,
+        "failed": reason,
+    }
 
 
 def time_graphed(
@@ -206,27 +225,39 @@ def run(args: argparse.Namespace) -> list[dict]:
         inputs = torch.randn(BATCH, width, generator=gen).to(device)
         target = torch.randn(BATCH, width, generator=gen).to(device) * 0.1
         size_rows = []
-        contenders: list[tuple[str, Contender]] = []
-        for (name, backend), make in factories.items():
-            try:
-                contenders.append((backend, Contender(name, make, base)))
-            except Exception as exc:
-                print(f"  {name}/{backend} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        running = [c for _, c in contenders]
-        time_round_robin(running, inputs, target, args.warmup, args.repeats)
-        for backend, contender in contenders:
-            if contender not in running:
-                continue
-            size_rows.append(
-                {
-                    "optimizer": contender.name,
-                    "backend": backend,
-                    "n_params": n_params,
-                    "step_median_s": statistics.median(contender.step_times),
-                    "iter_median_s": statistics.median(contender.iter_times),
-                }
-            )
-        del contenders, running
+        # Large sizes: one contender at a time, freed before the next (every contender
+        # holds its own model copy; at 1B parameters a GPU fits few at once).
+        one_at_a_time = n_target >= parse_size(args.one_at_a_time)
+        batches = (
+            [[item] for item in factories.items()] if one_at_a_time else [list(factories.items())]
+        )
+        for batch in batches:
+            contenders: list[tuple[str, Contender]] = []
+            for (name, backend), make in batch:
+                try:
+                    contenders.append((backend, Contender(name, make, base)))
+                except Exception as exc:
+                    size_rows.append(_failed_row(name, backend, n_params, exc))
+            running = [c for _, c in contenders]
+            failures: dict[str, Exception] = {}
+            time_round_robin(running, inputs, target, args.warmup, args.repeats, failures)
+            for backend, contender in contenders:
+                if contender not in running:
+                    size_rows.append(
+                        _failed_row(contender.name, backend, n_params, failures[contender.name])
+                    )
+                    continue
+                size_rows.append(
+                    {
+                        "optimizer": contender.name,
+                        "backend": backend,
+                        "n_params": n_params,
+                        "step_median_s": statistics.median(contender.step_times),
+                        "iter_median_s": statistics.median(contender.iter_times),
+                    }
+                )
+            del contenders, running
+            harness.release_memory(device)
         if device.type == "cuda":
             # A whole iteration captured in a CUDA graph: possible because step() never
             # syncs. The step alone cannot be separated inside a replay (step_median_s
@@ -262,7 +293,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def print_results(rows: list[dict], device: str) -> None:
     print(f"device {device}; threads {torch.get_num_threads()}; batch {BATCH}; medians")
-    columns = ["optimizer", "backend", "params", "step ms", "iter ms", "step/adam_fused"]
+    columns = ["optimizer", "backend", "params", "step ms", "iter ms", "step/adam_fused", "note"]
     lines = [
         [
             r["optimizer"],
@@ -271,6 +302,7 @@ def print_results(rows: list[dict], device: str) -> None:
             harness.cell(r["step_median_s"], ".2f", scale=1e3),
             harness.cell(r["iter_median_s"], ".2f", scale=1e3),
             harness.cell(r["step_ratio_vs_adam_fused"], ".2f"),
+            f"could not run: {r['failed']}" if r.get("failed") else "",
         ]
         for r in rows
     ]
@@ -282,6 +314,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="1M,16M,64M", help="comma list, e.g. 1M,16M,64M")
     harness.add_timing_flags(parser, repeats=11, warmup=2)
     parser.add_argument("--no-install", action="store_true", help="do not pip install elra")
+    parser.add_argument(
+        "--one-at-a-time",
+        default="256M",
+        help="from this size on, time the contenders one at a time, each freed before the "
+        "next (less memory, no round robin)",
+    )
     args = parser.parse_args(argv)
     rows = run(args)
     print_results(rows, args.device)
