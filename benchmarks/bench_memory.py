@@ -29,6 +29,7 @@ import _harness as harness  # also puts the repo root on sys.path
 import torch
 
 from elra_fused import ELRA
+from elra_fused.report import optimizer_state_bytes as state_bytes
 
 DEPTH = 4
 BATCH = 16
@@ -61,38 +62,6 @@ def baselines() -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]
     except ImportError:
         print("prodigyopt not installed: Prodigy skipped", file=sys.stderr)
     return found
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:
-    """(device bytes, host bytes) of the optimizer's own tensors, each storage once (a
-    DTensor counts its local shard)."""
-    tensors: list[torch.Tensor] = []
-    for entry in opt.state.values():
-        if isinstance(entry, dict):
-            tensors.extend(
-                v.to_local() if hasattr(v, "to_local") else v
-                for v in entry.values()
-                if isinstance(v, torch.Tensor)
-            )
-    if isinstance(opt, ELRA):
-        tensors.append(opt.control_state)
-        # Offload's device staging chunks belong to the flat layout's stores, not to
-        # opt.state (the per-parameter layout has no stores).
-        for store in getattr(opt.layout, "stores", []):
-            tensors.extend(getattr(store, "staging", []))
-    seen: set[tuple[str, int]] = set()
-    device_bytes = host_bytes = 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        key = (str(t.device), storage.data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        if t.device.type == "cpu":
-            host_bytes += storage.nbytes()
-        else:
-            device_bytes += storage.nbytes()
-    return device_bytes, host_bytes
 
 
 def measure(

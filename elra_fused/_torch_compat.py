@@ -3,6 +3,8 @@
 * :func:`step_entry`: ``Optimizer.step``'s profiler range and hook loops, skipped when
   nothing would observe them (``torch.optim.optimizer`` module globals, the private
   ``_optimizer_step_code`` and ``_profiler_enabled``).
+* ``TorchDispatchMode`` and ``tree_flatten`` (``torch.utils._python_dispatch`` /
+  ``_pytree``): the LM job's live-memory tracker (:mod:`elra_fused.lm`).
 * :func:`is_dtensor`: DTensor moved from ``torch.distributed._tensor`` to
   ``torch.distributed.tensor`` in torch 2.5.
 * :func:`grad_scaler_scale`: a GradScaler's scale as a tensor (``_get_scale_async``);
@@ -18,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.optim.optimizer as torch_optimizer
+from torch.utils._python_dispatch import TorchDispatchMode as TorchDispatchMode
+from torch.utils._pytree import tree_flatten as tree_flatten
 
 
 def _step_is_observed(optimizer: torch.optim.Optimizer) -> bool:

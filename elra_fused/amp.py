@@ -65,11 +65,3 @@ class AmpScales:
 
     def load_state_dict(self, saved: torch.Tensor | None, device: torch.device) -> None:
         self.inv_prev = None if saved is None else saved.to(device, torch.float64).reshape(())
-
-
-def host_scales(scales: GradScales | None) -> GradScales | None:
-    """The scales as floats, for the host law (one read: on the CPU no sync)."""
-    if scales is None:
-        return None
-    inv, inv_prev, found = torch.stack([scales.inv, scales.inv_prev, scales.found_inf]).tolist()
-    return GradScales(inv, inv_prev, found)

@@ -371,12 +371,13 @@ class FlatLayout:
         """
         if self.memory == "offload" and self.buffers:  # refused before anything moves
             check_not_capturing(self.buffers[0].data.device)
+        for buffer in self.buffers:  # every moved parameter fails before the layout changes
+            buffer.check()
         if self.frozen and any(param.requires_grad for _, _, param in self.frozen):
             self._adopt_unfrozen(param_groups, state)
         work = _FlatWork()
         point = self.memory != "standard"
         for buffer, store in zip(self.buffers, self.stores, strict=True):
-            buffer.check()
             wd = param_groups[buffer.group_index]["wd"]
             if wd != 1.0 and not buffer.tracking:
                 buffer.track_touched(assume_touched=True)  # wd set != 1 after construction

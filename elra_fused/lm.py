@@ -78,12 +78,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from ._torch_compat import TorchDispatchMode, tree_flatten
 from .batching import DynamicBatchSize, GroupedBatches
 from .boost import Booster
 from .optimizer import ELRA
+from .report import optimizer_state_bytes as report_state_bytes
 
 OPTIMIZERS = ("elra", "adamw", "adamw_small", "prodigy")
 VOCAB = 256  # byte-level tokens
@@ -296,27 +296,9 @@ def evaluate(model: nn.Module, sequences: torch.Tensor) -> float:
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's own tensors, each storage once (ELRA's per-parameter
-    entries may be views of one buffer; its G_{t-1} may be last step's gradient)."""
-    tensors = [
-        v
-        for entry in opt.state.values()
-        if isinstance(entry, dict)
-        for v in entry.values()
-        if isinstance(v, torch.Tensor)
-    ]
-    if isinstance(opt, ELRA):
-        tensors.append(opt.control_state)
-        for store in getattr(opt.layout, "stores", []):
-            tensors.extend(getattr(store, "staging", []))
-    seen: set[int] = set()
-    total = 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+    """Bytes of the optimizer's own tensors, each storage once, wherever they live
+    (:func:`elra_fused.report.optimizer_state_bytes`)."""
+    return sum(report_state_bytes(opt))
 
 
 class LiveBytes(TorchDispatchMode):

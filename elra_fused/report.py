@@ -156,3 +156,39 @@ def plot(results: dict[str, list[RunResult]], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def optimizer_state_bytes(optimizer: Any) -> tuple[int, int]:
+    """(device bytes, host bytes) of an optimizer's own tensors, each storage once.
+
+    Every tensor in ``optimizer.state`` (a DTensor counts its local shard; ELRA's
+    per-parameter entries may be views of one flat buffer, or last step's gradient), and
+    for ELRA its control vector and offload staging chunks. On a CPU-only run everything
+    is host memory: callers add the two when "device" means the host.
+    """
+    tensors: list[Any] = []
+    for entry in optimizer.state.values():
+        if isinstance(entry, dict):
+            tensors.extend(
+                value.to_local() if hasattr(value, "to_local") else value
+                for value in entry.values()
+                if hasattr(value, "untyped_storage")
+            )
+    control = getattr(optimizer, "control_state", None)
+    if control is not None:
+        tensors.append(control)
+    for store in getattr(getattr(optimizer, "layout", None), "stores", []):
+        tensors.extend(getattr(store, "staging", []))
+    seen: set[tuple[str, int]] = set()
+    device_bytes = host_bytes = 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        if tensor.device.type == "cpu":
+            host_bytes += storage.nbytes()
+        else:
+            device_bytes += storage.nbytes()
+    return device_bytes, host_bytes
