@@ -5,8 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from elra_fused.report import RunResult, format_table, plot, summarize, to_json
+from elra_fused import ELRA, control
+from elra_fused.report import (
+    RunResult,
+    format_table,
+    optimizer_state_bytes,
+    plot,
+    summarize,
+    to_json,
+)
 
 
 def runs() -> dict[str, list[RunResult]]:
@@ -48,3 +57,16 @@ def test_json_and_plot(tmp_path) -> None:
     path = tmp_path / "curves.png"
     plot(runs(), path, "digits")
     assert path.stat().st_size > 1000
+
+
+def test_optimizer_state_bytes_counts_each_storage_once() -> None:
+    """Flat ELRA: the per-parameter G_{t-1} entries are views of one buffer (counted once)
+    plus the control vector; Adam: two moments per parameter plus its step counters."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    n = sum(p.numel() for p in model.parameters())
+    elra = ELRA(model.parameters(), flat=True)
+    assert sum(optimizer_state_bytes(elra)) == n * 4 + control.STATE_SIZE * 8
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    adam.step()
+    assert sum(optimizer_state_bytes(adam)) >= 2 * n * 4
