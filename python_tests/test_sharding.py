@@ -98,6 +98,13 @@ def _init(rank: int, port: int) -> None:
     )
 
 
+def _finish() -> None:
+    """Leave together: every rank waits for the others before the group (and rank 0's
+    store) goes away, so no rank's gloo threads lose their peer while still running."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     _init(rank, port)
     try:
@@ -143,7 +150,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +245,7 @@ def _refusal_worker(rank: int, port: int, out_dir: str) -> None:
         )
         torch.save((messages, unchanged), os.path.join(out_dir, f"refusals{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_what_elra_cannot_step_is_refused_clearly(tmp_path) -> None:
@@ -322,7 +329,7 @@ def _dbs_worker(rank: int, port: int, out_dir: str) -> None:
         ms, decisions = _dbs_train(model, loader, loader.sampler.set_epoch)
         torch.save((ms, decisions, _full(model)), os.path.join(out_dir, f"dbs{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_dynamic_batch_size_grows_every_ranks_share_at_the_same_step(tmp_path) -> None:
