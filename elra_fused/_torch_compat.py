@@ -66,7 +66,8 @@ def step_entry(step: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @functools.cache
-def _dtensor_class() -> type | None:
+def dtensor_class() -> type | None:
+    """torch's DTensor class (None where torch.distributed is not built)."""
     if not dist.is_available():
         return None
     try:
@@ -78,7 +79,7 @@ def _dtensor_class() -> type | None:
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2 / tensor-parallel shard)."""
-    cls = _dtensor_class()
+    cls = dtensor_class()
     return cls is not None and isinstance(tensor, cls)
 
 

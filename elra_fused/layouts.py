@@ -52,8 +52,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from . import checks, control
-from ._torch_compat import local_tensor
+from . import _torch_compat, checks, control
 from .core import Segment
 from .flat import FlatBuffer, build_flat_buffers
 from .memory import (
@@ -105,9 +104,19 @@ def _as_tensors(decision: control.Decision) -> control.Decision:
     return control.Decision(*(torch.as_tensor(v, dtype=torch.float64) for v in decision))
 
 
-def _same_order(tensor: torch.Tensor, param: torch.Tensor) -> bool:
-    """Whether ``tensor`` holds its elements in ``param``'s memory order (both dense)."""
-    return tensor.stride() == param.stride() or (tensor.is_contiguous() and param.is_contiguous())
+def _same_order(tensor: torch.Tensor, param: torch.Tensor, param_contiguous: bool) -> bool:
+    """Whether ``tensor`` holds its elements in ``param``'s memory order (both dense, same
+    shape; ``param_contiguous`` is ``param.is_contiguous()``). For a contiguous parameter
+    that is ``tensor.is_contiguous()``: equal strides imply it, and contiguous tensors of
+    one shape hold their elements in the same order (strides of size-1 dims aside)."""
+    if param_contiguous:
+        return tensor.is_contiguous()
+    return tensor.stride() == param.stride()
+
+
+def _storage_ptr(tensor: torch.Tensor, sharded: bool) -> int:
+    """The address of ``tensor``'s first element (a DTensor's: of its local shard)."""
+    return (tensor.to_local() if sharded else tensor).data_ptr()
 
 
 class ListLayout:
@@ -148,10 +157,14 @@ class ListLayout:
         raised (this loop runs over every parameter per step)."""
         work = StepWork()
         segments: dict[tuple[torch.device, float, int], GradPrevList] = {}
-        # Hoisted: this loop costs ~1-3 us per parameter, most of it attribute reads.
+        # Hoisted: this loop runs over every parameter per step; at ~300 small tensors it
+        # is most of a step's host time. Each check below costs one or two C calls in the
+        # common case (a contiguous parameter with autograd's own gradient).
         versions = self.prev_versions
         strided = torch.strided
         supported = self.supported
+        state_dtype = self.state_dtype
+        dtensor_class = _torch_compat.dtensor_class()
         for group_index, group in enumerate(param_groups):
             wd = group["wd"]
             for param_index, param in enumerate(group["params"]):
@@ -178,15 +191,17 @@ class ListLayout:
                 ):
                     name = checks.describe(group_index, param_index, param)
                     checks.reject_list_grad(name, param, self.backend)
-                if not param.is_contiguous() and not checks.is_dense(param):
+                contiguous = param.is_contiguous()
+                if not contiguous and not checks.is_dense(param):
                     name = checks.describe(group_index, param_index, param)
                     raise checks.not_dense(name, param)
+                sharded = dtensor_class is not None and isinstance(param, dtensor_class)
                 if (
                     grad.dtype != dtype
-                    or not _same_order(grad, param)
+                    or not _same_order(grad, param, contiguous)
                     or (
                         grad_prev is not None
-                        and local_tensor(grad).data_ptr() == local_tensor(grad_prev).data_ptr()
+                        and _storage_ptr(grad, sharded) == _storage_ptr(grad_prev, sharded)
                     )
                 ):
                     # Rare: a gradient assigned by hand, or a second step without backward
@@ -197,26 +212,26 @@ class ListLayout:
                     param.grad = grad
                 if (
                     grad_prev is None
-                    or not _same_order(grad_prev, param)
+                    or not _same_order(grad_prev, param, contiguous)
                     or grad_prev.device != device
-                    or (grad_prev.dtype != dtype and grad_prev.dtype != self.state_dtype)
+                    or (grad_prev.dtype != dtype and grad_prev.dtype != state_dtype)
                 ):
                     # A parameter seen for the first time had no gradient before: its
                     # previous gradient is zero, which is exact for <G_{t-1}, G_t>. A
                     # loaded G_{t-1}, or one kept from before the model was cast or
                     # moved, is laid out like its parameter (the kernels read the three
                     # tensors' storage as vectors of the same order).
-                    fresh = torch.empty_like(param, dtype=self.state_dtype or dtype)
+                    fresh = torch.empty_like(param, dtype=state_dtype or dtype)
                     if grad_prev is None:
                         grad_prev = fresh.zero_()
                     else:
                         grad_prev = fresh.copy_(grad_prev)
                     param_state[GRAD_PREV_KEY] = grad_prev
-                key = (device, wd, replicas(param))
+                key = (device, wd, replicas(param) if sharded else 1)
                 store = segments.get(key)
                 if store is None:
                     store = segments[key] = GradPrevList(versions)
-                store.add(param, grad, grad_prev, param_state)
+                store.add(param, grad, grad_prev, param_state, sharded, contiguous)
         for (device, wd, copies), store in segments.items():
             work.segments.append(Segment(store.xs, store.grads, store, wd, device, 1.0 / copies))
         return work

@@ -32,7 +32,6 @@ from typing import Any, Protocol
 
 import torch
 
-from ._torch_compat import is_dtensor
 from .amp import GradScales
 from .control import Decision
 from .flat import FlatBuffer
@@ -363,20 +362,29 @@ class GradPrevList(GradCoefficients):
         self.retired: list[torch.Tensor] = []
 
     def add(
-        self, x: torch.Tensor, grad: torch.Tensor, grad_prev: torch.Tensor, state: dict[str, Any]
+        self,
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        grad_prev: torch.Tensor,
+        state: dict[str, Any],
+        sharded: bool,
+        contiguous: bool,
     ) -> None:
+        """One parameter ``x`` with its gradient and G_{t-1}, checked by the layout;
+        ``sharded``: ``x`` is a DTensor, ``contiguous``: ``x.is_contiguous()``."""
         self.params.append(x)
         self.grad_tensors.append(grad)
-        if is_dtensor(x):  # sharded: the kernels step the local shards in place
+        if grad_prev.dtype != grad.dtype or grad._base is not None:
+            self.by_reference = False
+        if sharded:  # the kernels step the local shards in place
             x, grad, grad_prev = x.to_local(), grad.to_local(), grad_prev.to_local()
-        if not x.is_contiguous():
+            contiguous = x.is_contiguous()
+        if not contiguous:
             x, grad, grad_prev = (_storage_vector(t) for t in (x, grad, grad_prev))
         self.xs.append(x)
         self.grads.append(grad)
         self.prevs.append(grad_prev)
         self.param_states.append(state)
-        if grad_prev.dtype != grad.dtype or self.grad_tensors[-1]._base is not None:
-            self.by_reference = False
 
     def dots(
         self, kernels: KernelSet, x: list[torch.Tensor], grad: list[torch.Tensor], coeffs: None
