@@ -14,13 +14,20 @@ away). So every problem runs from the paper's start and from 40 starts a few ulp
 the median and the range (min-max) over those 41 starts next to the exact-start count
 and the paper's figure.
 
-ELRA settings, the same for all five problems: the paper's defaults except
-``kappa_gain=0`` (kappa corrects gradient *noise*, section 3.1; these gradients are
-exact) and ``gamma_max=1e6`` (section 3.1, "e.g. gamma_max ~ 10^6"; footnote 4's 10 is
-for neural networks).
+Two ELRA columns, each one setting for all five problems:
 
-Usage: ``python benchmarks/paper_2d.py [--json PATH] [--budget N]`` (30 s to 2 min on
-one CPU core: most of it is the ELRA runs from (-11, 121), up to the budget each).
+* "ELRA": the paper's defaults except ``kappa_gain=0`` (kappa corrects gradient *noise*,
+  section 3.1; these gradients are exact), ``gamma_max=1e6`` (section 3.1, "e.g.
+  gamma_max ~ 10^6"; footnote 4's 10 is for neural networks) and none of the guards
+  against mini-batch noise (``ELRA_DETERMINISTIC``);
+* "ELRA_2d": ``ELRA(params, preset="2d")``, the authors' 2-D path (their code at commit
+  d6cefd0, ``lib_grad_solve.py``, ``SelfConstOptim.p2min_step``: alpha_0 = 1e-5, the
+  growth damper of ``growth_func``, the retrace tolerance against the best loss so far of
+  ``CalcErrorTolerance``; :data:`elra_fused.control.PRESETS`), which the paper's ELRA
+  column comes from.
+
+Usage: ``python benchmarks/paper_2d.py [--json PATH] [--budget N]`` (1-2 min on one CPU
+core: most of it is the "ELRA" runs from (-11, 121), up to the budget each).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ ELRA_DETERMINISTIC = {
     "retrace_min_step": 0.0,
     "step_crop": None,
 }
+#: The second ELRA column: the authors' 2-D path (module docstring).
+ELRA_2D = {"preset": "2d"}
 #: Paper section 4.1.2: Adam alpha=0.05, betas (0.8, 0.9); RMSprop alpha=0.05.
 ADAM_BOWL = {"lr": 0.05, "betas": (0.8, 0.9)}
 RMSPROP = {"lr": 0.05}
@@ -51,8 +60,9 @@ RMSPROP = {"lr": 0.05}
 ADAM_SADDLE = {"lr": 0.01}
 
 #: The optimizers compared, in column order.
-OPTIMIZERS = ("ELRA", "Adam", "RMSprop")
-#: The paper's ELRA / Adam / RMSprop columns ("inf" = never, None = not reported).
+OPTIMIZERS = ("ELRA", "ELRA_2d", "Adam", "RMSprop")
+#: The paper's ELRA / Adam / RMSprop columns ("inf" = never, None = not reported); both
+#: ELRA columns are compared with the paper's ELRA.
 PAPER = {
     "bowl_1e-1": {"ELRA": 9, "Adam": 128, "RMSprop": 142},
     "bowl_1e-6": {"ELRA": 12, "Adam": 184, "RMSprop": math.inf},
@@ -197,17 +207,18 @@ def run(budget: int = BUDGET) -> dict[str, dict[str, dict[str, object]]]:
         adam = ADAM_SADDLE if name.startswith("saddle") else ADAM_BOWL
         makers: dict[str, MakeOptimizer] = {
             "ELRA": lambda p: ELRA(p, **ELRA_DETERMINISTIC),
+            "ELRA_2d": lambda p: ELRA(p, **ELRA_2D),
             "Adam": lambda p, a=adam: torch.optim.Adam(p, **a),
             "RMSprop": lambda p: torch.optim.RMSprop(p, **RMSPROP),
         }
         points = starts(start)
         results[name] = {}
         for opt, make in makers.items():
-            if opt == "ELRA":  # one start at a time (see ``crossings``)
+            if opt.startswith("ELRA"):  # one start at a time (see ``crossings``)
                 counts = [crossings(objective, [p], eps, make, degrees, budget)[0] for p in points]
             else:  # element-wise: all starts as one batch, the same bits
                 counts = crossings(objective, points, eps, make, degrees, budget)
-            paper = PAPER[name][opt]
+            paper = PAPER[name][opt.split("_")[0]]
             results[name][opt] = summarize(counts) | {
                 "paper": "inf" if paper == math.inf else paper
             }
@@ -223,6 +234,7 @@ def _fmt(value: object, budget: int) -> str:
 def print_results(results: dict[str, dict[str, dict[str, object]]], budget: int) -> None:
     n_starts = len(ULP_OFFSETS) + 1
     print(f"ELRA settings (all problems): {ELRA_DETERMINISTIC}, other arguments default")
+    print(f"ELRA_2d settings (all problems): {ELRA_2D} (the authors' 2-D path)")
     print(f"Adam {ADAM_BOWL} (saddle: {ADAM_SADDLE}), RMSprop {RMSPROP}; budget {budget} steps")
     print(f"median [min-max] over {n_starts} starts (exact + 1..5 ulp in 8 directions)")
     columns = ["problem"]

@@ -66,6 +66,32 @@ accepted loss, S the largest |f - K| so far (at least |K|, 1 if K = 0; the sums 
 rescaled by S_old / S_new when S grows): mean = K + S E[u], sigma = S sqrt(Var u). |u| <=
 1, so nothing overflows at any finite loss (raw sums of f^2 did at |f| >= 1e154), and the
 shift avoids cancellation when sigma << |mean|. Saved raw sums read as K = 0, S = 1.
+
+The 2-D preset (opt-in, ``ELRA(..., preset="2d")``, :data:`control_config.PRESETS`): the
+authors' path for exact gradients in few dimensions (``lib_grad_solve.py`` at commit
+d6cefd0, ``SelfConstOptim.p2min_step`` for len(x) <= 20; learnt from, not copied), which
+the paper's Tables 1 and 2 come from. alpha_0 = 1e-5, kappa_gain = 0, no step crop, no
+retrace floor, and two dampers, each a :class:`ControlConfig` field (None = off):
+
+* ``growth_damper`` d (their ``growth_func``): the growth cap of eq. (4) is
+  min(gamma_max, 1e6 / (1 + d)) with d updated first: d / 3.9 on an accepted step; on a
+  retrace d * 16 (d + 16 when d <= 1), or back to the start value 855000 once d >= 1e6 / 16.
+  From d = 855000 the cap grows 4.6, 18, 69, 270, ... over the first accepted steps: slow
+  from alpha_0 = 1e-5 at first, then effectively uncapped until a retrace damps it again.
+* ``error_damper`` e (their ``CalcErrorTolerance`` and ``UpdateErrorDamper``): the retrace
+  rule becomes f_t >= 1.1 T best, T = 25 + (2500 + 71 sqrt(best)) / (1 + sqrt(e)), best
+  the best loss so far, relaxed x1.1 on every step that does not improve it; in place of
+  the 5-sigma rule (``initial_retrace_factor`` still applies where set; the preset drops
+  it, as their 2-D path has none). e / 1.69 on every step except an accepted rise of f,
+  which gives e * 16 (e + 16 when e < 1), at most the start value 500000. A lax rule
+  (T ~ 28 at the start, up to ~2500): only a jump of f far above the best retraces.
+  For a negative best (their code assumes f > 0) "1.1 T best" reads best + (1.1 T - 1)
+  |best| and the relaxation best + 0.1 |best|: the same rule measured from |best|.
+
+They are state entries, started at the first accepted step (and again after a restart);
+the retrace parabola is the paper's (capped at alpha_{t-1} / 2, where their 2-D path has
+no cap; it makes no difference on the paper's problems). Off (the defaults), the law is
+the same bits as without them.
 """
 
 from __future__ import annotations
@@ -97,6 +123,8 @@ SIGMA_INFLATION = control_config.SIGMA_INFLATION
 STEP_CROP = control_config.STEP_CROP
 WARMUP_MIN_STEP = control_config.WARMUP_MIN_STEP
 ControlConfig = control_config.ControlConfig
+PRESETS = control_config.PRESETS
+with_preset = control_config.with_preset
 
 # ---------------------------------------------------------------------------------------
 # Packed control state: one float64 vector on the parameters' device. One tensor means
@@ -128,7 +156,14 @@ RESTART_PENDING = 20  # 1.0: the next step starts afresh, like a first step
 #: A state of this size (saved before the learning rate) loads with LR_TAKEN = 1.
 GUARDS_STATE_SIZE = 21
 LR_TAKEN = 21  # lr of the last step taken: that step was LR_TAKEN * ALPHA long
-STATE_SIZE = 22
+#: A state of this size (saved before the 2-D preset) loads with the entries below 0: the
+#: preset (if on) starts them at its next step.
+LR_STATE_SIZE = 22
+BEST_LOSS = 22  # the 2-D preset's best loss so far (relaxed x1.1 per step not improving it)
+GROWTH_DAMPER = 23  # its growth damper d
+ERROR_DAMPER = 24  # its error damper e
+DAMPERS_STARTED = 25  # 1.0 once the three entries above hold values (else: start values)
+STATE_SIZE = 26
 #: The largest finite float64: the scale S is clamped to it (|f - K| can overflow).
 FLOAT64_MAX = 1.7976931348623157e308
 
@@ -170,18 +205,88 @@ def accept_alpha(
     grad_dot_prev: Any,
     config: ControlConfig,
     xp: Math = TENSOR_MATH,
+    cap: Any = None,
 ) -> Any:
     """Eq. (4): alpha_t = alpha_{t-1} * min(Ga / (Ga - S) * kappa, gamma_max).
 
     ``Ga - S <= 0`` means the gradient did not turn against the last step: the parabola
     ansatz has no minimum ahead, so the growth is the cap. ``Ga == 0`` (the last gradient
-    was zero) carries no information about the landscape: alpha is kept.
+    was zero) carries no information about the landscape: alpha is kept. ``cap`` (the
+    2-D preset's :func:`growth_cap`) replaces gamma_max where given.
     """
     denom = grad_prev_sq - grad_dot_prev
     turned = denom > 0
-    ratio = xp.where(turned, grad_prev_sq / xp.where(turned, denom, 1.0), config.gamma_max)
-    growth = xp.clamp(ratio * kappa(alpha_prev, config.kappa_gain), hi=config.gamma_max)
+    if cap is None:
+        ratio = xp.where(turned, grad_prev_sq / xp.where(turned, denom, 1.0), config.gamma_max)
+        growth = xp.clamp(ratio * kappa(alpha_prev, config.kappa_gain), hi=config.gamma_max)
+    else:
+        ratio = xp.where(turned, grad_prev_sq / xp.where(turned, denom, 1.0), cap)
+        growth = xp.minimum(ratio * kappa(alpha_prev, config.kappa_gain), cap)
     return alpha_prev * xp.where(grad_prev_sq > 0, growth, 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# The 2-D preset's dampers (module docstring, "The 2-D preset"; constants in
+# :mod:`elra_fused.control_config`). Scalars divided by a value are written k * (1.0 / x)
+# (the tensor and float laws then round alike).
+# ---------------------------------------------------------------------------------------
+def next_growth_damper(damper: Any, retrace: Any, config: ControlConfig, xp: Math) -> Any:
+    """d after this step (``growth_func``): / 3.9 on an accept; on a retrace * 16 (+ 16
+    when d <= 1), or back to the start value once d >= 1e6 / 16."""
+    jump = control_config.DAMPER_JUMP
+    start = config.growth_damper
+    worse = xp.where(
+        damper > 1.0,
+        xp.where(damper < control_config.GROWTH_DAMPER_SCALE / jump, damper * jump, start),
+        damper + jump,
+    )
+    return xp.where(retrace, worse, damper * (1.0 / control_config.GROWTH_DAMPER_DECAY))
+
+
+def growth_cap(damper: Any, config: ControlConfig, xp: Math) -> Any:
+    """The cap of eq. (4) under growth damper d: min(gamma_max, 1e6 / (1 + d))."""
+    damped = control_config.GROWTH_DAMPER_SCALE * (1.0 / (1.0 + damper))
+    return xp.clamp(damped, hi=config.gamma_max)
+
+
+def next_error_damper(damper: Any, rose: Any, config: ControlConfig, xp: Math) -> Any:
+    """e after this step (``UpdateErrorDamper``): an accepted step with f_t > f_{t-1}
+    (``rose``) gives e * 16 (+ 16 when e < 1; at most the start value), any other step
+    e / 1.69."""
+    jump = control_config.DAMPER_JUMP
+    top = config.error_damper
+    worse = xp.where(damper < 1.0, damper + jump, xp.where(damper < top, damper * jump, top))
+    return xp.where(rose, worse, damper * (1.0 / control_config.ERROR_DAMPER_DECAY))
+
+
+def tolerance_threshold(best: Any, error_damper: Any, xp: Math) -> Any:
+    """The loss at which the 2-D preset retraces: 1.1 T best (``CalcErrorTolerance`` and
+    ``p2min_step``), T = 25 + (2500 + 71 sqrt(|best|)) / (1 + sqrt(e)); for a negative
+    best, best + (1.1 T - 1) |best| (module docstring)."""
+    cc = control_config
+    spread = cc.TOLERANCE_SPAN + cc.TOLERANCE_ROOT * xp.sqrt(abs(best))
+    tolerance = cc.TOLERANCE_BASE + xp.div(spread, 1.0 + xp.sqrt(error_damper))
+    factor = cc.TOLERANCE_MARGIN * tolerance
+    return best * xp.where(best >= 0.0, factor, 2.0 - factor)
+
+
+def next_best(loss: Any, best: Any, xp: Math) -> Any:
+    """The best loss so far after a later step: f_t if finite and below it, else relaxed
+    by 10 % (best * 1.1, or best * 0.9 when negative), at most the largest double."""
+    relax = control_config.BEST_RELAX
+    relaxed = xp.where(best >= 0.0, best * relax, best * (2.0 - relax))
+    improved = all_finite(loss) & (loss < best)
+    return xp.where(improved, loss, xp.clamp(relaxed, hi=FLOAT64_MAX))
+
+
+def damper_inputs(state: Any, config: ControlConfig, xp: Math) -> tuple[Any, Any, Any]:
+    """(best, d, e) before this step: the state's entries once started, else the start
+    values (best = f_{t-1}; the start values of an unused damper are 0)."""
+    started = state[DAMPERS_STARTED] > 0
+    best = xp.where(started, state[BEST_LOSS], state[LOSS_PREV])
+    growth = xp.where(started, state[GROWTH_DAMPER], config.growth_damper or 0.0)
+    error = xp.where(started, state[ERROR_DAMPER], config.error_damper or 0.0)
+    return best, growth, error
 
 
 def limit_alpha(
@@ -270,13 +375,18 @@ def needs_retrace(
     """Bool: should step t retrace (section 3.2)?
 
     ``state`` is indexed by the entry constants: the packed vector, its ``unbind()`` or
-    (with :data:`FLOAT_MATH`) a sequence of floats.
+    (with :data:`FLOAT_MATH`) a sequence of floats. With ``error_damper`` set (the 2-D
+    preset) :func:`tolerance_threshold` replaces the 5-sigma rule.
     """
     not_finite = xp.logical_not(usable_gradient(loss, grad_sq, config, xp, grad_dot_prev))
     cycle_closed = state[CYCLE_CLOSED] > 0
-    sigma = state[CYCLE_STD] * state[SIGMA_SCALE]
-    threshold = state[CYCLE_MEAN] + config.retrace_sigmas * sigma
-    spike = cycle_closed & (loss > threshold)
+    if config.error_damper is not None:  # the 2-D preset: against the best loss so far
+        best, _, error = damper_inputs(state, config, xp)
+        spike = loss >= tolerance_threshold(best, error, xp)
+    else:
+        sigma = state[CYCLE_STD] * state[SIGMA_SCALE]
+        threshold = state[CYCLE_MEAN] + config.retrace_sigmas * sigma
+        spike = cycle_closed & (loss > threshold)
     if config.initial_retrace_factor is not None:
         first = state[LOSS_FIRST]
         initial_limit = first + (config.initial_retrace_factor - 1.0) * abs(first)
@@ -323,8 +433,16 @@ def control_step(
     first_alpha = limit_alpha(alpha_prev, grad_sq, step_index, config, xp)
 
     retrace = needs_retrace(state, loss, grad_sq, grad_dot_prev, config, xp)
+    damped = config.growth_damper is not None or config.error_damper is not None
+    if damped:  # the 2-D preset (module docstring)
+        best, growth_in, error_in = damper_inputs(state, config, xp)
+        growth_damper, error_damper = growth_in, error_in
+    cap = None
+    if config.growth_damper is not None:
+        growth_damper = next_growth_damper(growth_in, retrace, config, xp)
+        cap = growth_cap(growth_damper, config, xp)
     later_accept_alpha = limit_alpha(
-        accept_alpha(alpha_prev, grad_prev_sq, grad_dot_prev, config, xp),
+        accept_alpha(alpha_prev, grad_prev_sq, grad_dot_prev, config, xp, cap),
         grad_sq,
         step_index,
         config,
@@ -368,6 +486,24 @@ def control_step(
     sigma_scale = xp.clamp(
         xp.where(accept, scaled * (1.0 / config.sigma_inflation), inflated), lo=1.0
     )
+    if damped:  # a later step updates the dampers, the first (accepted) one starts them
+        if config.error_damper is not None:
+            rose = accept & (loss > loss_prev)
+            error_damper = next_error_damper(error_in, rose, config, xp)
+        best = xp.where(first_accept, loss, xp.where(has_prev, next_best(loss, best, xp), best))
+        dampers = [  # a first step keeps the start values: the first accept starts them
+            best,
+            xp.where(has_prev, growth_damper, growth_in),
+            xp.where(has_prev, error_damper, error_in),
+            xp.where(restart, 0.0, xp.where(has_prev | first_accept, 1.0, state[DAMPERS_STARTED])),
+        ]
+    else:
+        dampers = [
+            state[BEST_LOSS],
+            state[GROWTH_DAMPER],
+            state[ERROR_DAMPER],
+            state[DAMPERS_STARTED],
+        ]
     new_state = xp.pack(
         [
             alpha_new,
@@ -392,6 +528,7 @@ def control_step(
             xp.where(accept, alpha_new, state[ALPHA_ACCEPTED]),
             xp.where(restart, 1.0, xp.where(first_accept, 0.0, state[RESTART_PENDING])),
             lr_prev * 0.0 + lr,  # as a state entry (a float lr joins a tensor state)
+            *dampers,
         ]
     )
     return new_state, Decision(accept_f, taken, back)

@@ -1,10 +1,10 @@
 """The control law's constants (:class:`ControlConfig`): the paper's values and the
-authors' guards, with their validation. The law itself is :mod:`elra_fused.control`,
-which re-exports everything here."""
+authors' guards, with their validation, and the opt-in presets (:data:`PRESETS`). The law
+itself is :mod:`elra_fused.control`, which re-exports everything here."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 # ---------------------------------------------------------------------------------------
@@ -38,6 +38,36 @@ SIGMA_INFLATION = 1.05
 RETRACE_MIN_STEP = 1e-4
 MAX_RETRACES = 25
 
+# ---------------------------------------------------------------------------------------
+# The authors' 2-D path (opt-in: ``preset="2d"``, :data:`PRESETS`). From their code,
+# GitHub ``alex77g2/solver_icml`` at commit d6cefd0, ``lib_grad_solve.py``, class
+# ``SelfConstOptim`` (the ``p2min_step`` path for len(x) <= 20); learnt from, not copied.
+# ---------------------------------------------------------------------------------------
+#: alpha_0 of the 2-D path (``SelfConstOptim.__init__`` and ``p2min_step``: 0.00001).
+ALPHA0_2D = 1e-5
+#: Start (and reset) value of the growth damper d (``__growthdamper``, ``growth_func``).
+GROWTH_DAMPER_START = 855000.0
+#: The growth cap is GROWTH_DAMPER_SCALE / (1 + d) (``growth_func``).
+GROWTH_DAMPER_SCALE = 1e6
+#: d is divided by this on every accepted step (``growth_func``).
+GROWTH_DAMPER_DECAY = 3.9
+#: Both dampers grow by this factor (or by this amount, below 1) on a bad step
+#: (``growth_func``, ``UpdateErrorDamper``).
+DAMPER_JUMP = 16.0
+#: Start value and cap of the error damper e (``__errordamper``, ``UpdateErrorDamper``).
+ERROR_DAMPER_START = 500000.0
+#: e is divided by this on every step that is not an accepted rise (``UpdateErrorDamper``).
+ERROR_DAMPER_DECAY = 1.69
+#: Retrace tolerance T = base + (span + root * sqrt(best)) / (1 + sqrt(e)), and retrace
+#: when f_t >= margin * T * best (``CalcErrorTolerance``, ``p2min_step``).
+TOLERANCE_BASE = 25.0
+TOLERANCE_SPAN = 2500.0
+TOLERANCE_ROOT = 71.0
+TOLERANCE_MARGIN = 1.1
+#: "best" is the best loss so far, relaxed by this factor on every step that does not
+#: improve it (``p2min_step``: ``__truebestfkt *= 1.1``).
+BEST_RELAX = 1.1
+
 
 @dataclass(frozen=True)
 class ControlConfig:
@@ -48,6 +78,13 @@ class ControlConfig:
     ``f_t > 1.1 f_0`` rule (pre-trained starts). The last five fields are the authors'
     guards (module docstring); ``min_cycle_losses=1, sigma_inflation=1.0,
     retrace_min_step=0.0, max_retraces=None`` is the paper's law without them.
+
+    ``growth_damper`` and ``error_damper`` (None = off) are the authors' 2-D path, opt-in
+    through ``PRESETS["2d"]`` (:mod:`elra_fused.control`, "The 2-D preset"): the start
+    values of their growth damper (the growth cap of eq. 4 becomes
+    min(gamma_max, 1e6 / (1 + d))) and of their error damper (the retrace rule becomes
+    "f_t >= 1.1 T(best, e) best", T from ``CalcErrorTolerance``, in place of the
+    5-sigma rule).
     """
 
     alpha0: float = ALPHA0
@@ -65,6 +102,8 @@ class ControlConfig:
     retrace_min_step: float = RETRACE_MIN_STEP
     max_retraces: int | None = MAX_RETRACES
     max_grad_norm: float | None = None
+    growth_damper: float | None = None
+    error_damper: float | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -108,9 +147,62 @@ class ControlConfig:
         step = self.retrace_min_step
         if not (isinstance(step, (int, float)) and 0.0 <= step < float("inf")):
             raise ValueError(f"ELRA: retrace_min_step must be finite and >= 0, got {step!r}")
+        for name in ("growth_damper", "error_damper"):
+            damper = getattr(self, name)
+            ok = isinstance(damper, (int, float)) and 0.0 <= damper < float("inf")
+            if damper is not None and not (ok and not isinstance(damper, bool)):
+                raise ValueError(f"ELRA: {name} must be finite and >= 0 or None, got {damper!r}")
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
+        """The fields as a dict (saved in the state dict). The 2-D dampers appear only
+        when set, so a default config reads as one saved before they existed."""
+        values = asdict(self)
+        for name in _OPT_IN_FIELDS:
+            if values[name] is None:
+                del values[name]
+        return values
+
+
+#: Fields that :meth:`ControlConfig.as_dict` leaves out while they are None (off).
+_OPT_IN_FIELDS = ("growth_damper", "error_damper")
+
+#: Opt-in presets: name -> the :class:`ControlConfig` fields it sets.
+#:
+#: ``"2d"``, the authors' 2-D path (``lib_grad_solve.py``, ``SelfConstOptim.p2min_step``
+#: for len(x) <= 20, at commit d6cefd0) for exact gradients in few dimensions: alpha_0 =
+#: 1e-5; no noise correction (kappa_gain 0), no step crop and no retrace floor (their 2-D
+#: path has none); the growth damper (``growth_func``) in place of a fixed gamma_max; the
+#: retrace rule against the best loss so far (``CalcErrorTolerance``) in place of the
+#: 5-sigma and the initial 1.1 f_0 rules. Reproduces the paper's ELRA column of Tables 1
+#: and 2 (README, "Paper 2-D problems"). Not meant for mini-batch training.
+PRESETS: dict[str, dict[str, float | int | None]] = {
+    "2d": {
+        "alpha0": ALPHA0_2D,
+        "kappa_gain": 0.0,
+        "gamma_max": GROWTH_DAMPER_SCALE,  # the damper's cap never exceeds it
+        "step_crop": None,
+        "retrace_min_step": 0.0,
+        "initial_retrace_factor": None,
+        "growth_damper": GROWTH_DAMPER_START,
+        "error_damper": ERROR_DAMPER_START,
+    },
+}
+
+
+def with_preset(config: ControlConfig, preset: str | None) -> ControlConfig:
+    """``config`` with the fields of ``PRESETS[preset]`` that it leaves at their defaults
+    (a field set to another value wins over the preset). ``None``: ``config`` itself."""
+    if preset is None:
+        return config
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"ELRA: preset must be None or one of {sorted(PRESETS)}, got {preset!r}")
+    defaults = ControlConfig()
+    unchanged = {
+        field.name
+        for field in fields(ControlConfig)
+        if getattr(config, field.name) == getattr(defaults, field.name)
+    }
+    return replace(config, **{k: v for k, v in PRESETS[preset].items() if k in unchanged})
 
 
 def _check_count(name: str, value: Any, allow_none: bool) -> None:

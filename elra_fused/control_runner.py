@@ -50,22 +50,24 @@ def upgrade_state(saved: torch.Tensor) -> torch.Tensor:
 
     A state saved before the guards (``control.LEGACY_STATE_SIZE`` entries) gains them as a
     fresh state has them; its raw cycle sums are the shifted sums with K = 0. A state saved
-    before the learning rate (``control.GUARDS_STATE_SIZE``) took its steps at lr = 1.
+    before the learning rate (``control.GUARDS_STATE_SIZE``) took its steps at lr = 1; one
+    saved before the 2-D preset (``control.LR_STATE_SIZE``) has not started its entries.
     """
     saved = saved.detach().to(torch.float64)
-    sizes = (control.STATE_SIZE, control.GUARDS_STATE_SIZE, control.LEGACY_STATE_SIZE)
-    if saved.dim() != 1 or saved.shape[0] not in sizes:
+    sizes = (control.STATE_SIZE, control.LR_STATE_SIZE, control.GUARDS_STATE_SIZE)
+    if saved.dim() != 1 or saved.shape[0] not in (*sizes, control.LEGACY_STATE_SIZE):
         raise ValueError(
             f"ELRA.load_state_dict: control state must be a tensor of {control.STATE_SIZE} (or "
-            f"{control.GUARDS_STATE_SIZE} or {control.LEGACY_STATE_SIZE}) values, got shape "
-            f"{tuple(saved.shape)}; the state dict is corrupt or from an incompatible version"
+            f"{', '.join(map(str, sizes[1:]))} or {control.LEGACY_STATE_SIZE}) values, got "
+            f"shape {tuple(saved.shape)}; the state dict is corrupt or from an incompatible version"
         )
     size = saved.shape[0]
     if size == control.STATE_SIZE:
         return saved
     fresh = torch.zeros(control.STATE_SIZE, dtype=torch.float64, device=saved.device)
     fresh[:size] = saved
-    fresh[control.LR_TAKEN] = 1.0
+    if size < control.LR_STATE_SIZE:
+        fresh[control.LR_TAKEN] = 1.0
     if size == control.LEGACY_STATE_SIZE:
         fresh[control.SIGMA_SCALE] = 1.0
         fresh[control.CYCLE_SCALE] = 1.0

@@ -44,8 +44,7 @@ class ELRA(torch.optim.Optimizer):
         wd: multiplicative weight decay, x <- wd * x on accepted steps (1.0 = off; the
             paper uses 0.9997).
         kappa_gain: k in kappa(a) = 1 + k / (1 + a^2); 0 for noise-free problems.
-        gamma_max: cap of alpha_t / alpha_{t-1}.
-        alpha_min, alpha_max: bounds on alpha.
+        gamma_max, alpha_min, alpha_max: cap of alpha_t / alpha_{t-1}; bounds on alpha.
         step_crop: c in alpha_t ||G_t|| <= c (paper 3.5 and the authors' code: 2); None
             = off.
         warmup_steps, warmup_min_step: alpha_t ||G_t|| >= warmup_min_step during the
@@ -62,6 +61,7 @@ class ELRA(torch.optim.Optimizer):
             ``1, 1.0, 0.0, None`` is the paper's law without them.
         max_grad_norm: a step on a gradient of larger norm is not taken (a retrace); off
             by default, the largest finite value of a compact ``state_dtype``.
+        preset: "2d": the authors' 2-D path for exact gradients (control.PRESETS); None off.
         lr: scales the step taken, lr * alpha (1.0: the paper's step), for torch's LR
             schedulers; alpha follows the law at the points reached, a retrace fits its
             parabola along the step taken (:func:`elra_fused.control.control_step`).
@@ -118,6 +118,7 @@ class ELRA(torch.optim.Optimizer):
         retrace_min_step: float = control.RETRACE_MIN_STEP,
         max_retraces: int | None = control.MAX_RETRACES,
         max_grad_norm: float | None = None,
+        preset: str | None = None,
         lr: float = 1.0,
         weight_decay: float | None = None,
         cycle_steps: int | None = None,
@@ -153,7 +154,7 @@ class ELRA(torch.optim.Optimizer):
             max_grad_norm=max_grad_norm,
         )
         checks.check_memory(memory, state_dtype, flat, reuse_grad_buffer)
-        config = checks.grad_norm_for_state(config, state_dtype)
+        config = checks.grad_norm_for_state(control.with_preset(config, preset), state_dtype)
         self.cycle_steps = cycle_steps
         self.memory = memory
         wd = checks.resolve_wd(wd, weight_decay)
