@@ -25,12 +25,24 @@ data: 128, 64 and 16 steps for batches of 2, 4, 16).
 
 Per grid cell (batch size, cycle): runs "locked" (>= 99 % of their last 500 steps
 retraced), the smallest alpha any run reached, the median share of retraced steps, and
-the median final full-data loss of ELRA and of Adam and their ratio.
+the median final full-data loss of ELRA and of Adam and their ratio. ELRA's final loss is
+also given at its boosted point (paper 3.7: the mean of its iterates over the last epoch,
+:class:`elra_fused.boost.Booster`; evaluation only, the run itself is unchanged), since
+on tiny batches ELRA's last iterate carries the step noise that the mean cancels. Adam
+is reported at its last iterate, as a user would take it.
 
 ``--guards on``: ELRA's default guards. ``--guards off``: the paper's law without them
 (``min_cycle_losses=1, sigma_inflation=1.0, retrace_min_step=0.0, max_retraces=None``);
 an ELRA whose constructor has no guard arguments has no guards, so "off" then passes
 nothing and "on" is refused.
+
+``--dynamic-batch`` adds one row per batch size: ELRA with the paper's dynamic batch size
+(3.3; :class:`elra_fused.batching.DynamicBatchSize`, m_0 = 1, one cycle per epoch) on the
+same stream of mini-batches as Adam -- a step of m_t mini-batches consumes m_t of them --
+stopped at the same number of samples. The paper's answer to gradient noise that turns
+descent into a random walk is a larger batch, not a smaller alpha; this row shows what
+that buys at the batch sizes where the fixed-batch law trails Adam. "locked" and the
+retraced share count optimizer steps.
 
 ``--step-crop C`` passes ``step_crop=C`` (ELRA's default is 2, off with ``--guards
 off``): without it the small-batch runs that do not lock diverge, guards or not.
@@ -52,6 +64,8 @@ import torch
 import torch.nn.functional as F
 
 from elra_fused import ELRA
+from elra_fused.batching import DynamicBatchSize, GroupedBatches
+from elra_fused.boost import Booster
 
 N_SAMPLES, N_FEATURES, N_CLASSES, HIDDEN = 256, 8, 4, 32
 ADAM_LR = 1e-3
@@ -66,6 +80,8 @@ GUARDS_OFF = {
     "step_crop": None,  # the step crop (on by default since the guards) off too
 }
 EPOCH = "epoch"
+#: The cycle label of the dynamic-batch rows (one cycle per epoch, m_t grown by the law).
+DYNAMIC = "epoch+dyn"
 
 
 def elra_has_guards() -> bool:
@@ -126,7 +142,9 @@ class ElraRun:
     min_alpha: float
     final_alpha: float
     final_loss: float
+    boosted_loss: float  # at the mean of the last epoch's iterates (paper 3.7)
     restarts: int | None  # max_retraces restarts (None: this ELRA has no guards)
+    final_m: int = 1  # mini-batches per step at the end (dynamic batch size; else 1)
 
 
 def train_elra(
@@ -140,6 +158,8 @@ def train_elra(
     model = make_model(seed)
     per_epoch = N_SAMPLES // indices.shape[1]
     opt = ELRA(model.parameters(), cycle_steps=None if cycle == EPOCH else int(cycle), **kwargs)
+    booster = Booster(model.parameters())
+    boost_from = len(indices) - min(per_epoch, len(indices))  # the last epoch's steps
     retraced: list[bool] = []
     min_alpha = opt.alpha
     for step, index in enumerate(indices):
@@ -150,8 +170,13 @@ def train_elra(
         # Host control on the CPU: these reads cost a float each, no device sync.
         retraced.append(opt.last_step_retraced)
         min_alpha = min(min_alpha, opt.alpha)
+        if step >= boost_from:
+            booster.update()
         if cycle == EPOCH and (step + 1) % per_epoch == 0:
             opt.end_cycle()
+    booster.end_window()
+    with booster.boosted(model):
+        boosted_loss = full_loss(model, x, y)
     window = retraced[-LOCK_WINDOW:]
     share = sum(window) / len(window)
     restarts = getattr(opt, "restart_count", None)
@@ -163,7 +188,75 @@ def train_elra(
         min_alpha=min_alpha,
         final_alpha=opt.alpha,
         final_loss=full_loss(model, x, y),
+        boosted_loss=boosted_loss,
         restarts=restarts,
+    )
+
+
+class EpochStream:
+    """The mini-batch stream as a re-iterable loader: each pass yields the next epoch's
+    mini-batches (``GroupedBatches`` calls one pass an epoch)."""
+
+    def __init__(self, indices: torch.Tensor, per_epoch: int) -> None:
+        self.epochs = list(indices.split(per_epoch))
+
+    def __iter__(self):
+        if self.epochs:
+            yield from self.epochs.pop(0)
+
+
+def train_elra_dynamic(
+    seed: int,
+    data: tuple[torch.Tensor, torch.Tensor],
+    indices: torch.Tensor,
+    kwargs: dict[str, float | int | None],
+) -> ElraRun:
+    """ELRA with the dynamic batch size on the stream ``indices`` (mini-batches in order),
+    until it is used up: the same samples Adam sees, in fewer, larger steps."""
+    x, y = data
+    model = make_model(seed)
+    budget, per_epoch = len(indices), N_SAMPLES // indices.shape[1]
+    opt = ELRA(model.parameters(), **kwargs)
+    sizer = DynamicBatchSize(opt)
+    grouped = GroupedBatches(EpochStream(indices, per_epoch), sizer)
+    booster = Booster(model.parameters())
+    retraced: list[bool] = []
+    min_alpha, used = opt.alpha, 0
+    while used < budget:
+        steps_before = len(retraced)
+        for group in grouped:
+            total = torch.zeros(())
+            for index in group:
+                loss = F.cross_entropy(model(x[index]), y[index])
+                (loss * group.scale).backward()
+                total = total + loss.detach()
+            opt.step(total / len(group))
+            opt.zero_grad()
+            retraced.append(opt.last_step_retraced)
+            min_alpha = min(min_alpha, opt.alpha)
+            used += len(group)
+            if used > budget - per_epoch:  # the last epoch's samples: the boosting window
+                booster.update()
+            if used >= budget:
+                break
+        if len(retraced) == steps_before:  # the stream ran dry (the rest was carried)
+            break
+    booster.end_window()
+    with booster.boosted(model):
+        boosted_loss = full_loss(model, x, y)
+    window = retraced[-LOCK_WINDOW:]
+    share = sum(window) / len(window)
+    return ElraRun(
+        seed=seed,
+        locked=share >= LOCK_SHARE,
+        retraced_last_window=share,
+        retraced_share=sum(retraced) / len(retraced),
+        min_alpha=min_alpha,
+        final_alpha=opt.alpha,
+        final_loss=full_loss(model, x, y),
+        boosted_loss=boosted_loss,
+        restarts=getattr(opt, "restart_count", None),
+        final_m=sizer.m,
     )
 
 
@@ -201,19 +294,27 @@ def run_grid(
     batches: list[int],
     cycles: list[int | str],
     kwargs: dict[str, float | int | None],
+    dynamic_batch: bool = False,
 ) -> list[dict[str, object]]:
     """One record per (batch, cycle) cell: the summary and every run; ``kwargs`` go to
-    every ELRA (the guard switches, ``step_crop``)."""
+    every ELRA (the guard switches, ``step_crop``); ``dynamic_batch`` adds a
+    :data:`DYNAMIC` cell per batch size."""
     data = make_data()
     records: list[dict[str, object]] = []
     for batch in batches:
         orders = {seed: batch_indices(batch, steps, seed) for seed in range(seeds)}
         adam = [train_adam(seed, data, orders[seed]) for seed in range(seeds)]
         adam_median = statistics.median(adam)
-        for cycle in cycles:
+        for cycle in [*cycles, *([DYNAMIC] if dynamic_batch else [])]:
             t0 = time.perf_counter()
-            runs = [train_elra(seed, data, orders[seed], cycle, kwargs) for seed in range(seeds)]
+            runs = [
+                train_elra_dynamic(seed, data, orders[seed], kwargs)
+                if cycle == DYNAMIC
+                else train_elra(seed, data, orders[seed], cycle, kwargs)
+                for seed in range(seeds)
+            ]
             elra_median = statistics.median(r.final_loss for r in runs)
+            boosted_median = statistics.median(r.boosted_loss for r in runs)
             records.append(
                 {
                     "batch": batch,
@@ -222,9 +323,12 @@ def run_grid(
                     "runs": len(runs),
                     "min_alpha": min(r.min_alpha for r in runs),
                     "median_retraced_share": statistics.median(r.retraced_share for r in runs),
+                    "final_m": sorted(r.final_m for r in runs),
                     "elra_median_loss": elra_median,
                     "adam_median_loss": adam_median,
                     "ratio": elra_median / adam_median,
+                    "elra_median_boosted_loss": boosted_median,
+                    "boosted_ratio": boosted_median / adam_median,
                     "seconds": time.perf_counter() - t0,
                     "elra_runs": [asdict(r) for r in runs],
                     "adam_final_losses": adam,
@@ -243,6 +347,8 @@ def print_records(records: list[dict[str, object]]) -> None:
         "ELRA loss",
         "Adam loss",
         "ELRA/Adam",
+        "boosted",
+        "boosted/Adam",
     ]
     rows = [
         [
@@ -254,6 +360,8 @@ def print_records(records: list[dict[str, object]]) -> None:
             harness.cell(r["elra_median_loss"], ".4f"),
             harness.cell(r["adam_median_loss"], ".4f"),
             harness.cell(r["ratio"], ".3g"),
+            harness.cell(r["elra_median_boosted_loss"], ".4f"),
+            harness.cell(r["boosted_ratio"], ".3g"),
         ]
         for r in records
     ]
@@ -274,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=[4, 16, 32, EPOCH],
         help=f"control cycle lengths in steps, or '{EPOCH}' (end_cycle() per pass)",
+    )
+    parser.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help=f"add a '{DYNAMIC}' row per batch size: the paper's dynamic batch size (3.3)",
     )
     parser.add_argument(
         "--step-crop",
@@ -299,7 +412,9 @@ def main(argv: list[str] | None = None) -> None:
         "median final full-data cross-entropy; retraced: median share of steps"
     )
     t0 = time.perf_counter()
-    records = run_grid(args.seeds, args.steps, args.batches, args.cycles, kwargs)
+    records = run_grid(
+        args.seeds, args.steps, args.batches, args.cycles, kwargs, args.dynamic_batch
+    )
     seconds = time.perf_counter() - t0
     print_records(records)
     print(f"total {seconds:.0f} s")
