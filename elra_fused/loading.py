@@ -66,6 +66,7 @@ _FLAGS = {
     control.LAST_RETRACED: "LAST_RETRACED",
     control.CYCLE_CLOSED: "CYCLE_CLOSED",
     control.RESTART_PENDING: "RESTART_PENDING",
+    control.DAMPERS_STARTED: "DAMPERS_STARTED",
 }
 #: Lower bounds every state the law produces keeps: (entry, name, bound, strict).
 _BOUNDS = (
@@ -75,6 +76,8 @@ _BOUNDS = (
     (control.CYCLE_STD, "CYCLE_STD", 0.0, False),
     (control.CYCLE_SCALE, "CYCLE_SCALE", 0.0, True),
     (control.SIGMA_SCALE, "SIGMA_SCALE", 1.0, False),
+    (control.GROWTH_DAMPER, "GROWTH_DAMPER (2-D preset)", 0.0, False),
+    (control.ERROR_DAMPER, "ERROR_DAMPER (2-D preset)", 0.0, False),
 )
 
 

@@ -191,6 +191,8 @@ CASES = [
     ("fractional_counter", _set_control(control.RETRACES, 0.5), None, "RETRACES is 0.5"),
     ("flag_not_0_or_1", _set_control(control.LAST_RETRACED, 2.0), None, "LAST_RETRACED"),
     ("sigma_scale_below_1", _set_control(control.SIGMA_SCALE, 0.5), None, "SIGMA_SCALE"),
+    ("negative_damper", _set_control(control.GROWTH_DAMPER, -1.0), None, "GROWTH_DAMPER"),
+    ("damper_flag_not_0_or_1", _set_control(control.DAMPERS_STARTED, 0.5), None, "DAMPERS_STARTED"),
     (
         "truncated_control",
         _edit(lambda sd: sd["elra_control"].update(control=sd["elra_control"]["control"][:10])),
