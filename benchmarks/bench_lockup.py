@@ -147,6 +147,37 @@ class ElraRun:
     final_m: int = 1  # mini-batches per step at the end (dynamic batch size; else 1)
 
 
+def summarize_run(
+    seed: int,
+    model: torch.nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    opt: ELRA,
+    booster: Booster,
+    retraced: list[bool],
+    min_alpha: float,
+    final_m: int = 1,
+) -> ElraRun:
+    """The :class:`ElraRun` of a finished run (closes the booster's window)."""
+    x, y = data
+    booster.end_window()
+    with booster.boosted(model):
+        boosted_loss = full_loss(model, x, y)
+    window = retraced[-LOCK_WINDOW:]
+    share = sum(window) / len(window)
+    return ElraRun(
+        seed=seed,
+        locked=share >= LOCK_SHARE,
+        retraced_last_window=share,
+        retraced_share=sum(retraced) / len(retraced),
+        min_alpha=min_alpha,
+        final_alpha=opt.alpha,
+        final_loss=full_loss(model, x, y),
+        boosted_loss=boosted_loss,
+        restarts=getattr(opt, "restart_count", None),
+        final_m=final_m,
+    )
+
+
 def train_elra(
     seed: int,
     data: tuple[torch.Tensor, torch.Tensor],
@@ -174,23 +205,7 @@ def train_elra(
             booster.update()
         if cycle == EPOCH and (step + 1) % per_epoch == 0:
             opt.end_cycle()
-    booster.end_window()
-    with booster.boosted(model):
-        boosted_loss = full_loss(model, x, y)
-    window = retraced[-LOCK_WINDOW:]
-    share = sum(window) / len(window)
-    restarts = getattr(opt, "restart_count", None)
-    return ElraRun(
-        seed=seed,
-        locked=share >= LOCK_SHARE,
-        retraced_last_window=share,
-        retraced_share=sum(retraced) / len(retraced),
-        min_alpha=min_alpha,
-        final_alpha=opt.alpha,
-        final_loss=full_loss(model, x, y),
-        boosted_loss=boosted_loss,
-        restarts=restarts,
-    )
+    return summarize_run(seed, model, data, opt, booster, retraced, min_alpha)
 
 
 class EpochStream:
@@ -241,23 +256,7 @@ def train_elra_dynamic(
                 break
         if len(retraced) == steps_before:  # the stream ran dry (the rest was carried)
             break
-    booster.end_window()
-    with booster.boosted(model):
-        boosted_loss = full_loss(model, x, y)
-    window = retraced[-LOCK_WINDOW:]
-    share = sum(window) / len(window)
-    return ElraRun(
-        seed=seed,
-        locked=share >= LOCK_SHARE,
-        retraced_last_window=share,
-        retraced_share=sum(retraced) / len(retraced),
-        min_alpha=min_alpha,
-        final_alpha=opt.alpha,
-        final_loss=full_loss(model, x, y),
-        boosted_loss=boosted_loss,
-        restarts=getattr(opt, "restart_count", None),
-        final_m=sizer.m,
-    )
+    return summarize_run(seed, model, data, opt, booster, retraced, min_alpha, sizer.m)
 
 
 def train_adam(seed: int, data: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor) -> float:
