@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 # CUDA kernels even on a machine without a GPU.
 REQUIREMENTS := torch==2.14.1 triton==3.8.0 numpy==2.4.6 pytest==9.2.0 hypothesis==6.170.17 \
 	ninja==1.13.2 ruff==0.17.6 "setuptools>=64" wheel \
-	mlxtend==0.25.0 lion-pytorch==0.2.5 prodigyopt==1.1.2 tqdm==4.70.1 matplotlib==3.11.2 \
-	scikit-learn==1.9.1 \
+	mlxtend==0.25.0 lion-pytorch==0.2.5 prodigyopt==1.1.2 schedulefree==1.4.1 tqdm==4.70.1 \
+	matplotlib==3.11.2 scikit-learn==1.9.1 \
 	transformers==5.24.0 pytorch-lightning==2.6.6 accelerate==1.15.0
 # nvcc lives here on our machines; torch would otherwise guess /usr/local and fail to link.
 export CUDA_HOME ?= /usr/local/cuda
@@ -34,7 +34,8 @@ test: env
 
 # The main job: ELRA vs Adam, Lion and SGD on MNIST-5k (python -m elra_fused, ~1 min),
 # then the paper's 2-D problems, then the language-model job (python -m elra_fused lm:
-# ELRA vs AdamW and Prodigy at equal tokens on a byte-level Llama, ~2 min).
+# ELRA vs AdamW, Prodigy and schedule-free AdamW at equal tokens on a byte-level Llama,
+# ~3 min).
 run: env
 	$(PY) -m elra_fused
 	$(PY) benchmarks/paper_2d.py --json benchmarks/results/paper_2d.json

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elra_fused import lm
+from elra_fused.lm import cli, corpus, memory, model, protocol
 
 TINY = [
     "--corpus-bytes",
@@ -55,7 +55,7 @@ def write_tree(root: Path) -> None:
 
 def test_end_to_end_json(tmp_path: Path) -> None:
     out_json, out_png = tmp_path / "lm.json", tmp_path / "lm.png"
-    payload = lm.main([*TINY, "--json", str(out_json), "--plot", str(out_png)])
+    payload = cli.main([*TINY, "--json", str(out_json), "--plot", str(out_png)])
     assert out_png.stat().st_size > 0
     written = json.loads(out_json.read_text())
     assert written["results"] == json.loads(json.dumps(payload["results"]))
@@ -63,7 +63,7 @@ def test_end_to_end_json(tmp_path: Path) -> None:
     assert {"bytes", "sha256"} <= set(written["corpus"])
     assert written["corpus"]["bytes"] == 60000
     assert len(written["corpus"]["sha256"]) == 64
-    assert set(written["results"]) == {*lm.OPTIMIZERS, "elra_boosted"}
+    assert set(written["results"]) == {*protocol.available_optimizers(), "elra_boosted"}
     keys = {"tokens", "val_loss", "val_loss_at", "tokens_per_s", "state_bytes", "peak_bytes"}
     tokens = set()
     for name, row in written["results"].items():
@@ -80,11 +80,44 @@ def test_end_to_end_json(tmp_path: Path) -> None:
     trace = written["elra_trace"]
     assert sum(trace["batch_tokens"]) == written["config"]["tokens"]
     assert all(a > 0 for a in trace["alpha"])
-    assert written["memory_cap"]["optimizers"]["elra"]["max_hidden"] >= 64
+    cap = written["memory_cap"]
+    assert set(cap["optimizers"]) == set(protocol.available_optimizers())
+    assert set(cap["elra_modes"]) == set(memory.ELRA_MEMORY_MODES)
+    assert cap["optimizers"]["elra"]["max_hidden"] >= 64
+
+
+def test_schedule_free_evaluates_at_its_average_and_trains_on() -> None:
+    pytest.importorskip("schedulefree")
+    args = cli.parse_args([*TINY, "--optimizers", "schedulefree"])
+    torch.manual_seed(0)
+    net = model.build_model(16, 1, 2, 16)
+    opt = protocol.make_optimizer("schedulefree", net, args)
+    batch = torch.randint(0, model.VOCAB, (4, 17))
+    for _ in range(3):
+        model.lm_loss(net, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    training = [p.detach().clone() for p in net.parameters()]
+    with protocol.evaluation_weights("schedulefree", opt):
+        averaged = [p.detach().clone() for p in net.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(averaged, training, strict=True))
+    for before, after in zip(training, net.parameters(), strict=True):  # back at y
+        torch.testing.assert_close(after.detach(), before, rtol=1e-5, atol=1e-6)
+    model.lm_loss(net, batch).backward()
+    opt.step()  # back in train mode: schedule-free refuses to step in eval mode
+
+
+def test_missing_schedule_free_is_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol, "schedule_free_installed", lambda: False)
+    monkeypatch.setattr(cli, "schedule_free_installed", lambda: False)
+    assert "schedulefree" not in protocol.available_optimizers()
+    assert "schedulefree" not in cli.parse_args(TINY).optimizers
+    with pytest.raises(SystemExit):
+        cli.parse_args([*TINY, "--optimizers", "elra,schedulefree"])
 
 
 def test_budget_rounds_to_whole_batches() -> None:
-    args = lm.parse_args(
+    args = cli.parse_args(
         [
             "--tokens",
             "1000",
@@ -100,13 +133,13 @@ def test_budget_rounds_to_whole_batches() -> None:
     )
     assert args.tokens == 512  # 8 seqs x 16 tokens x 4 checkpoints
     with pytest.raises(SystemExit):
-        lm.parse_args(["--evals", "6"])
+        cli.parse_args(["--evals", "6"])
 
 
 def test_corpus_split_is_deterministic_and_by_file(tmp_path: Path) -> None:
     write_tree(tmp_path)
-    first = lm.load_corpus(tmp_path, max_bytes=10_000, val_every=5)
-    second = lm.load_corpus(tmp_path, max_bytes=10_000, val_every=5)
+    first = corpus.load_corpus(tmp_path, max_bytes=10_000, val_every=5)
+    second = corpus.load_corpus(tmp_path, max_bytes=10_000, val_every=5)
     assert first == second
     names = first.train_files + first.val_files
     assert len(names) == 25 and not any("skip" in n for n in names)
@@ -115,39 +148,28 @@ def test_corpus_split_is_deterministic_and_by_file(tmp_path: Path) -> None:
     assert not set(first.train_files) & set(first.val_files)
     assert first.bytes == len(first.train) + len(first.val)
     # The cap cuts the corpus in file order and changes the hash.
-    capped = lm.load_corpus(tmp_path, max_bytes=100, val_every=5)
+    capped = corpus.load_corpus(tmp_path, max_bytes=100, val_every=5)
     assert capped.bytes == 100 and capped.sha256 != first.sha256
     assert capped.train_files == ordered[: len(capped.train_files)]
 
 
 def test_stdlib_corpus_excludes_packages_and_tests() -> None:
-    files = lm.corpus_files(lm.stdlib_root())
-    parts = {part for path in files for part in path.relative_to(lm.stdlib_root()).parts}
-    assert files and not parts & lm.EXCLUDED_DIRS
-    rel = [p.relative_to(lm.stdlib_root()).as_posix() for p in files]
+    files = corpus.corpus_files(corpus.stdlib_root())
+    parts = {part for path in files for part in path.relative_to(corpus.stdlib_root()).parts}
+    assert files and not parts & corpus.EXCLUDED_DIRS
+    rel = [p.relative_to(corpus.stdlib_root()).as_posix() for p in files]
     assert rel == sorted(rel)
 
 
 def test_byte_tokens_round_trip_and_windows() -> None:
     text = "def f(x):\n    return 'é' * x\n".encode()
-    tokens = lm.encode(text)
-    assert tokens.dtype == torch.int64 and int(tokens.max()) < lm.VOCAB
-    assert len(tokens) == len(text) and lm.decode(tokens) == text
-    seqs = lm.windows(tokens, 8)
+    tokens = corpus.encode(text)
+    assert tokens.dtype == torch.int64 and int(tokens.max()) < model.VOCAB
+    assert len(tokens) == len(text) and corpus.decode(tokens) == text
+    seqs = corpus.windows(tokens, 8)
     assert seqs.shape == ((len(tokens) - 1) // 8, 9)
     # Consecutive windows overlap by one byte: every byte after the first is a target once.
     targets = torch.cat([s[1:] for s in seqs])
     assert torch.equal(targets, tokens[1 : 1 + len(targets)])
     with pytest.raises(ValueError):
-        lm.windows(tokens[:5], 8)
-
-
-def test_live_bytes_counts_a_step_peak() -> None:
-    a = torch.zeros(1000)
-    with lm.LiveBytes([a]) as tracker:
-        b = torch.ones(2000)
-        del b
-        c = torch.ones(500)
-    assert tracker.peak == 4 * (1000 + 2000)
-    assert tracker.current == 4 * (1000 + 500)
-    del c
+        corpus.windows(tokens[:5], 8)

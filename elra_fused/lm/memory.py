@@ -1,0 +1,167 @@
+"""Memory measurement: optimizer state bytes and the live-tensor peak of a step."""
+
+from __future__ import annotations
+
+import argparse
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._torch_compat import TorchDispatchMode, tree_flatten
+from ..offload import OffloadedPrev
+from ..optimizer import ELRA
+from ..report import optimizer_state_bytes as report_state_bytes
+from .model import build_model, lm_loss
+from .protocol import make_optimizer
+
+#: Booster: float64 sums + the mean's fp32 copy per parameter (boost.py).
+BOOSTER_BYTES_PER_PARAM = 12
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's own tensors, each storage once, wherever they live
+    (:func:`elra_fused.report.optimizer_state_bytes`)."""
+    return sum(report_state_bytes(opt))
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at once, counting those that exist when the
+    mode is entered (``resident``) plus every storage an op creates while it is active,
+    released when the storage is freed. On CPU torch keeps no allocator statistics and
+    the process's RSS never shrinks, so this is how a step's peak is measured here."""
+
+    def __init__(self, resident: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        for t in resident:
+            storage = t.untyped_storage()
+            self.live[storage.data_ptr()] = storage.nbytes()
+        self.current = sum(self.live.values())
+        self.peak = self.current
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                storage = value.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    weakref.finalize(storage, self._release, key)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's own tensors: its per-parameter state and, for ELRA, the control
+    vector and offload staging chunks (as :func:`elra_fused.report.optimizer_state_bytes`)."""
+    tensors = [
+        v for entry in opt.state.values() for v in entry.values() if isinstance(v, torch.Tensor)
+    ]
+    control = getattr(opt, "control_state", None)
+    if isinstance(control, torch.Tensor):
+        tensors.append(control)
+    for store in getattr(getattr(opt, "layout", None), "stores", []):
+        tensors.extend(getattr(store, "staging", []))
+    return tensors
+
+
+def offloaded_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes ELRA's ``memory="offload"`` keeps in host memory (x_{t-1}), off the device.
+    On a CPU-only machine they are in the same memory, so a device budget subtracts them."""
+    stores = getattr(getattr(opt, "layout", None), "stores", [])
+    return sum(s.tensor.untyped_storage().nbytes() for s in stores if isinstance(s, OffloadedPrev))
+
+
+def measure_peak(
+    name: str, model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor
+) -> int:
+    """Peak live tensor bytes of one full training step on ``batch`` (one micro-batch:
+    ELRA accumulates micro-batches, so its activations never exceed one's): the batch,
+    parameters, buffers, optimizer state, and all the step allocates."""
+    batch = batch.clone()  # its own storage: a slice would count the whole data set
+    resident = [batch, *model.parameters(), *model.buffers()]
+    opt.zero_grad(set_to_none=True)
+    with LiveBytes(resident + optimizer_tensors(opt)) as tracker:
+        loss = lm_loss(model, batch)
+        loss.backward()
+        if name == "elra":
+            opt.step(loss.detach())
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
+#: ELRA's memory modes (paper 3.6, README "Memory modes"): name -> ELRA keyword arguments.
+ELRA_MEMORY_MODES: dict[str, dict[str, Any]] = {
+    "standard": {},
+    "bf16_state": {"state_dtype": torch.bfloat16},
+    "recover": {"memory": "recover"},
+    "offload": {"memory": "offload"},
+}
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """One measured training step: the model's width, its parameters, the micro-batch's
+    tokens, the peak live bytes, the optimizer's state bytes, the part of them that lives
+    in host memory, and offload's device staging buffers with their chunk size in
+    elements (each buffer holds ``min(parameters, chunk)`` elements)."""
+
+    hidden: int
+    params: int
+    tokens: int
+    peak_bytes: int
+    state_bytes: int
+    host_bytes: int
+    staging_bytes: int
+    staging_chunk: int = 0
+
+
+def measure_step_memory(
+    name: str,
+    args: argparse.Namespace,
+    hidden: int,
+    sequences: torch.Tensor,
+    elra_mode: str | None = None,
+) -> StepMemory:
+    """Measure one training step of a fresh model of width ``hidden`` (the job's depth,
+    heads and sequence length) on ``sequences``, after one warm-up step so the optimizer's
+    state exists. ``name`` is a protocol optimizer; ``elra_mode`` (with ``name="elra"``)
+    one of :data:`ELRA_MEMORY_MODES` instead of the job's ELRA."""
+    torch.manual_seed(0)
+    model = build_model(hidden, args.layers, args.heads, args.seq_len)
+    if elra_mode is None:
+        opt = make_optimizer(name, model, args)
+    else:
+        opt = ELRA(model.parameters(), **ELRA_MEMORY_MODES[elra_mode])
+    loss = lm_loss(model, sequences)
+    loss.backward()
+    if name == "elra":
+        opt.step(loss.detach())
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return StepMemory(
+        hidden=hidden,
+        params=sum(p.numel() for p in model.parameters()),
+        tokens=sequences.shape[0] * (sequences.shape[1] - 1),
+        peak_bytes=measure_peak(name, model, opt, sequences),
+        state_bytes=optimizer_state_bytes(opt),
+        host_bytes=offloaded_bytes(opt),
+        staging_bytes=sum(
+            t.untyped_storage().nbytes()
+            for store in getattr(getattr(opt, "layout", None), "stores", [])
+            for t in getattr(store, "staging", [])
+        ),
+        staging_chunk=getattr(opt.layout, "offload_chunk", 0) if elra_mode == "offload" else 0,
+    )
