@@ -143,9 +143,9 @@ void update_list_cpu(at::TensorList x, at::TensorList grad, at::TensorList grad_
     g[i] = lists.grad[i].data_ptr();
     gp[i] = lists.grad_prev[i].data_ptr();
   }
-  const UpdateCoeffs k = load_update_coeffs(coeffs);
   int64_t total = 0;
   const std::vector<ListChunk> chunks = list_chunks(lists.x, &total);
+  const UpdateCoeffs k = load_update_coeffs(coeffs, total);
   parallel_list_chunks(chunks, total, [&](int64_t, const ListChunk& chunk) {
     const size_t t = chunk.tensor;
     fns[t](xp[t], g[t], gp[t], k, chunk.begin, chunk.end);

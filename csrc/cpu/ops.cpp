@@ -64,7 +64,7 @@ template <bool kRecover, bool kSwap>
 void update_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& other,
                 const at::Tensor& coeffs) {
   check_update_op<kRecover, kSwap>(x, grad, other, coeffs);
-  const UpdateCoeffs k = load_update_coeffs(coeffs);
+  const UpdateCoeffs k = load_update_coeffs(coeffs, x.numel());
   dispatch_update<kRecover, kSwap>(x, grad, other, [&](auto* x_data, auto* g, auto* o) {
     using T = std::remove_pointer_t<decltype(x_data)>;
     using S = std::remove_const_t<std::remove_pointer_t<decltype(o)>>;
