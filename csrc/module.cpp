@@ -54,4 +54,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "True when the CUDA kernels were compiled into this build.");
   m.def("chunk_elems", [] { return elra::cpu::kChunk; },
         "Fixed CPU reduction chunk (elements); results do not depend on thread count.");
+  m.def(
+      "cpu_vector_isa",
+      [] {
+#if ELRA_CPU_AVX2_DISPATCH
+        return elra::cpu::cpu_has_avx2() ? "avx2" : "baseline";
+#else
+        return "baseline";
+#endif
+      },
+      "The CPU loops in use: 'avx2' (runtime dispatch) or 'baseline' (the build's own).");
 }

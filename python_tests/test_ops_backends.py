@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,6 +194,66 @@ def test_cpp_cpu_update_swap_independent_of_thread_count() -> None:
 
     many, one = _one_and_many_threads(run)
     assert torch.equal(many, one)
+
+
+#: Every CPU op on fixed inputs, both branches, every storage dtype, the compact state, a
+#: size past the streaming threshold (kernels.h kStreamMinElems): the results as raw bytes
+#: (``torch.save``) at ``sys.argv[1]``, and which loops ran.
+_ALL_CPU_RESULTS = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from elra_fused import ops
+    from elra_fused.ops import backends
+    from elra_fused.ops.cases import OP_CASES
+    k = ops.get_kernels("cpp", "cpu")
+    out = {"isa": backends._C.cpu_vector_isa()}
+    for name, case in OP_CASES.items():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            compact = case.state_arg and dtype != torch.bfloat16
+            states = [None] + ([torch.bfloat16] if compact else [])
+            for state in states:
+                for n in (4097, 3_000_017 if dtype == torch.float32 else 70_001):
+                    for accept in (True, False):
+                        gen = torch.Generator().manual_seed(n + 7 * accept)
+                        args = case.make_inputs(
+                            n, dtype, "cpu", gen, state_dtype=state, accept=accept
+                        )
+                        result = getattr(k, name)(*args)
+                        tensors = [result] if case.returns_tensor else list(args)
+                        flat = [t for a in tensors for t in (a if isinstance(a, list) else [a])]
+                        key = f"{name}/{dtype}/{state}/{n}/{accept}"
+                        out[key] = [t.view(torch.uint8).clone() if t.dim() else t for t in flat]
+    torch.save(out, sys.argv[1])
+    """
+)
+
+
+def _cpu_results(tmp_path: Path, env: dict[str, str]) -> dict:
+    path = tmp_path / f"results_{len(list(tmp_path.iterdir()))}.pt"
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-c", _ALL_CPU_RESULTS, str(path)],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(root), **env},
+        timeout=600,
+    )
+    return torch.load(path)
+
+
+def test_cpp_cpu_avx2_and_baseline_loops_give_the_same_bits(tmp_path: Path) -> None:
+    """The AVX2 build of the CPU loops (chosen at run time) and the baseline (SSE2) build
+    round every element and every partial sum alike: no FMA in either, lanes in the same
+    order. ELRA_FUSED_CPU_BASELINE=1 forces the baseline on this CPU."""
+    kernels_or_skip("cpp", "cpu")
+    native = _cpu_results(tmp_path, {"ELRA_FUSED_CPU_BASELINE": "0"})
+    if native["isa"] != "avx2":
+        pytest.skip("this CPU has no AVX2: only the baseline loops exist here")
+    baseline = _cpu_results(tmp_path, {"ELRA_FUSED_CPU_BASELINE": "1"})
+    assert baseline.pop("isa") == "baseline" and native.pop("isa") == "avx2"
+    assert native.keys() == baseline.keys() and len(native) > 40
+    for key, tensors in native.items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, baseline[key], strict=True)), key
 
 
 # =========================================================================================

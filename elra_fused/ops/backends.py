@@ -96,7 +96,7 @@ def cpp_extension_status() -> str:
     cuda = "yes" if _C.cuda_compiled() else "no (ELRA_SKIP_CUDA_BUILD was set or nvcc missing)"
     return (
         f"elra_fused._C: loaded from {_C.__file__}; CUDA kernels compiled: {cuda}; "
-        f"CPU threads: {torch.get_num_threads()}"
+        f"CPU threads: {torch.get_num_threads()}; CPU loops: {_C.cpu_vector_isa()}"
     )
 
 
