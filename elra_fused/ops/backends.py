@@ -94,9 +94,11 @@ def cpp_extension_status() -> str:
     if _C is None:
         return f"elra_fused._C: NOT BUILT ({_C_ERROR}); {BUILD_HINT}"
     cuda = "yes" if _C.cuda_compiled() else "no (ELRA_SKIP_CUDA_BUILD was set or nvcc missing)"
+    # An extension built before the CPU loops reported their ISA has no cpu_vector_isa.
+    isa = _C.cpu_vector_isa() if hasattr(_C, "cpu_vector_isa") else "unknown (older build)"
     return (
         f"elra_fused._C: loaded from {_C.__file__}; CUDA kernels compiled: {cuda}; "
-        f"CPU threads: {torch.get_num_threads()}; CPU loops: {_C.cpu_vector_isa()}"
+        f"CPU threads: {torch.get_num_threads()}; CPU loops: {isa}"
     )
 
 
