@@ -141,6 +141,33 @@ def time_repeated(
     return Timing(statistics.median(samples), min(samples))
 
 
+def time_interleaved(
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int | None = None,
+) -> list[Timing]:
+    """Each of ``fns`` timed in turns: one call of each per round, ``repeats`` rounds
+    after ``warmup`` untimed rounds, the :class:`Timing` of each. Where a machine's
+    bandwidth drifts (shared hosts: 20-50 % within a minute), contenders timed in turns
+    see the same drift, so their *ratio* stays meaningful when their absolute figures do
+    not. ``repeats=None``: as many rounds as fit in about ``TARGET_SECONDS`` (bounds as
+    in ``time_repeated``), from one round's time."""
+    for _ in range(warmup):
+        for fn in fns:
+            time_call(fn, device)
+    first = [time_call(fn, device) for fn in fns]
+    if repeats is None:
+        round_s = max(sum(first), 1e-6)
+        repeats = int(min(MAX_REPEATS, max(MIN_REPEATS, TARGET_SECONDS / round_s)))
+    samples = [[t] for t in first]
+    for _ in range(repeats - 1):
+        for fn, times in zip(fns, samples, strict=True):
+            times.append(time_call(fn, device))
+    return [Timing(statistics.median(times), min(times)) for times in samples]
+
+
 # --- command line -----------------------------------------------------------------------
 
 

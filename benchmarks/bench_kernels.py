@@ -4,7 +4,8 @@ than the same math done with unfused torch ops?
     python benchmarks/bench_kernels.py --device cpu --json benchmarks/results/kernels_cpu.json
     python benchmarks/bench_kernels.py --device cuda --sizes 1000000 16000000
 
-For each size and op: median wall time over repeats (after warm-up), bytes moved, GB/s,
+For each size and op: median wall time over repeats (after warm-up; the contenders of an
+op timed in turns, one call each per round), bytes moved, GB/s,
 the fraction of a copy's bandwidth measured in the same run (the practical ceiling of a
 streaming kernel), and the speedup over the "torch-unfused" baseline.
 
@@ -36,6 +37,16 @@ small transformer (``transformer_shapes``: 4 blocks of width d, about 50 tensors
 to 4 d^2 elements, the embedding table holding the rest); same bytes as their
 single-tensor op. Their unfused baseline is torch's ``_foreach_*`` ops (what Adam's
 foreach mode uses) and a per-tensor ``dot``.
+
+Each row is also held against the torch kernel that does a streaming pass of the same kind
+on the same buffers, timed in turns with it (issue: every pass as fast as torch's own
+streaming kernels): the reductions against ``torch.dot`` (two vectors read, 8 N; for
+``dots_list`` on the list's elements concatenated), the single-tensor updates against
+``x.add_(grad, alpha=...)`` (read x and G, write x: 12 N), the list updates against
+``torch._foreach_add_`` on the same lists. ``vs torch`` is the ratio of GB/s (each pass
+scored with its own bytes moved), so 1.0 means streaming at torch's rate. For a
+compact-state ``dots`` row torch.dot reads G and a float32 copy of G_{t-1} (it takes one
+dtype): 8 N against the fused kernel's 6 N.
 
 The torch-unfused baseline does the same math with separate torch ops, so it actually
 moves more bytes (several passes, temporaries); it is scored with the same byte count,
@@ -194,7 +205,30 @@ def unfused_baseline(label: str, named: Mapping[str, object]) -> Callable[[], ob
 
 #: (row label, backend, dtype label) -> (timing, bytes moved)
 Timings = dict[tuple[str, str, str], tuple[harness.Timing, int]]
-Timer = Callable[[Callable[[], object]], harness.Timing]
+#: Backend label of the torch-kernel rows (see ``torch_kernel``).
+TORCH_KERNEL = "torch-kernel"
+#: The ``alpha`` of the ``add_`` / ``_foreach_add_`` comparison (tiny: the timed calls
+#: leave x practically unchanged for the fused kernels that follow).
+ADD_ALPHA = 1e-30
+Timer = Callable[[list[Callable[[], object]]], list[harness.Timing]]
+
+
+def torch_kernel(label: str, named: Mapping[str, object]) -> tuple[str, Callable[[], object], int]:
+    """The torch kernel row ``label`` is held against, on the row's own buffers: its
+    name, the call, and the bytes it moves (two vectors read for ``dot``; x and G read
+    and x written for ``add_``)."""
+    x, grad = named.get("x"), named["grad"]
+    if label.startswith("dots"):
+        if isinstance(grad, list):  # dots_list: one dot over the same elements
+            first = torch.cat([t.reshape(-1) for t in grad])
+            second = torch.cat([t.reshape(-1) for t in named["grad_prev"]])
+        else:  # a compact G_{t-1} as a float32 copy: torch.dot takes one dtype
+            first, second = grad, (named["grad_prev"] if x is None else x).to(grad.dtype)
+        return "dot", lambda: torch.dot(first, second), 2 * first.numel() * first.element_size()
+    if isinstance(x, list):
+        nbytes = 3 * sum(t.numel() * t.element_size() for t in x)
+        return "_foreach_add_", lambda: torch._foreach_add_(x, grad, alpha=ADD_ALPHA), nbytes
+    return "add_", lambda: x.add_(grad, alpha=ADD_ALPHA), 3 * x.numel() * x.element_size()
 
 
 def copy_row(
@@ -203,7 +237,7 @@ def copy_row(
     """A torch ``copy_`` of ``n`` elements: the practical ceiling of a streaming pass."""
     src = torch.randn(n, dtype=DTYPE, device=device, generator=generator)
     dst = torch.empty_like(src)
-    return timed(lambda: dst.copy_(src)), 2 * n * src.element_size()
+    return timed([lambda: dst.copy_(src)])[0], 2 * n * src.element_size()
 
 
 def measure_size(
@@ -213,8 +247,8 @@ def measure_size(
     generator: torch.Generator,
     timed: Timer,
 ) -> Timings:
-    """Every row at ``n`` elements: the copy, then per op the unfused baseline and each
-    backend on one set of inputs (freed before the next op's)."""
+    """Every row at ``n`` elements: the copy, then per op its torch kernel, the unfused
+    baseline and each backend on one set of inputs (freed before the next op's)."""
     timings: Timings = {("copy", "torch", FLOAT_LABEL): copy_row(n, device, generator, timed)}
     for op, op_rows in groupby(ROWS, key=lambda r: r.op):
         case = OP_CASES[op]
@@ -228,12 +262,27 @@ def measure_size(
                 branch_args = with_branch(op, args, row.accept)
                 named = dict(zip(case.arg_names, branch_args, strict=True))
                 nbytes = case.bytes_moved(n, DTYPE, state_dtype, accept=row.accept)
-                baseline = unfused_baseline(row.label, named)
-                timings[(row.label, UNFUSED, dtype_label)] = (timed(baseline), nbytes)
+                # In turns: the torch kernel (float32 rows), the unfused baseline and
+                # each backend, so the ratios between them survive bandwidth drift.
+                contenders = {
+                    (row.label, UNFUSED, dtype_label): (unfused_baseline(row.label, named), nbytes)
+                }
+                name, call, kernel_bytes = torch_kernel(row.label, named)
+                contenders[(row.label, f"{TORCH_KERNEL}:{name}", dtype_label)] = (
+                    call,
+                    kernel_bytes,
+                )
                 for backend, kernels in kernel_sets.items():
                     kernel = getattr(kernels, op)
-                    fused = timed(lambda k=kernel, a=branch_args: k(*a))
-                    timings[(row.label, backend, dtype_label)] = (fused, nbytes)
+                    contenders[(row.label, backend, dtype_label)] = (
+                        lambda k=kernel, a=branch_args: k(*a),
+                        nbytes,
+                    )
+                measured = timed([fn for fn, _ in contenders.values()])
+                for key, (_, moved), timing in zip(
+                    contenders, contenders.values(), measured, strict=True
+                ):
+                    timings[key] = (timing, moved)
             del args
     return timings
 
@@ -251,6 +300,22 @@ def records(n: int, timings: Timings, backends: list[str]) -> list[dict[str, obj
                     continue
                 timing, nbytes = timings[(label, backend, dtype_label)]
                 gbps = nbytes / timing.median_s / 1e9
+                kernel = next(
+                    (
+                        (k[1].removeprefix(f"{TORCH_KERNEL}:"), v)
+                        for k, v in timings.items()
+                        if k[0] == label and k[2] == dtype_label and k[1].startswith(TORCH_KERNEL)
+                    ),
+                    None,
+                )
+                kernel_fields = {}
+                if kernel is not None:
+                    kernel_gbps = kernel[1][1] / kernel[1][0].median_s / 1e9
+                    kernel_fields = {
+                        "torch_kernel": kernel[0],
+                        "torch_kernel_gbps": kernel_gbps,
+                        "vs_torch_kernel": gbps / kernel_gbps,
+                    }
                 out.append(
                     {
                         "op": label,
@@ -262,6 +327,7 @@ def records(n: int, timings: Timings, backends: list[str]) -> list[dict[str, obj
                         "gbps": gbps,
                         "frac_of_copy": gbps / copy_gbps,
                         "min_s": timing.min_s,
+                        **kernel_fields,
                     }
                 )
     return out
@@ -276,8 +342,8 @@ def bench(
     kernel_sets = {b: ops.get_kernels(b, device) for b in backends}
     generator = torch.Generator(device=device).manual_seed(0)
 
-    def timed(fn: Callable[[], object]) -> harness.Timing:
-        return harness.time_repeated(fn, device, warmup=warmup, repeats=repeats)
+    def timed(fns: list[Callable[[], object]]) -> list[harness.Timing]:
+        return harness.time_interleaved(fns, device, warmup=warmup, repeats=repeats)
 
     rows: list[dict[str, object]] = []
     for n in sizes:
@@ -288,6 +354,7 @@ def bench(
 def print_results(rows: list[dict[str, object]]) -> None:
     base = {(r["op"], r["n"], r["dtype"]): r["median_s"] for r in rows if r["backend"] == UNFUSED}
     columns = ["op", "backend", "dtype", "n", "median ms", "min ms", "GB/s", "frac_copy"]
+    columns += ["torch kernel", "its GB/s", "vs torch"]
     lines = []
     for r in rows:
         ref_s = base.get((r["op"], r["n"], r["dtype"]))
@@ -301,6 +368,9 @@ def print_results(rows: list[dict[str, object]]) -> None:
                 harness.cell(r["min_s"], ".3f", scale=1e3),
                 f"{r['gbps']:.2f}",
                 f"{r['frac_of_copy']:.2f}",
+                r.get("torch_kernel", "-"),
+                harness.cell(r.get("torch_kernel_gbps"), ".2f"),
+                harness.cell(r.get("vs_torch_kernel"), ".2f"),
                 "-" if ref_s is None else f"{ref_s / r['median_s']:.2f}x",
             ]
         )

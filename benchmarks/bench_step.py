@@ -279,21 +279,35 @@ def run(args: argparse.Namespace) -> list[dict]:
                         "iter_median_s": iter_s,
                     }
                 )
-        adam = next((r for r in size_rows if r["optimizer"] == "adam_fused"), None)
         for row in size_rows:
-            row["step_ratio_vs_adam_fused"] = (
-                row["step_median_s"] / adam["step_median_s"]
-                if adam and row["step_median_s"] is not None
-                else None
-            )
+            for peer in RATIO_PEERS:
+                row[f"step_ratio_vs_{peer}"] = step_ratio(row, size_rows, peer)
+                row[f"iter_ratio_vs_{peer}"] = step_ratio(row, size_rows, peer, "iter_median_s")
         rows.extend(size_rows)
         del base
     return rows
 
 
+#: The steps every row is held against, in the same run: Adam fused (what users pick) and
+#: SGD (x += lr * G: 12 bytes per fp32 parameter, the floor of any step that reads G).
+RATIO_PEERS = ("adam_fused", "sgd")
+
+
+def step_ratio(
+    row: dict, size_rows: list[dict], peer: str, key: str = "step_median_s"
+) -> float | None:
+    """``row``'s time (``key``) over the ``peer`` optimizer's at the same size (None where
+    either has no figure)."""
+    other = next((r for r in size_rows if r["optimizer"] == peer), None)
+    if other is None or row.get(key) is None or other.get(key) is None or other[key] == 0:
+        return None
+    return row[key] / other[key]
+
+
 def print_results(rows: list[dict], device: str) -> None:
     print(f"device {device}; threads {torch.get_num_threads()}; batch {BATCH}; medians")
-    columns = ["optimizer", "backend", "params", "step ms", "iter ms", "step/adam_fused", "note"]
+    columns = ["optimizer", "backend", "params", "step ms", "iter ms"]
+    columns += ["step/adam_fused", "step/sgd", "iter/adam_fused", "note"]
     lines = [
         [
             r["optimizer"],
@@ -302,6 +316,8 @@ def print_results(rows: list[dict], device: str) -> None:
             harness.cell(r["step_median_s"], ".2f", scale=1e3),
             harness.cell(r["iter_median_s"], ".2f", scale=1e3),
             harness.cell(r["step_ratio_vs_adam_fused"], ".2f"),
+            harness.cell(r["step_ratio_vs_sgd"], ".2f"),
+            harness.cell(r["iter_ratio_vs_adam_fused"], ".2f"),
             f"could not run: {r['failed']}" if r.get("failed") else "",
         ]
         for r in rows
