@@ -88,8 +88,12 @@ def measure_peak(
     ELRA accumulates micro-batches, so its activations never exceed one's): the batch,
     parameters, buffers, optimizer state, and all the step allocates."""
     batch = batch.clone()  # its own storage: a slice would count the whole data set
-    resident = [batch, *model.parameters(), *model.buffers()]
     opt.zero_grad(set_to_none=True)
+    # Gradients that outlive zero_grad are resident from the start: ELRA's flat buffers
+    # (recover, offload) keep their .grad views, one storage for the whole model (the
+    # tracker would otherwise count it only once backward first writes into it).
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    resident = [batch, *model.parameters(), *model.buffers(), *grads]
     with LiveBytes(resident + optimizer_tensors(opt)) as tracker:
         loss = lm_loss(model, batch)
         loss.backward()
