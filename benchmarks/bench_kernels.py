@@ -262,7 +262,7 @@ def measure_size(
                 branch_args = with_branch(op, args, row.accept)
                 named = dict(zip(case.arg_names, branch_args, strict=True))
                 nbytes = case.bytes_moved(n, DTYPE, state_dtype, accept=row.accept)
-                # In turns: the torch kernel (float32 rows), the unfused baseline and
+                # In turns: the torch kernel, the unfused baseline and
                 # each backend, so the ratios between them survive bandwidth drift.
                 contenders = {
                     (row.label, UNFUSED, dtype_label): (unfused_baseline(row.label, named), nbytes)

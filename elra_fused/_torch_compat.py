@@ -83,11 +83,6 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     return cls is not None and isinstance(tensor, cls)
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (the tensor itself, no copy), or ``tensor``."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
-
-
 def grad_scaler_scale(scaler: torch.amp.GradScaler) -> torch.Tensor:
     """The scale ``scaler`` multiplies losses by now, as a tensor: dividing a scaled loss
     by it needs no host sync (``GradScaler.get_scale()`` returns a float, which syncs)."""

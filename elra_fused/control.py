@@ -272,11 +272,13 @@ def tolerance_threshold(best: Any, error_damper: Any, xp: Math) -> Any:
 
 def next_best(loss: Any, best: Any, xp: Math) -> Any:
     """The best loss so far after a later step: f_t if finite and below it, else relaxed
-    by 10 % (best * 1.1, or best * 0.9 when negative), at most the largest double."""
+    by 10 % (best * 1.1, or best * 0.9 when negative), at most the largest double; a
+    non-negative best at least BEST_FLOOR (a best of 0 would retrace every loss >= 0)."""
     relax = control_config.BEST_RELAX
     relaxed = xp.where(best >= 0.0, best * relax, best * (2.0 - relax))
     improved = all_finite(loss) & (loss < best)
-    return xp.where(improved, loss, xp.clamp(relaxed, hi=FLOAT64_MAX))
+    new_best = xp.where(improved, loss, xp.clamp(relaxed, hi=FLOAT64_MAX))
+    return xp.where(new_best >= 0.0, xp.clamp(new_best, lo=control_config.BEST_FLOOR), new_best)
 
 
 def damper_inputs(state: Any, config: ControlConfig, xp: Math) -> tuple[Any, Any, Any]:
@@ -497,12 +499,12 @@ def control_step(
             xp.where(has_prev, error_damper, error_in),
             xp.where(restart, 0.0, xp.where(has_prev | first_accept, 1.0, state[DAMPERS_STARTED])),
         ]
-    else:
+    else:  # not started: a preset state loaded here starts afresh if the preset returns
         dampers = [
             state[BEST_LOSS],
             state[GROWTH_DAMPER],
             state[ERROR_DAMPER],
-            state[DAMPERS_STARTED],
+            state[DAMPERS_STARTED] * 0.0,
         ]
     new_state = xp.pack(
         [

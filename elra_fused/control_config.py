@@ -67,6 +67,10 @@ TOLERANCE_MARGIN = 1.1
 #: "best" is the best loss so far, relaxed by this factor on every step that does not
 #: improve it (``p2min_step``: ``__truebestfkt *= 1.1``).
 BEST_RELAX = 1.1
+#: The least a non-negative best loss relaxes to (ours, not the authors'): a best of exactly
+#: 0 (an exact minimum of a loss >= 0) would keep the threshold at 0 for good, and every
+#: later loss >= 0 would retrace.
+BEST_FLOOR = 1e-300
 
 
 @dataclass(frozen=True)

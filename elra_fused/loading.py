@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from . import checks, control
+from ._torch_compat import is_dtensor
 from .control_runner import upgrade_state
 from .layouts import FlatLayout, ListLayout
 from .memory import GRAD_PREV_KEY, POINT_MODES, X_PREV_KEY
@@ -283,6 +284,12 @@ def _check_tensor(what: str, value: Any, param: torch.Tensor) -> None:
     _check_dense(what, value)
     if not value.is_floating_point():
         _fail(f"{what} has dtype {value.dtype}; expected a floating dtype")
+    if is_dtensor(param) and not is_dtensor(value):
+        _fail(
+            f"{what} is a plain tensor but the parameter is sharded (a DTensor); load a "
+            "sharded optimizer's state with torch.distributed.checkpoint "
+            "(set_optimizer_state_dict), which shards it like the parameter"
+        )
     if value.shape != param.shape:
         _fail(
             f"{what} has shape {tuple(value.shape)}; expected exactly the parameter's "

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from elra_fused import ELRA, control, control_runner
+from elra_fused import ELRA, control, control_config, control_runner
 from elra_fused.control import ControlConfig
 from elra_fused.control_config import (
     ALPHA0_2D,
@@ -128,6 +128,20 @@ def test_best_loss_rule() -> None:
     assert control.next_best(-math.inf, 1.0, FM) == 1.1
     assert control.next_best(1e308, 1.7e308, FM) == 1e308
     assert control.next_best(math.inf, 1.7e308, FM) == control.FLOAT64_MAX
+    # A best of exactly 0 (an exact minimum) becomes a floor above 0, never 0 again.
+    assert control.next_best(0.0, 0.0, FM) == control_config.BEST_FLOOR > 0.0
+    assert control.next_best(0.0, 1.0, FM) == control_config.BEST_FLOOR
+
+
+def test_an_exact_minimum_does_not_retrace_for_ever() -> None:
+    """Best = 0 gives a threshold of 0: the loss 0 itself retraces once, then the relaxed
+    best (BEST_FLOOR) lets it pass."""
+    state = later_state(best=0.0)
+    decisions = []
+    for _ in range(4):
+        state, decision = control.control_step(state, t(0.0), t(0.0), t(0.0), PRESET)
+        decisions.append(decision.accept.item())
+    assert decisions[1:] == [1.0, 1.0, 1.0], decisions
 
 
 def later_state(best: float = 1.0, error_damper: float = ERROR_DAMPER_START) -> torch.Tensor:
@@ -190,11 +204,15 @@ def test_first_step_starts_the_dampers_and_a_later_step_updates_them() -> None:
     assert state[control.GROWTH_DAMPER].item() == growth * 16
 
 
-def test_off_the_damper_entries_pass_through() -> None:
+def test_off_the_damper_entries_pass_through_unstarted() -> None:
+    """Preset off: the entries are kept but marked not started, so a preset state that
+    passed through a run without the preset starts afresh if the preset comes back (a
+    stale best loss would retrace every step)."""
     state = later_state()
     new_state, _ = control.control_step(state, t(0.9), t(4.0), t(1.0), ControlConfig())
-    entries = slice(control.LR_STATE_SIZE, control.STATE_SIZE)
-    assert torch.equal(new_state[entries], state[entries])
+    kept = slice(control.LR_STATE_SIZE, control.DAMPERS_STARTED)
+    assert torch.equal(new_state[kept], state[kept])
+    assert new_state[control.DAMPERS_STARTED].item() == 0.0
 
 
 def test_a_restart_starts_the_dampers_afresh() -> None:

@@ -240,6 +240,12 @@ def _refusal_worker(rank: int, port: int, out_dir: str) -> None:
         on_mesh = torch.nn.Parameter(DTensor.from_local(torch.ones(3), mesh, [Shard(0)]))
         on_other = torch.nn.Parameter(DTensor.from_local(torch.ones(3), other, [Shard(0)]))
         refused("meshes", lambda: ELRA([on_mesh, on_other]))
+        # A full (unsharded) state dict loaded straight into a sharded optimizer.
+        opt = ELRA(sharded.parameters())
+        full_state = opt.state_dict()
+        for entry in full_state["state"].values():
+            entry["grad_prev"] = entry["grad_prev"].full_tensor()
+        refused("plain_state", lambda: opt.load_state_dict(full_state))
         unchanged = all(
             torch.equal(p.to_local(), b) for p, b in zip(sharded.parameters(), before, strict=True)
         )
@@ -259,6 +265,7 @@ def test_what_elra_cannot_step_is_refused_clearly(tmp_path) -> None:
     assert "memory='standard'" in messages["recover"]
     assert "Partial" in messages["partial"]
     assert "different device meshes" in messages["meshes"]
+    assert "set_optimizer_state_dict" in messages["plain_state"]
 
 
 # ------------------------------------------------------------------ dynamic batch size
