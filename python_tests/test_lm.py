@@ -53,7 +53,22 @@ def write_tree(root: Path) -> None:
     (root / "notes.txt").write_text("not python\n")
 
 
-def test_end_to_end_json(tmp_path: Path) -> None:
+#: CUDA runtime calls the job makes on ``--device cuda`` only.
+CUDA_CALLS = (
+    "synchronize",
+    "reset_peak_memory_stats",
+    "memory_allocated",
+    "max_memory_allocated",
+    "get_device_name",
+)
+
+
+def test_end_to_end_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_cuda(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the CPU job called a CUDA API")
+
+    for call in CUDA_CALLS:  # the default --device cpu never touches the CUDA runtime
+        monkeypatch.setattr(torch.cuda, call, no_cuda)
     out_json, out_png = tmp_path / "lm.json", tmp_path / "lm.png"
     payload = cli.main([*TINY, "--json", str(out_json), "--plot", str(out_png)])
     assert out_png.stat().st_size > 0
@@ -63,6 +78,7 @@ def test_end_to_end_json(tmp_path: Path) -> None:
     assert {"bytes", "sha256"} <= set(written["corpus"])
     assert written["corpus"]["bytes"] == 60000
     assert len(written["corpus"]["sha256"]) == 64
+    assert written["config"]["device"] == "cpu" and written["config"]["gpu"] is None
     assert set(written["results"]) == {*protocol.available_optimizers(), "elra_boosted"}
     keys = {"tokens", "val_loss", "val_loss_at", "tokens_per_s", "state_bytes", "peak_bytes"}
     tokens = set()
@@ -84,6 +100,53 @@ def test_end_to_end_json(tmp_path: Path) -> None:
     assert set(cap["optimizers"]) == set(protocol.available_optimizers())
     assert set(cap["elra_modes"]) == set(memory.ELRA_MEMORY_MODES)
     assert cap["optimizers"]["elra"]["max_hidden"] >= 64
+    assert cap["device"] == "cpu" and cap["measure"].startswith("live tensor bytes")
+
+
+def test_cuda_without_cuda_exits_with_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args([*TINY, "--device", "cuda"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "--device cuda: CUDA is not available" in err and "--device cpu" in err
+    assert cli.parse_args(TINY).device == "cpu"  # the default
+    with pytest.raises(SystemExit):
+        cli.parse_args([*TINY, "--device", "tpu"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_end_to_end_on_cuda(tmp_path: Path) -> None:
+    """The same tiny job on the GPU: models, tokens and state on the device, the JSON
+    records the device and both step peaks (live bytes and the allocator's)."""
+    out_json, out_png = tmp_path / "lm.json", tmp_path / "lm.png"
+    cli.main([*TINY, "--device", "cuda", "--json", str(out_json), "--plot", str(out_png)])
+    written = json.loads(out_json.read_text())
+    config = written["config"]
+    assert config["device"] == "cuda"
+    assert config["gpu"] == torch.cuda.get_device_name()
+    assert set(written["results"]) == {*protocol.available_optimizers(), "elra_boosted"}
+    tokens = set()
+    for name, row in written["results"].items():
+        assert all(math.isfinite(v) for v in [row["val_loss"], *row["val_loss_at"].values()])
+        assert row["tokens_per_s"] > 0 and row["state_bytes"] > 0, name
+        assert row["cuda_max_allocated_bytes"] >= row["cuda_peak_bytes"] > 0, name
+        if name != "elra_boosted":  # its state adds the booster's evaluation-only sums
+            assert row["peak_bytes"] >= row["state_bytes"], name
+            assert row["cuda_peak_bytes"] >= row["state_bytes"], name
+        tokens.add(row["tokens"])
+    assert tokens == {config["tokens"]}
+    assert all(math.isfinite(v) for curve in written["curves"].values() for v in curve["val_loss"])
+    trace = written["elra_trace"]
+    assert sum(trace["batch_tokens"]) == config["tokens"]
+    assert all(a > 0 and math.isfinite(a) for a in trace["alpha"])
+    cap = written["memory_cap"]
+    assert cap["device"] == "cuda" and "max_memory_allocated" in cap["measure"]
+    for row in [*cap["optimizers"].values(), *cap["elra_modes"].values()]:
+        assert all(m["cuda_peak_bytes"] > 0 for m in row["measured"])
+        assert math.isfinite(row["check"]["relative_error"])
 
 
 def test_schedule_free_evaluates_at_its_average_and_trains_on() -> None:

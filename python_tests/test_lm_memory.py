@@ -3,6 +3,7 @@ measured step peaks, and the widest decoder under a memory cap."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -56,6 +57,8 @@ def test_step_peak_counts_flat_gradient_buffers(monkeypatch: pytest.MonkeyPatch)
     loss.backward()
     opt.step(loss.detach())  # the flat buffers and x_{t-1} exist now
     assert memory.measure_peak("elra", model, opt, batch) >= 12 * n
+    peak = memory.measure_step_peak("elra", model, opt, batch)  # on the CPU: live bytes only
+    assert peak.live_bytes >= 12 * n and peak.cuda_bytes is peak.cuda_max_allocated is None
 
 
 def synthetic_points(costs: memory_cap.MemoryCosts) -> list[memory.StepMemory]:
@@ -93,6 +96,16 @@ def test_fit_recovers_known_costs() -> None:
     assert fitted.device_bytes(big, 64) == pytest.approx(offload.device_bytes(big, 64), rel=1e-6)
     with pytest.raises(ValueError):
         memory_cap.fit_memory_costs(synthetic_points(truth)[:3], 3)
+    # CUDA: the allocator's peak (device memory only) is what is fitted; the live-bytes
+    # peak next to it, which counts offload's host bytes, is not used.
+    on_cuda = [
+        dataclasses.replace(p, peak_bytes=7 * p.peak_bytes, cuda_peak_bytes=p.device_bytes)
+        for p in synthetic_points(offload)
+    ]
+    assert all(p.device_bytes == p.cuda_peak_bytes for p in on_cuda)
+    fitted = memory_cap.fit_memory_costs(on_cuda, 3)
+    assert fitted.per_param == pytest.approx(9.0, abs=1e-3)
+    assert fitted.per_token_per_hidden == pytest.approx(220.0, abs=1e-3)
 
 
 def test_widest_hidden_is_the_largest_that_fits() -> None:
@@ -131,3 +144,12 @@ def test_memory_cap_is_measured_per_optimizer_and_mode() -> None:
         assert abs(row["check"]["relative_error"]) < 0.25  # the fit extrapolates 4x in width
     table = memory_cap.format_memory_cap(estimate)
     assert "elra bf16_state" in table and "adamw_small" in table
+
+
+def test_a_fit_that_does_not_grow_with_the_model_raises() -> None:
+    """Measurements where the wider model costs less would put every width under the cap."""
+    costs = memory_cap.MemoryCosts(1, 8.0, 2.0, 16.0, 1e6, 0.0, 0.0, 0)
+    points = synthetic_points(costs)
+    shrunk = [dataclasses.replace(p, peak_bytes=p.peak_bytes - 40 * p.params) for p in points]
+    with pytest.raises(ValueError, match="bytes per parameter"):
+        memory_cap.fit_memory_costs(shrunk, costs.layers)

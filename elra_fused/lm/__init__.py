@@ -49,22 +49,38 @@ Memory: ``state_bytes`` are the optimizer's state tensors, each storage once;
 ``peak_bytes`` is the peak of live tensor bytes during one training step (parameters,
 gradients, optimizer state and the step's activations), measured by a dispatch-mode
 tracker of tensor storages -- on CPU torch has no allocator statistics, and the process's
-resident set size only ever grows. ``memory_cap`` measures step peaks of fresh models at
-two widths and two micro-batches per optimizer and ELRA memory mode, fits per-parameter
-and per-token costs to them, and gives the widest decoder of the same depth under
-``--memory-cap`` (an extrapolation, checked against a measurement at 4x the width; see
+resident set size only ever grows. On ``--device cuda`` the same step is also measured
+directly: ``torch.cuda.max_memory_allocated`` over it (peak statistics reset first),
+``cuda_peak_bytes`` (less the device bytes held outside the step, chiefly the token
+tensors) and ``cuda_max_allocated_bytes`` (raw). ``memory_cap`` measures step peaks of
+fresh models at two widths and two micro-batches per optimizer and ELRA memory mode (the
+allocator's peaks on CUDA, the live bytes on the CPU), fits per-parameter and per-token
+costs to them, and gives the widest decoder of the same depth under ``--memory-cap`` (an
+extrapolation, checked against a measurement at 4x the width; see
 :mod:`elra_fused.lm.memory_cap`).
+
+Device (``--device cpu|cuda``, default cpu; :mod:`.device`): models are initialised on
+the CPU (the same weights per seed on either device) and moved to the device, the token
+tensors are moved once, and the training loops create their tensors there with no host
+sync per step (values are read at checkpoints and, by the dynamic batch size, at the end
+of a control cycle; ELRA's alpha once, at the end). On CUDA the clock is read after a
+``torch.cuda.synchronize`` at every checkpoint and at the end, and a few untimed steps of
+each optimizer on a throwaway model come first (CUDA set-up, ELRA's ``torch.compile`` of
+its control law). Without CUDA, ``--device cuda`` stops with a message; on the CPU no
+CUDA API is called.
 
 Modules, one concept each: :mod:`.corpus` (files, split, byte tokens, batches),
 :mod:`.model` (the decoder, its loss and validation), :mod:`.protocol` (the optimizers
 and their settings), :mod:`.training` (one run on the token budget), :mod:`.memory`
-(state bytes, live-bytes peak of a step), :mod:`.memory_cap` (the cost fit and the
-widest model under a cap), :mod:`.report` (table, equal-time losses, figure) and
-:mod:`.cli` (flags, the job, the JSON).
+(state bytes, live-bytes and CUDA allocator peaks of a step), :mod:`.memory_cap` (the
+cost fit and the widest model under a cap), :mod:`.report` (table, equal-time losses,
+figure), :mod:`.device` (the device, its name, a clock correct on CUDA) and :mod:`.cli`
+(flags, the job, the JSON).
 
 JSON: ``{"config": {...}, "corpus": {"bytes", "sha256", ...}, "results": {name:
 {"tokens", "val_loss", "val_loss_at": {"25%", "50%", "100%"}, "tokens_per_s",
-"state_bytes", "peak_bytes"}}, "memory_cap": {...}, "curves": {name: {"tokens",
+"state_bytes", "peak_bytes"[, "cuda_peak_bytes", "cuda_max_allocated_bytes"]}},
+"memory_cap": {...}, "curves": {name: {"tokens",
 "seconds", "val_loss"}}, "elra_trace": {"tokens", "alpha", "batch_tokens"}}``.
 """
 

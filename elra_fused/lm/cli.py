@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .corpus import DEFAULT_CORPUS_BYTES, DEFAULT_VAL_EVERY, encode, load_corpus, windows
+from .device import DEVICES, cuda_unavailable_reason, describe, device_name, job_device
 from .memory import BOOSTER_BYTES_PER_PARAM
 from .memory_cap import DEFAULT_MEMORY_CAP, format_memory_cap, memory_cap_estimate
 from .model import VOCAB, build_model
@@ -29,7 +30,7 @@ from .protocol import (
     schedule_free_installed,
 )
 from .report import elra_versus_peers, format_table, plot, summarize
-from .training import Run, train_run
+from .training import Run, train_run, warm_up
 
 DEFAULT_HIDDEN = 64
 DEFAULT_LAYERS = 2
@@ -108,8 +109,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads (default 1: fastest for "
         "these tiny models and least sensitive to other load; 0 = torch's default)",
     )
+    add(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where models, tokens and optimizer state live (default cpu; cuda: the "
+        "first GPU, wall time measured after a device synchronize, memory also by "
+        "torch.cuda.max_memory_allocated)",
+    )
     add("--no-progress", action="store_true", help="no tqdm progress bars")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and (reason := cuda_unavailable_reason()):
+        parser.error(reason)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     unknown = sorted(set(names) - set(OPTIMIZERS))
     if unknown or not names:
@@ -137,10 +148,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = job_device(args)
     corpus = load_corpus(args.corpus_root, args.corpus_bytes, args.val_every)
     train_seqs = windows(encode(corpus.train), args.seq_len)
     val_seqs = windows(encode(corpus.val), args.seq_len)
     val_seqs = val_seqs[: max(1, args.val_tokens // args.seq_len)]
+    # Once, before any run: every batch is then a gather on the device.
+    train_seqs, val_seqs = train_seqs.to(device), val_seqs.to(device)
     n_params = sum(
         p.numel() for p in build_model(args.hidden, args.layers, args.heads, 8).parameters()
     )
@@ -173,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{args.tokens} training tokens per optimizer ({len(train_seqs)} train sequences = "
         f"{len(train_seqs) * args.seq_len} tokens per pass), validation on "
         f"{len(val_seqs) * args.seq_len} tokens at {args.evals} checkpoints; "
-        f"{args.seeds} seed(s), {torch.get_num_threads()} CPU thread(s)",
+        f"{args.seeds} seed(s), {torch.get_num_threads()} CPU thread(s); device "
+        f"{describe(device)}",
         flush=True,
     )
     for name in args.optimizers:
@@ -182,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for note in not_run:
         print(f"  {note}", flush=True)
 
+    warm_up(args.optimizers, train_seqs, args)  # CUDA only: one-time costs, untimed
     runs: dict[str, list[Run]] = {name: [] for name in args.optimizers}
     for seed in range(args.seeds):  # seeds outer: machine load hits every optimizer alike
         for name in args.optimizers:
@@ -216,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "evals": args.evals,
             "seeds": args.seeds,
             "threads": torch.get_num_threads(),
+            "device": device.type,
+            "gpu": device_name(device),
             "elra_batch": args.elra_batch,
             "adamw_batch": args.adamw_batch,
             "cycle_tokens": args.cycle_tokens,

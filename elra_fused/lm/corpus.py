@@ -108,7 +108,10 @@ def windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 class SequenceBatches:
     """Re-iterable batches of sequences, reshuffled every pass with a seeded generator
-    (the same order for every optimizer with the same seed and batch size)."""
+    (the same order for every optimizer with the same seed and batch size, on every
+    device: the permutation is drawn on the CPU). With the sequences on a GPU the pass's
+    order is copied there once per pass, so taking a batch is a device-side gather with
+    no host sync."""
 
     def __init__(self, sequences: torch.Tensor, batch_size: int, seed: int) -> None:
         if batch_size > len(sequences):
@@ -123,6 +126,8 @@ class SequenceBatches:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         order = torch.randperm(len(self.sequences), generator=self.generator)
+        if order.device != self.sequences.device:
+            order = order.to(self.sequences.device, non_blocking=True)  # no stream sync
         for start in range(0, len(order), self.batch_size):
             yield self.sequences[order[start : start + self.batch_size]]
 

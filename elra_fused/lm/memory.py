@@ -1,4 +1,5 @@
-"""Memory measurement: optimizer state bytes and the live-tensor peak of a step."""
+"""Memory measurement: optimizer state bytes and the peak of a step (live tensor bytes;
+on CUDA also the allocator's ``torch.cuda.max_memory_allocated``)."""
 
 from __future__ import annotations
 
@@ -81,20 +82,54 @@ def offloaded_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(s.tensor.untyped_storage().nbytes() for s in stores if isinstance(s, OffloadedPrev))
 
 
-def measure_peak(
+@dataclass(frozen=True)
+class StepPeak:
+    """The peak of one training step, two ways.
+
+    ``live_bytes``: the :class:`LiveBytes` tracker (every device; on the CPU the only
+    measurement). ``cuda_bytes`` (CUDA only, else None): the same scope measured by the
+    CUDA caching allocator -- ``torch.cuda.max_memory_allocated`` over the step (peak
+    stats reset first) less the device bytes allocated before the step that are not the
+    step's own tensors (the job's token tensors on the device, the booster's sums, ...).
+    ``cuda_max_allocated``: the allocator's raw peak over the step, everything on the
+    device included."""
+
+    live_bytes: int
+    cuda_bytes: int | None = None
+    cuda_max_allocated: int | None = None
+
+
+def device_storage_bytes(tensors: Sequence[torch.Tensor], device: torch.device) -> int:
+    """Bytes of the distinct storages of ``tensors`` that live on ``device``'s type."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type == device.type:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def measure_step_peak(
     name: str, model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor
-) -> int:
-    """Peak live tensor bytes of one full training step on ``batch`` (one micro-batch:
-    ELRA accumulates micro-batches, so its activations never exceed one's): the batch,
-    parameters, buffers, optimizer state, and all the step allocates."""
+) -> StepPeak:
+    """Peak bytes of one full training step on ``batch`` (one micro-batch: ELRA
+    accumulates micro-batches, so its activations never exceed one's): the batch,
+    parameters, buffers, optimizer state, and all the step allocates. On CUDA (``batch``
+    on a GPU) the allocator's peak is recorded as well (:class:`StepPeak`)."""
     batch = batch.clone()  # its own storage: a slice would count the whole data set
     opt.zero_grad(set_to_none=True)
     # Gradients that outlive zero_grad are resident from the start: ELRA's flat buffers
     # (recover, offload) keep their .grad views, one storage for the whole model (the
     # tracker would otherwise count it only once backward first writes into it).
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    resident = [batch, *model.parameters(), *model.buffers(), *grads]
-    with LiveBytes(resident + optimizer_tensors(opt)) as tracker:
+    resident = [batch, *model.parameters(), *model.buffers(), *grads, *optimizer_tensors(opt)]
+    cuda = batch.device.type == "cuda"
+    before = 0
+    if cuda:
+        torch.cuda.synchronize(batch.device)
+        torch.cuda.reset_peak_memory_stats(batch.device)
+        before = torch.cuda.memory_allocated(batch.device)
+    with LiveBytes(resident) as tracker:
         loss = lm_loss(model, batch)
         loss.backward()
         if name == "elra":
@@ -102,7 +137,19 @@ def measure_peak(
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-    return tracker.peak
+    if not cuda:
+        return StepPeak(tracker.peak)
+    torch.cuda.synchronize(batch.device)
+    max_allocated = torch.cuda.max_memory_allocated(batch.device)
+    outside = max(0, before - device_storage_bytes(resident, batch.device))
+    return StepPeak(tracker.peak, max_allocated - outside, max_allocated)
+
+
+def measure_peak(
+    name: str, model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor
+) -> int:
+    """The live-bytes peak of one training step (:func:`measure_step_peak`)."""
+    return measure_step_peak(name, model, opt, batch).live_bytes
 
 
 #: ELRA's memory modes (paper 3.6, README "Memory modes"): name -> ELRA keyword arguments.
@@ -119,7 +166,9 @@ class StepMemory:
     """One measured training step: the model's width, its parameters, the micro-batch's
     tokens, the peak live bytes, the optimizer's state bytes, the part of them that lives
     in host memory, and offload's device staging buffers with their chunk size in
-    elements (each buffer holds ``min(parameters, chunk)`` elements)."""
+    elements (each buffer holds ``min(parameters, chunk)`` elements). On CUDA,
+    ``cuda_peak_bytes`` is the step's peak by the allocator (:class:`StepPeak`), which
+    counts device memory only; None on the CPU."""
 
     hidden: int
     params: int
@@ -129,6 +178,16 @@ class StepMemory:
     host_bytes: int
     staging_bytes: int
     staging_chunk: int = 0
+    cuda_peak_bytes: int | None = None
+
+    @property
+    def device_bytes(self) -> int:
+        """The step's peak in device memory: on CUDA the allocator's measurement
+        (``cuda_peak_bytes``, host memory is not in it); elsewhere the live-bytes peak
+        less the bytes offload keeps in host memory."""
+        if self.cuda_peak_bytes is not None:
+            return self.cuda_peak_bytes
+        return self.peak_bytes - self.host_bytes
 
 
 def measure_step_memory(
@@ -140,10 +199,11 @@ def measure_step_memory(
 ) -> StepMemory:
     """Measure one training step of a fresh model of width ``hidden`` (the job's depth,
     heads and sequence length) on ``sequences``, after one warm-up step so the optimizer's
-    state exists. ``name`` is a protocol optimizer; ``elra_mode`` (with ``name="elra"``)
-    one of :data:`ELRA_MEMORY_MODES` instead of the job's ELRA."""
+    state exists, on the device the sequences are on. ``name`` is a protocol optimizer;
+    ``elra_mode`` (with ``name="elra"``) one of :data:`ELRA_MEMORY_MODES` instead of the
+    job's ELRA."""
     torch.manual_seed(0)
-    model = build_model(hidden, args.layers, args.heads, args.seq_len)
+    model = build_model(hidden, args.layers, args.heads, args.seq_len, sequences.device)
     if elra_mode is None:
         opt = make_optimizer(name, model, args)
     else:
@@ -155,11 +215,12 @@ def measure_step_memory(
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)
+    peak = measure_step_peak(name, model, opt, sequences)
     return StepMemory(
         hidden=hidden,
         params=sum(p.numel() for p in model.parameters()),
         tokens=sequences.shape[0] * (sequences.shape[1] - 1),
-        peak_bytes=measure_peak(name, model, opt, sequences),
+        peak_bytes=peak.live_bytes,
         state_bytes=optimizer_state_bytes(opt),
         host_bytes=offloaded_bytes(opt),
         staging_bytes=sum(
@@ -168,4 +229,5 @@ def measure_step_memory(
             for t in getattr(store, "staging", [])
         ),
         staging_chunk=getattr(opt.layout, "offload_chunk", 0) if elra_mode == "offload" else 0,
+        cuda_peak_bytes=peak.cuda_bytes,
     )

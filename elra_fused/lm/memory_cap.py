@@ -24,9 +24,15 @@ measured peak there.
 
 The widest decoder is then searched over widths (multiples of 64 and of the head count)
 at the job's depth, for the optimizer's own micro-batch. An estimate: attention kernels
-and allocator behaviour change with size, and on a GPU the step peak is what
-``torch.cuda.max_memory_allocated`` reports -- trust a measurement at the target size
-over the extrapolation.
+and allocator behaviour change with size -- trust a measurement at the target size over
+the extrapolation.
+
+Which peak is fitted: on the CPU (``--device cpu``) the live-bytes tracker's
+(:class:`~.memory.LiveBytes`; torch keeps no CPU allocator statistics). On CUDA
+(``--device cuda``) the allocator's own measurement, ``torch.cuda.max_memory_allocated``
+over the step (:attr:`~.memory.StepMemory.device_bytes`: the direct measurement of
+device memory, host memory not in it); the live-bytes peaks are kept next to it in
+``measured``. The JSON's ``memory_cap.measure`` names the one used.
 """
 
 from __future__ import annotations
@@ -84,14 +90,15 @@ class MemoryCosts:
 
 def fit_memory_costs(points: Sequence[StepMemory], layers: int) -> MemoryCosts:
     """The four coefficients of :class:`MemoryCosts` from four steps: two widths, each at
-    two token counts (the same two at both widths). Host bytes (offload) are taken off
-    each peak first; offload's staging buffers are carried per staged element."""
+    two token counts (the same two at both widths), fitted to each step's device peak
+    (:attr:`StepMemory.device_bytes`: on CUDA the allocator's, else the live bytes less
+    offload's host bytes); offload's staging buffers are carried per staged element."""
     widths = sorted({p.hidden for p in points})
     tokens = sorted({p.tokens for p in points})
     if len(widths) != 2 or len(tokens) != 2 or len(points) != 4:
         raise ValueError("fit_memory_costs: needs 2 widths x 2 token counts, 4 steps")
     at = {(p.hidden, p.tokens): p for p in points}
-    device = {key: p.peak_bytes - p.host_bytes - p.staging_bytes for key, p in at.items()}
+    device = {key: p.device_bytes - p.staging_bytes for key, p in at.items()}
     (h1, h2), (t1, t2) = widths, tokens
     slope = {h: (device[h, t2] - device[h, t1]) / (t2 - t1) for h in widths}
     per_token_per_hidden = (slope[h2] - slope[h1]) / (h2 - h1)
@@ -99,6 +106,14 @@ def fit_memory_costs(points: Sequence[StepMemory], layers: int) -> MemoryCosts:
     intercept = {h: device[h, t1] - slope[h] * t1 for h in widths}
     p1, p2 = at[h1, t1].params, at[h2, t1].params
     per_param = (intercept[h2] - intercept[h1]) / (p2 - p1)
+    if per_param <= 0 or per_token_per_hidden < 0:
+        # A model never gets cheaper as it widens: such a fit would put every width
+        # under the cap (widest_hidden would run to MAX_HIDDEN) instead of failing.
+        raise ValueError(
+            f"fit_memory_costs: the measured steps give {per_param:.3g} bytes per parameter "
+            f"and {per_token_per_hidden:.3g} per token and unit of width; the measurements "
+            "do not grow with the model (try a larger --hidden)"
+        )
     fixed = intercept[h1] - per_param * p1
     host = max(p.host_bytes / p.params for p in points)
     chunk = max(p.staging_chunk for p in points)
@@ -138,7 +153,7 @@ def cap_entry(
     costs = fit_memory_costs(points, args.layers)
     check = measure_step_memory(name, args, 4 * args.hidden, sequences[:batch], elra_mode)
     predicted = costs.device_bytes(check.hidden, check.tokens)
-    measured = check.peak_bytes - check.host_bytes
+    measured = check.device_bytes
     tokens = batch * args.seq_len
     hidden = widest_hidden(costs, cap, tokens, math.lcm(64, args.heads))
     first = points[0]
@@ -172,6 +187,7 @@ def memory_cap_estimate(
     """The JSON's ``memory_cap``: per optimizer and per ELRA memory mode, the measured
     costs and the widest decoder of the job's depth under ``--memory-cap``."""
     cap = parse_bytes(args.memory_cap)
+    cuda = sequences.device.type == "cuda"
     out: dict[str, Any] = {
         "cap": args.memory_cap,
         "cap_bytes": cap,
@@ -180,6 +196,10 @@ def memory_cap_estimate(
         "seq_len": args.seq_len,
         "method": "fit to measured step peaks at 2 widths x 2 micro-batches "
         "(elra_fused/lm/memory_cap.py), checked at 4x the width",
+        "device": sequences.device.type,
+        "measure": "torch.cuda.max_memory_allocated over the step (device memory)"
+        if cuda
+        else "live tensor bytes (LiveBytes dispatch-mode tracker)",
     }
     out["optimizers"] = {name: cap_entry(name, args, sequences, cap) for name in optimizers}
     if "elra" in optimizers:

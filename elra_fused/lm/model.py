@@ -12,9 +12,17 @@ VOCAB = 256  # byte-level tokens
 EVAL_BATCH = 64
 
 
-def build_model(hidden: int, layers: int, heads: int, seq_len: int) -> nn.Module:
+def build_model(
+    hidden: int,
+    layers: int,
+    heads: int,
+    seq_len: int,
+    device: torch.device | str | None = None,
+) -> nn.Module:
     """A Llama-style decoder (RMSNorm, rotary positions, SwiGLU) from ``LlamaConfig``,
-    randomly initialised: no download, any size from flags."""
+    randomly initialised: no download, any size from flags. Initialised on the CPU (from
+    torch's CPU generator: the same weights for a seed on every device) and then moved to
+    ``device``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -34,7 +42,8 @@ def build_model(hidden: int, layers: int, heads: int, seq_len: int) -> nn.Module
         pad_token_id=None,
         attn_implementation="sdpa",
     )
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    return model if device is None else model.to(device)
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -45,10 +54,11 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, sequences: torch.Tensor) -> float:
-    """Mean validation cross-entropy over all tokens of ``sequences`` (equal lengths)."""
+    """Mean validation cross-entropy over all tokens of ``sequences`` (equal lengths, on
+    the model's device); one host sync, at the end."""
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=sequences.device)
     for start in range(0, len(sequences), EVAL_BATCH):
         chunk = sequences[start : start + EVAL_BATCH]
         total += lm_loss(model, chunk).double() * len(chunk)

@@ -47,6 +47,9 @@ def summarize(runs: dict[str, list[Run]], budget: int) -> dict[str, dict[str, An
             "state_bytes": seeds[-1].state_bytes,
             "peak_bytes": seeds[-1].peak_bytes,
         }
+        if seeds[-1].cuda_peak_bytes is not None:  # --device cuda: the allocator's peaks
+            results[name]["cuda_peak_bytes"] = seeds[-1].cuda_peak_bytes
+            results[name]["cuda_max_allocated_bytes"] = seeds[-1].cuda_max_allocated
     return results
 
 
@@ -56,9 +59,11 @@ def format_table(
     """Results at equal tokens, plus the loss every optimizer had reached by the time the
     fastest-finishing run was done (equal wall time)."""
     shortest = min(median([r.train_seconds for r in seeds]) for seeds in runs.values())
+    cuda = any("cuda_peak_bytes" in row for row in results.values())
     header = (
         f"{'optimizer':<14}{'batch':>14}{'val@25%':>9}{'val@50%':>9}{'val@100%':>9}"
         f"{'tok/s':>9}{'train s':>9}{f'val@{shortest:.0f}s':>9}{'state B':>10}{'peak B':>11}"
+        + (f"{'cuda peak B':>13}" if cuda else "")
     )
     lines = [header]
     for name, row in results.items():
@@ -70,6 +75,7 @@ def format_table(
             f"{median([r.train_seconds for r in seeds]):>9.1f}"
             f"{median([loss_at_time(r, shortest) for r in seeds]):>9.4f}"
             f"{row['state_bytes']:>10}{row['peak_bytes']:>11}"
+            + (f"{row.get('cuda_peak_bytes', ''):>13}" if cuda else "")
         )
     return "\n".join(lines)
 

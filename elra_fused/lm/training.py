@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +12,8 @@ import torch
 from ..batching import DynamicBatchSize, GroupedBatches
 from ..boost import Booster
 from .corpus import SequenceBatches, endless_full_batches
-from .memory import measure_peak, optimizer_state_bytes
+from .device import clock, job_device
+from .memory import measure_step_peak, optimizer_state_bytes
 from .model import build_model, evaluate, lm_loss
 from .protocol import (
     ELRA_M0,
@@ -39,6 +39,10 @@ class Run:
     train_seconds: float = 0.0
     state_bytes: int = 0
     peak_bytes: int = 0
+    #: CUDA only: the step peak by ``torch.cuda.max_memory_allocated`` (the step's scope,
+    #: see :class:`~.memory.StepPeak`) and the allocator's raw peak over that step.
+    cuda_peak_bytes: int | None = None
+    cuda_max_allocated: int | None = None
     retraces: int = 0
     boosted_val_loss: list[float] = field(default_factory=list)
     steps: int = 0
@@ -51,12 +55,22 @@ def train_run(
     args: argparse.Namespace,
     seed: int,
 ) -> Run:
-    """Train one model from the seed's initialisation on exactly ``args.tokens`` tokens."""
+    """Train one model from the seed's initialisation on exactly ``args.tokens`` tokens,
+    on ``args.device`` (the CPU without it).
+
+    On CUDA the loop queues work without waiting for it: the token tensors are on the
+    device (moved here only if the caller has not), batches are device-side gathers, the
+    loss accumulator and ELRA's alpha stay device tensors (alpha is read once, at the
+    end), and the clock is read after a ``torch.cuda.synchronize`` at every checkpoint
+    and at the end, so the training time covers the kernels, not only their launches."""
     from tqdm import tqdm
 
+    device = job_device(args)
+    train_seqs = train_seqs.to(device)  # no-op when the caller moved them (the job does)
+    val_seqs = val_seqs.to(device)
     seq_len = args.seq_len
     torch.manual_seed(seed)
-    model = build_model(args.hidden, args.layers, args.heads, seq_len)
+    model = build_model(args.hidden, args.layers, args.heads, seq_len, device)
     model.train()
     opt = make_optimizer(name, model, args)
     batch_size = batch_of(name, args)
@@ -107,11 +121,11 @@ def train_run(
         grouped = GroupedBatches(loader, sizer, cycle_samples=cycle_samples)
         alphas: list[torch.Tensor] = []
         groups = (group for _ in itertools.count() for group in grouped)  # pass after pass
-        start = time.perf_counter()
+        start = clock(device)
         while seen < args.tokens:
             group = next(groups)
             micro = list(group)[: (args.tokens - seen) // micro_tokens]  # last may be cut
-            total = torch.zeros(())
+            total = torch.zeros((), device=device)
             for batch in micro:
                 loss = lm_loss(model, batch)
                 (loss / len(micro)).backward()
@@ -127,14 +141,14 @@ def train_run(
             run.batch_tokens.append(len(micro) * micro_tokens)
             bar.update(len(micro) * micro_tokens)
             if next_check < len(checkpoints) and seen >= checkpoints[next_check]:
-                run.train_seconds += time.perf_counter() - start
+                run.train_seconds += clock(device) - start
                 checkpoint()
-                start = time.perf_counter()
+                start = clock(device)
         run.alpha = torch.stack(alphas).tolist()
         run.retraces = opt.retrace_count  # type: ignore[attr-defined]
     else:
         batches = endless_full_batches(loader)
-        start = time.perf_counter()
+        start = clock(device)
         while seen < args.tokens:
             batch = next(batches)
             loss = lm_loss(model, batch)
@@ -145,10 +159,36 @@ def train_run(
             run.steps += 1
             bar.update(micro_tokens)
             if next_check < len(checkpoints) and seen >= checkpoints[next_check]:
-                run.train_seconds += time.perf_counter() - start
+                run.train_seconds += clock(device) - start
                 checkpoint()
-                start = time.perf_counter()
+                start = clock(device)
     bar.close()
     run.state_bytes = optimizer_state_bytes(opt)
-    run.peak_bytes = measure_peak(name, model, opt, train_seqs[:batch_size])
+    peak = measure_step_peak(name, model, opt, train_seqs[:batch_size])
+    run.peak_bytes = peak.live_bytes
+    run.cuda_peak_bytes, run.cuda_max_allocated = peak.cuda_bytes, peak.cuda_max_allocated
     return run
+
+
+def warm_up(names: list[str], train_seqs: torch.Tensor, args: argparse.Namespace) -> None:
+    """CUDA only: a few steps of each optimizer on a throwaway model of the job's size,
+    so one-time costs -- CUDA context and cuBLAS set-up, kernel selection, and ELRA's
+    ``torch.compile`` of its control law (once per process and configuration) -- are paid
+    before any timed run rather than inside the first one. Nothing is kept."""
+    device = job_device(args)
+    if device.type != "cuda":
+        return
+    for name in names:
+        model = build_model(args.hidden, args.layers, args.heads, args.seq_len, device)
+        opt = make_optimizer(name, model, args)
+        batch = train_seqs[: batch_of(name, args)].to(device)
+        for _ in range(3):
+            loss = lm_loss(model, batch)
+            loss.backward()
+            if name == "elra":
+                opt.step(loss.detach())
+            else:
+                opt.step()
+            opt.zero_grad()
+        del model, opt
+    clock(device)
