@@ -18,12 +18,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-#: Param-group keys a user may set per group. alpha is global (paper section 3.1), so
-#: only the multiplicative weight decay can differ between groups.
-#: Keys a param group may have: ``wd`` (or torch's ``weight_decay``, mapped to
-#: wd = 1 - weight_decay), ``lr`` (scales the step: lr * alpha), a ``name``, and the
-#: ``initial_lr`` torch's LR schedulers add.
-PER_GROUP_KEYS = frozenset({"params", "wd", "weight_decay", "lr", "initial_lr", "name"})
+#: Keys torch's LR schedulers write into param groups (every scheduler ``initial_lr``,
+#: OneCycleLR ``max_lr`` / ``min_lr``, SWALR ``swa_lr``): ELRA keeps them, as torch's
+#: optimizers do, so that its state dict round-trips with any of them, and uses none.
+SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "swa_lr"})
+#: Keys a param group may have. alpha is global (paper section 3.1), so per group only:
+#: ``wd`` (or torch's ``weight_decay``, mapped to wd = 1 - weight_decay), ``lr`` (scales
+#: the step: lr * alpha), a ``name``, and the schedulers' bookkeeping.
+PER_GROUP_KEYS = frozenset({"params", "wd", "weight_decay", "lr", "name"}) | SCHEDULER_GROUP_KEYS
 #: What is kept from the previous step (paper section 3.6; :mod:`elra_fused.memory`).
 MEMORY_MODES = ("standard", "recover", "offload")
 

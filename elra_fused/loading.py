@@ -222,7 +222,9 @@ def _check_groups(
     params: dict[int, tuple[str, torch.Tensor]] = {}
     for group_index, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
         where = f"param group {group_index} of the state"
-        unknown = set(saved) - checks.PER_GROUP_KEYS
+        # A key the live group has too was put there by this training setup (a scheduler
+        # of the user's own, say): torch keeps such keys, and so does ELRA.
+        unknown = set(saved) - checks.PER_GROUP_KEYS - set(group)
         if unknown:
             _fail(
                 f"{where} has keys {sorted(unknown, key=str)}, which ELRA does not use (per "
@@ -243,7 +245,8 @@ def _check_groups(
         if "wd" not in saved:
             _fail(f"{where} has no 'wd'")
         try:  # the values add_param_group accepts (wd in (0, 1], ...)
-            checks.check_group_keys({k: v for k, v in saved.items() if k != "params"})
+            known = checks.PER_GROUP_KEYS - {"params"}
+            checks.check_group_keys({k: v for k, v in saved.items() if k in known})
         except ValueError as exc:
             _fail(f"{where}: {str(exc).removeprefix('ELRA: ')}")
         for param_index, (param_id, param) in enumerate(zip(ids, group["params"], strict=True)):

@@ -422,3 +422,44 @@ def test_bad_retrace_buffers_change_nothing() -> None:
         opt.load_state_dict(bad)
     assert torch.equal(opt.control_state, control_before)
     assert torch.equal(opt.retrace_buffers.state_dict()["buffers"]["0"], torch.arange(3.0))
+
+
+def _one_cycle_and_swa(opt: ELRA) -> list[Any]:
+    """OneCycleLR (no momentum cycling: ELRA has none) then SWALR: between them they write
+    initial_lr, max_lr, min_lr and swa_lr into the param groups."""
+    sched = torch.optim.lr_scheduler
+    one_cycle = sched.OneCycleLR(opt, max_lr=1.0, total_steps=40, cycle_momentum=False)
+    return [one_cycle, torch.optim.swa_utils.SWALR(opt, swa_lr=0.5, anneal_epochs=3)]
+
+
+@pytest.mark.parametrize("setup", ["lists", "flat"])
+def test_state_with_lr_scheduler_keys_round_trips(setup: str) -> None:
+    """A checkpoint taken under torch's schedulers resumes: the keys they put into the
+    param groups load (as torch's optimizers keep them), and the resumed run takes the
+    uninterrupted run's steps bit for bit. Keys no scheduler writes are still refused."""
+
+    def train(opt: ELRA, model: torch.nn.Module, schedulers: list[Any], steps: range) -> None:
+        for step_index in steps:
+            run_steps(opt, model, [step_index])
+            for scheduler in schedulers:
+                scheduler.step()
+
+    model, twin_model = make_model(seed=0), make_model(seed=0)
+    opt, twin = build(model, setup), build(twin_model, setup)
+    schedulers, twin_schedulers = _one_cycle_and_swa(opt), _one_cycle_and_swa(twin)
+    train(opt, model, schedulers, range(BEFORE))
+    saved = copy.deepcopy(opt.state_dict())
+    assert {"initial_lr", "max_lr", "min_lr", "swa_lr"} <= set(saved["param_groups"][0])
+    twin_schedulers_state = [s.state_dict() for s in schedulers]
+    twin_model.load_state_dict(model.state_dict())
+    twin.load_state_dict(saved)
+    for scheduler, state in zip(twin_schedulers, twin_schedulers_state, strict=True):
+        scheduler.load_state_dict(state)
+    train(opt, model, schedulers, range(BEFORE, BEFORE + AFTER))
+    train(twin, twin_model, twin_schedulers, range(BEFORE, BEFORE + AFTER))
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    adam_like = copy.deepcopy(saved)
+    adam_like["param_groups"][0]["betas"] = (0.9, 0.999)
+    with pytest.raises(ValueError, match=r"\['betas'\], which ELRA does not use"):
+        twin.load_state_dict(adam_like)
