@@ -177,3 +177,46 @@ def test_grad_scaler_scale_is_the_scale_tensor() -> None:
     assert float(grad_scaler_scale(scaler)) == 1024.0  # before any scale(): lazily made
     scaled = scaler.scale(torch.tensor(3.0))
     assert float(scaled / grad_scaler_scale(scaler)) == 3.0
+
+
+def _resumable_fit(
+    epochs: int, checkpoint: Any, resume: bool = False
+) -> tuple[torch.nn.Module, ELRA]:
+    """A fit of ``epochs`` epochs with a OneCycleLR (step interval, no momentum cycling)
+    over two epochs; saves ``checkpoint`` at the end, or resumes from it (``resume``)."""
+    model = tiny_llama(5 if resume else 0)  # resumed: the checkpoint's weights must win
+    opt = ELRA(model.parameters())
+    steps = 2 * EXAMPLES // BATCH_SIZE
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1.0, total_steps=steps, cycle_momentum=False
+    )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[ELRACallback()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    loader = torch.utils.data.DataLoader(
+        TokenDataset(EXAMPLES), batch_size=BATCH_SIZE, shuffle=False, num_workers=0
+    )
+    trainer.fit(LitLM(model, opt, scheduler), loader, ckpt_path=checkpoint if resume else None)
+    if not resume:
+        trainer.save_checkpoint(checkpoint)
+    return model, opt
+
+
+def test_lightning_checkpoint_resumes_bit_identically(tmp_path: Any) -> None:
+    """Lightning saves ELRA's state (and the OneCycleLR keys in its param groups) after
+    epoch 1; ``fit(ckpt_path=...)`` on a fresh model and optimizer runs epoch 2 exactly
+    as the uninterrupted two-epoch run: same parameters, same alpha, same lr."""
+    full, full_opt = _resumable_fit(2, tmp_path / "full.ckpt")
+    _resumable_fit(1, tmp_path / "epoch1.ckpt")
+    resumed, resumed_opt = _resumable_fit(2, tmp_path / "epoch1.ckpt", resume=True)
+    assert same_parameters(full, resumed), max_difference(full, resumed)
+    assert resumed_opt.alpha == full_opt.alpha
+    assert resumed_opt.param_groups[0]["lr"] == full_opt.param_groups[0]["lr"]
