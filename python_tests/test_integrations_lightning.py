@@ -60,6 +60,24 @@ class LitLM(pl.LightningModule):
         }
 
 
+#: The Trainer arguments every fit here shares: one CPU device, nothing written or shown.
+QUIET_CPU: dict[str, Any] = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+
+
+def _loader() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        TokenDataset(EXAMPLES), batch_size=BATCH_SIZE, shuffle=False, num_workers=0
+    )
+
+
 def _fit(
     steps: int,
     accumulation: int = 1,
@@ -76,22 +94,13 @@ def _fit(
     )
     trainer = pl.Trainer(
         max_steps=steps,
-        accelerator="cpu",
-        devices=1,
         accumulate_grad_batches=accumulation,
         precision=None if plugins else precision,
         plugins=plugins,
         callbacks=[ELRACallback()] if callback else [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        **QUIET_CPU,
     )
-    loader = torch.utils.data.DataLoader(
-        TokenDataset(EXAMPLES), batch_size=BATCH_SIZE, shuffle=False, num_workers=0
-    )
-    trainer.fit(LitLM(model, opt, scheduler), loader)
+    trainer.fit(LitLM(model, opt, scheduler), _loader())
     return model, opt, spy
 
 
@@ -190,21 +199,8 @@ def _resumable_fit(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=1.0, total_steps=steps, cycle_momentum=False
     )
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[ELRACallback()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    loader = torch.utils.data.DataLoader(
-        TokenDataset(EXAMPLES), batch_size=BATCH_SIZE, shuffle=False, num_workers=0
-    )
-    trainer.fit(LitLM(model, opt, scheduler), loader, ckpt_path=checkpoint if resume else None)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[ELRACallback()], **QUIET_CPU)
+    trainer.fit(LitLM(model, opt, scheduler), _loader(), ckpt_path=checkpoint if resume else None)
     if not resume:
         trainer.save_checkpoint(checkpoint)
     return model, opt

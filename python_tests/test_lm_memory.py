@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from elra_fused.lm import cli, memory, memory_cap
+from elra_fused.lm import model as model_module
 from elra_fused.lm.corpus import encode, load_corpus, windows
 from elra_fused.lm.model import llama_params
 
@@ -48,7 +49,7 @@ def test_step_peak_counts_flat_gradient_buffers(monkeypatch: pytest.MonkeyPatch)
     keeps G_{t-1} by reference, the last step's gradient tensor itself)."""
     from elra_fused import ELRA
 
-    monkeypatch.setattr(memory, "lm_loss", lambda model, batch: model(batch).square().mean())
+    monkeypatch.setattr(model_module, "lm_loss", lambda model, batch: model(batch).square().mean())
     model = _Squares(64)
     n = sum(p.numel() for p in model.parameters())
     opt = ELRA(model.parameters(), memory="recover")

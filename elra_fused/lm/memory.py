@@ -16,7 +16,7 @@ from .._torch_compat import TorchDispatchMode, tree_flatten
 from ..offload import OffloadedPrev
 from ..optimizer import ELRA
 from ..report import optimizer_state_bytes as report_state_bytes
-from .model import build_model, lm_loss
+from .model import build_model, train_step
 from .protocol import make_optimizer
 
 #: Booster: float64 sums + the mean's fp32 copy per parameter (boost.py).
@@ -130,13 +130,7 @@ def measure_step_peak(
         torch.cuda.reset_peak_memory_stats(batch.device)
         before = torch.cuda.memory_allocated(batch.device)
     with LiveBytes(resident) as tracker:
-        loss = lm_loss(model, batch)
-        loss.backward()
-        if name == "elra":
-            opt.step(loss.detach())
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(name, model, opt, batch)
     if not cuda:
         return StepPeak(tracker.peak)
     torch.cuda.synchronize(batch.device)
@@ -208,13 +202,7 @@ def measure_step_memory(
         opt = make_optimizer(name, model, args)
     else:
         opt = ELRA(model.parameters(), **ELRA_MEMORY_MODES[elra_mode])
-    loss = lm_loss(model, sequences)
-    loss.backward()
-    if name == "elra":
-        opt.step(loss.detach())
-    else:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+    train_step(name, model, opt, sequences)  # the warm-up step: the state exists
     peak = measure_step_peak(name, model, opt, sequences)
     return StepMemory(
         hidden=hidden,

@@ -52,6 +52,22 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
 
 
+def train_step(
+    name: str, model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor
+) -> torch.Tensor:
+    """One whole training step on ``batch``: forward, backward, the optimizer's step (the
+    protocol optimizer ``name``: "elra" takes the loss), ``zero_grad(set_to_none=True)``;
+    returns the loss, detached."""
+    loss = lm_loss(model, batch)
+    loss.backward()
+    if name == "elra":
+        opt.step(loss.detach())
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, sequences: torch.Tensor) -> float:
     """Mean validation cross-entropy over all tokens of ``sequences`` (equal lengths, on

@@ -14,7 +14,7 @@ from ..boost import Booster
 from .corpus import SequenceBatches, endless_full_batches
 from .device import clock, job_device
 from .memory import measure_step_peak, optimizer_state_bytes
-from .model import build_model, evaluate, lm_loss
+from .model import build_model, evaluate, lm_loss, train_step
 from .protocol import (
     ELRA_M0,
     ELRA_MIN_STEPS_PER_CYCLE,
@@ -150,11 +150,7 @@ def train_run(
         batches = endless_full_batches(loader)
         start = clock(device)
         while seen < args.tokens:
-            batch = next(batches)
-            loss = lm_loss(model, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+            train_step(name, model, opt, next(batches))
             seen += micro_tokens
             run.steps += 1
             bar.update(micro_tokens)
@@ -183,12 +179,6 @@ def warm_up(names: list[str], train_seqs: torch.Tensor, args: argparse.Namespace
         opt = make_optimizer(name, model, args)
         batch = train_seqs[: batch_of(name, args)].to(device)
         for _ in range(3):
-            loss = lm_loss(model, batch)
-            loss.backward()
-            if name == "elra":
-                opt.step(loss.detach())
-            else:
-                opt.step()
-            opt.zero_grad()
+            train_step(name, model, opt, batch)
         del model, opt
     clock(device)
