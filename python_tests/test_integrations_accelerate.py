@@ -116,3 +116,44 @@ def test_accelerate_prepared_scheduler_steps_with_elra() -> None:
     """A prepared scheduler steps only when ELRA stepped: per ELRA step, lr = 1/(1+i)."""
     _, _, spy = _run(1, accumulation=2, schedule=True)
     assert [r.lr for r in spy.steps] == pytest.approx([1.0 / (1 + i) for i in range(8)])
+
+
+def _epochs_with_state(
+    epochs: int, save_to: Any = None, load_from: Any = None
+) -> tuple[torch.nn.Module, ELRA]:
+    """``epochs`` epochs of the loop above (accumulation 2, a prepared OneCycleLR); the
+    accelerator's state saved after them (``save_to``) or loaded before them
+    (``load_from``, into a model with other weights)."""
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_llama(0 if load_from is None else 7)
+    elra = ELRA(model.parameters())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        elra, max_lr=1.0, total_steps=16, cycle_momentum=False
+    )
+    loader = torch.utils.data.DataLoader(
+        TokenDataset(EXAMPLES), batch_size=BATCH_SIZE, shuffle=False
+    )
+    model, opt, loader, scheduler = accelerator.prepare(model, elra, loader, scheduler)
+    if load_from is not None:
+        accelerator.load_state(load_from)
+    for _ in range(epochs):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                backward(accelerator, model(**batch).loss, opt)
+                opt.step()
+                scheduler.step()
+                opt.zero_grad()
+        end_cycle(opt)
+    if save_to is not None:
+        accelerator.save_state(save_to)
+    return accelerator.unwrap_model(model), elra
+
+
+def test_accelerate_save_state_resumes_bit_identically(tmp_path: Any) -> None:
+    """``accelerator.save_state`` after an epoch and ``load_state`` into a fresh model,
+    ELRA and scheduler: the second epoch is the uninterrupted run's, bit for bit."""
+    full, full_opt = _epochs_with_state(2)
+    _epochs_with_state(1, save_to=tmp_path / "state")
+    resumed, resumed_opt = _epochs_with_state(1, load_from=tmp_path / "state")
+    assert same_parameters(full, resumed), max_difference(full, resumed)
+    assert resumed_opt.alpha == full_opt.alpha
