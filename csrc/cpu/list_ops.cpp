@@ -61,10 +61,8 @@ using DotsChunkFn = void (*)(const void* grad, const void* grad_prev, int64_t be
 template <typename T, typename S>
 void dots_chunk_erased(const void* grad, const void* grad_prev, int64_t begin, int64_t end,
                        double* slot) {
-  const auto* gp = raw_ptr(static_cast<const S*>(grad_prev));
-  dots_chunk(
-      static_cast<const T*>(grad), begin, end,
-      [gp](int64_t i) { return static_cast<double>(Codec<S>::load(gp[i])); }, slot);
+  dots_chunk_stored(static_cast<const T*>(grad), static_cast<const S*>(grad_prev), begin, end,
+                    slot);
 }
 
 at::Tensor dots_list_cpu(at::TensorList grad, at::TensorList grad_prev) {
@@ -89,7 +87,7 @@ at::Tensor dots_list_cpu(at::TensorList grad, at::TensorList grad_prev) {
   parallel_list_chunks(chunks, total, [&](int64_t c, const ListChunk& chunk) {
     fns[chunk.tensor](g[chunk.tensor], gp[chunk.tensor], chunk.begin, chunk.end, slots + 2 * c);
   });
-  // Per tensor: its slots in chunk order from 0.0 (as dots_driver); then the tensors in
+  // Per tensor: its slots in chunk order from 0.0 (as reduce_chunks); then the tensors in
   // list order, the first one taken as it is (as the per-tensor loop does).
   double gg = 0.0;
   double gpg = 0.0;

@@ -22,10 +22,13 @@ at::Tensor dots_cpu(const at::Tensor& grad, const at::Tensor& grad_prev) {
   ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots", [&] {
     dispatch_state_type<scalar_t>(grad_prev.scalar_type(), [&](auto* tag) {
       using S = std::remove_pointer_t<decltype(tag)>;  // grad_prev: scalar_t or bfloat16
-      const auto* gp = raw_ptr(grad_prev.const_data_ptr<S>());
-      dots_driver(
-          grad.const_data_ptr<scalar_t>(), n,
-          [gp](int64_t i) { return static_cast<double>(Codec<S>::load(gp[i])); },
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      const S* gp = grad_prev.const_data_ptr<S>();
+      reduce_chunks(
+          n,
+          [g, gp](int64_t begin, int64_t end, double* slot) {
+            dots_chunk_stored(g, gp, begin, end, slot);
+          },
           out.data_ptr<double>());
     });
   });
@@ -47,12 +50,16 @@ at::Tensor dots_recover_cpu(const at::Tensor& x_prev, const at::Tensor& x,
     // G_prev_i = (decay * x_prev_i - x_i) * inv_alpha, the reference's fp64 expression
     // (in fp64 the difference of close points keeps ~1e-16 * |x|, so the fp32 update
     // kernels' recover_diff rewrite is not needed here).
-    dots_driver(
-        grad.const_data_ptr<scalar_t>(), n,
-        [xp, xc, decay, inv_alpha](int64_t i) {
-          const double xpi = C::load(xp[i]);
-          const double xi = C::load(xc[i]);
-          return (decay * xpi - xi) * inv_alpha;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const auto gprev = [xp, xc, decay, inv_alpha](int64_t i) {
+      const double xpi = C::load(xp[i]);
+      const double xi = C::load(xc[i]);
+      return (decay * xpi - xi) * inv_alpha;
+    };
+    reduce_chunks(
+        n,
+        [g, gprev](int64_t begin, int64_t end, double* slot) {
+          dots_chunk(g, begin, end, gprev, slot);
         },
         out.data_ptr<double>());
   });
