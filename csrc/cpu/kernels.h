@@ -311,6 +311,57 @@ __attribute__((target("avx2,fma"))) inline void dots_chunk_f32_avx2(
   slot[0] = s_gg;
   slot[1] = s_gpg;
 }
+
+// dots_recover's chunk for float32 points and gradient, written out like
+// dots_chunk_f32_avx2: G_{t-1,i} = (decay x_{t-1,i} - x_i) inv_alpha formed as the body's
+// lambda does (multiply, subtract, multiply: none of them exact, so none fused), its
+// product with G_i rounded before the sum, as in the body; only G_i^2 (exact) is fused.
+__attribute__((target("avx2,fma"))) inline void dots_chunk_recover_f32_avx2(
+    const float* g, const float* x_prev, const float* x, double decay, double inv_alpha,
+    int64_t begin, int64_t end, double* slot) {
+  static_assert(kLanes == 16, "four vectors of four doubles");
+  const __m256d decay_v = _mm256_set1_pd(decay);
+  const __m256d inv_alpha_v = _mm256_set1_pd(inv_alpha);
+  __m256d gg[4];
+  __m256d gpg[4];
+  for (int k = 0; k < 4; ++k) {
+    gg[k] = _mm256_setzero_pd();
+    gpg[k] = _mm256_setzero_pd();
+  }
+  const int64_t v_end = begin + (end - begin) / kLanes * kLanes;
+  for (int64_t i = begin; i < v_end; i += kLanes) {
+    for (int k = 0; k < 4; ++k) {
+      const __m256d gv = _mm256_cvtps_pd(_mm_loadu_ps(g + i + 4 * k));
+      const __m256d xpv = _mm256_cvtps_pd(_mm_loadu_ps(x_prev + i + 4 * k));
+      const __m256d xv = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4 * k));
+      const __m256d gp =
+          _mm256_mul_pd(_mm256_sub_pd(_mm256_mul_pd(decay_v, xpv), xv), inv_alpha_v);
+      gg[k] = _mm256_fmadd_pd(gv, gv, gg[k]);
+      gpg[k] = _mm256_add_pd(gpg[k], _mm256_mul_pd(gp, gv));
+    }
+  }
+  double a_gg[kLanes];
+  double a_gpg[kLanes];
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_pd(a_gg + 4 * k, gg[k]);
+    _mm256_storeu_pd(a_gpg + 4 * k, gpg[k]);
+  }
+  for (int64_t i = v_end; i < end; ++i) {  // scalar tail of the last chunk, as the body's
+    const double gi = g[i];
+    const double gp = (decay * static_cast<double>(x_prev[i]) - static_cast<double>(x[i])) *
+                      inv_alpha;
+    a_gg[0] += gi * gi;
+    a_gpg[0] += gp * gi;
+  }
+  double s_gg = 0.0;
+  double s_gpg = 0.0;
+  for (int l = 0; l < kLanes; ++l) {  // fixed fold order
+    s_gg += a_gg[l];
+    s_gpg += a_gpg[l];
+  }
+  slot[0] = s_gg;
+  slot[1] = s_gpg;
+}
 #endif
 
 // One chunk's [sum G_i^2, sum G_prev_i G_i] into slot[0..1] (AVX2 where the CPU has it).

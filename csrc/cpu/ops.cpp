@@ -35,6 +35,23 @@ at::Tensor dots_cpu(const at::Tensor& grad, const at::Tensor& grad_prev) {
   return out;
 }
 
+// dots_recover's chunk: the float32 intrinsics where the CPU has AVX2 and FMA, else the
+// generic loop over `gprev` (the same G_{t-1} expression, element by element).
+template <typename T, typename GPrev>
+void dots_chunk_recover(const T* g, const T* x_prev, const T* x, double decay,
+                        double inv_alpha, GPrev gprev, int64_t begin, int64_t end,
+                        double* slot) {
+#if ELRA_CPU_AVX2_DISPATCH
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma()) {
+      dots_chunk_recover_f32_avx2(g, x_prev, x, decay, inv_alpha, begin, end, slot);
+      return;
+    }
+  }
+#endif
+  dots_chunk(g, begin, end, gprev, slot);
+}
+
 at::Tensor dots_recover_cpu(const at::Tensor& x_prev, const at::Tensor& x,
                             const at::Tensor& grad, const at::Tensor& coeffs) {
   check_dots_recover(x_prev, x, grad, coeffs);
@@ -58,8 +75,9 @@ at::Tensor dots_recover_cpu(const at::Tensor& x_prev, const at::Tensor& x,
     };
     reduce_chunks(
         n,
-        [g, gprev](int64_t begin, int64_t end, double* slot) {
-          dots_chunk(g, begin, end, gprev, slot);
+        [=](int64_t begin, int64_t end, double* slot) {
+          dots_chunk_recover(g, x_prev.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                             decay, inv_alpha, gprev, begin, end, slot);
         },
         out.data_ptr<double>());
   });
