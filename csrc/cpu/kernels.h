@@ -199,6 +199,28 @@ inline float recover_diff(float xp, float x, float decay_m1) {
 // or recovered in fp64). Per chunk: kLanes fp64 lanes in element order, then the lanes
 // added in lane order.
 // ---------------------------------------------------------------------------------------
+// The end of every chunk: the scalar tail [v_end, end) of the last chunk added into lane
+// 0, then the lanes summed in lane order into slot[0..1].
+template <typename T, typename GPrev>
+ELRA_ALWAYS_INLINE inline void finish_lanes(double* a_gg, double* a_gpg, const T* g_typed,
+                                            GPrev gprev, int64_t v_end, int64_t end,
+                                            double* __restrict slot) {
+  const auto* g = raw_ptr(g_typed);
+  for (int64_t i = v_end; i < end; ++i) {
+    const double gi = Codec<T>::load(g[i]);
+    a_gg[0] += gi * gi;
+    a_gpg[0] += gprev(i) * gi;
+  }
+  double s_gg = 0.0;
+  double s_gpg = 0.0;
+  for (int l = 0; l < kLanes; ++l) {  // fixed fold order
+    s_gg += a_gg[l];
+    s_gpg += a_gpg[l];
+  }
+  slot[0] = s_gg;
+  slot[1] = s_gpg;
+}
+
 template <typename T, typename GPrev>
 ELRA_ALWAYS_INLINE inline void dots_chunk_body(const T* g_typed, int64_t begin, int64_t end,
                                                GPrev gprev, double* __restrict slot) {
@@ -215,19 +237,7 @@ ELRA_ALWAYS_INLINE inline void dots_chunk_body(const T* g_typed, int64_t begin, 
       a_gpg[l] += gprev(i + l) * gi;
     }
   }
-  for (int64_t i = v_end; i < end; ++i) {  // scalar tail of the last chunk
-    const double gi = C::load(g[i]);
-    a_gg[0] += gi * gi;
-    a_gpg[0] += gprev(i) * gi;
-  }
-  double s_gg = 0.0;
-  double s_gpg = 0.0;
-  for (int l = 0; l < kLanes; ++l) {  // fixed fold order
-    s_gg += a_gg[l];
-    s_gpg += a_gpg[l];
-  }
-  slot[0] = s_gg;
-  slot[1] = s_gpg;
+  finish_lanes(a_gg, a_gpg, g_typed, gprev, v_end, end, slot);
 }
 
 #if ELRA_CPU_AVX2_DISPATCH
@@ -263,65 +273,41 @@ inline bool cpu_has_avx2_fma() {
   return has;
 }
 
-// dots_chunk_body for a float32 G and a float32 G_{t-1} as they are stored, written out
-// with intrinsics: the compiler's vectorization of the lane loop reloads and re-extracts
-// each vector and chains two adds per lane per iteration, which bounds it in cache
-// (measured at 1M elements, 2 cores: 64-82 GB/s against 114-139 GB/s here). The same 16
-// lanes (4 vectors of 4 doubles, lane l = element begin + 16 k + l), the same scalar tail
-// into lane 0 and the same fold in lane order. The products are fused into the sums
-// (FMA) only because they are exact: two float32 values widened to float64 multiply to at
-// most 48 significant bits, far inside float64's range, so fma(a, b, s) = round(a b + s)
-// = round(round(a b) + s), the baseline's bits (the AVX2 / baseline test checks it).
-// Not for dots_recover, whose recovered G_{t-1} is not a stored value.
-__attribute__((target("avx2,fma"))) inline void dots_chunk_f32_avx2(
-    const float* g, const float* gp, int64_t begin, int64_t end, double* slot) {
-  static_assert(kLanes == 16, "four vectors of four doubles");
-  __m256d gg[4];
-  __m256d gpg[4];
-  for (int k = 0; k < 4; ++k) {
-    gg[k] = _mm256_setzero_pd();
-    gpg[k] = _mm256_setzero_pd();
-  }
-  const int64_t v_end = begin + (end - begin) / kLanes * kLanes;
-  for (int64_t i = begin; i < v_end; i += kLanes) {
-    for (int k = 0; k < 4; ++k) {
-      const __m256d gv = _mm256_cvtps_pd(_mm_loadu_ps(g + i + 4 * k));
-      const __m256d pv = _mm256_cvtps_pd(_mm_loadu_ps(gp + i + 4 * k));
-      gg[k] = _mm256_fmadd_pd(gv, gv, gg[k]);
-      gpg[k] = _mm256_fmadd_pd(pv, gv, gpg[k]);
-    }
-  }
+// The end of the intrinsic chunks below: the 4 x 4 lanes stored in lane order, then
+// finish_lanes (the scalar tail into lane 0, the fold), as dots_chunk_body ends.
+template <typename GPrev>
+__attribute__((target("avx2"))) inline void fold_lanes_avx2(const __m256d* gg,
+                                                            const __m256d* gpg, const float* g,
+                                                            GPrev gprev, int64_t v_end,
+                                                            int64_t end, double* slot) {
   double a_gg[kLanes];
   double a_gpg[kLanes];
   for (int k = 0; k < 4; ++k) {
     _mm256_storeu_pd(a_gg + 4 * k, gg[k]);
     _mm256_storeu_pd(a_gpg + 4 * k, gpg[k]);
   }
-  for (int64_t i = v_end; i < end; ++i) {  // scalar tail of the last chunk, as the body's
-    const double gi = g[i];
-    a_gg[0] += gi * gi;
-    a_gpg[0] += static_cast<double>(gp[i]) * gi;
-  }
-  double s_gg = 0.0;
-  double s_gpg = 0.0;
-  for (int l = 0; l < kLanes; ++l) {  // fixed fold order
-    s_gg += a_gg[l];
-    s_gpg += a_gpg[l];
-  }
-  slot[0] = s_gg;
-  slot[1] = s_gpg;
+  finish_lanes(a_gg, a_gpg, g, gprev, v_end, end, slot);
 }
 
-// dots_recover's chunk for float32 points and gradient, written out like
-// dots_chunk_f32_avx2: G_{t-1,i} = (decay x_{t-1,i} - x_i) inv_alpha formed as the body's
-// lambda does (multiply, subtract, multiply: none of them exact, so none fused), its
-// product with G_i rounded before the sum, as in the body; only G_i^2 (exact) is fused.
-__attribute__((target("avx2,fma"))) inline void dots_chunk_recover_f32_avx2(
-    const float* g, const float* x_prev, const float* x, double decay, double inv_alpha,
+// dots_chunk_body for float32 vectors, written out with intrinsics: the compiler's
+// vectorization of the lane loop reloads and re-extracts each vector and chains two adds
+// per lane per iteration, which bounds it in cache (measured at 1M elements, 2 cores:
+// 64-82 GB/s against 114-170 GB/s here). The same 16 lanes (4 vectors of 4 doubles, lane
+// l = element begin + 16 k + l), the same scalar tail into lane 0 and the same fold in
+// lane order (fold_lanes_avx2). G_{t-1} is `a` as stored (standard mode), or, kRecover,
+// (decay x_{t-1} - x) inv_alpha from a = x_{t-1}, b = x, formed as dots_recover's plain
+// loop does (multiply, subtract, multiply). A product is fused into its sum (FMA) only
+// where it is exact: two float32 values widened to float64 multiply to at most 48
+// significant bits, far inside float64's range, so fma(a, b, s) = round(a b + s) =
+// round(round(a b) + s), the baseline's bits (the AVX2 / baseline test checks it). G_i^2
+// always is; a recovered G_{t-1} is not a stored value, so its product is rounded first.
+template <bool kRecover>
+__attribute__((target("avx2,fma"))) inline void dots_chunk_f32_avx2(
+    const float* g, const float* a, const float* b, double decay, double inv_alpha,
     int64_t begin, int64_t end, double* slot) {
   static_assert(kLanes == 16, "four vectors of four doubles");
-  const __m256d decay_v = _mm256_set1_pd(decay);
-  const __m256d inv_alpha_v = _mm256_set1_pd(inv_alpha);
+  [[maybe_unused]] const __m256d decay_v = _mm256_set1_pd(decay);
+  [[maybe_unused]] const __m256d inv_alpha_v = _mm256_set1_pd(inv_alpha);
   __m256d gg[4];
   __m256d gpg[4];
   for (int k = 0; k < 4; ++k) {
@@ -332,35 +318,26 @@ __attribute__((target("avx2,fma"))) inline void dots_chunk_recover_f32_avx2(
   for (int64_t i = begin; i < v_end; i += kLanes) {
     for (int k = 0; k < 4; ++k) {
       const __m256d gv = _mm256_cvtps_pd(_mm_loadu_ps(g + i + 4 * k));
-      const __m256d xpv = _mm256_cvtps_pd(_mm_loadu_ps(x_prev + i + 4 * k));
-      const __m256d xv = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4 * k));
-      const __m256d gp =
-          _mm256_mul_pd(_mm256_sub_pd(_mm256_mul_pd(decay_v, xpv), xv), inv_alpha_v);
+      const __m256d av = _mm256_cvtps_pd(_mm_loadu_ps(a + i + 4 * k));
       gg[k] = _mm256_fmadd_pd(gv, gv, gg[k]);
-      gpg[k] = _mm256_add_pd(gpg[k], _mm256_mul_pd(gp, gv));
+      if constexpr (kRecover) {
+        const __m256d xv = _mm256_cvtps_pd(_mm_loadu_ps(b + i + 4 * k));
+        const __m256d gp =
+            _mm256_mul_pd(_mm256_sub_pd(_mm256_mul_pd(decay_v, av), xv), inv_alpha_v);
+        gpg[k] = _mm256_add_pd(gpg[k], _mm256_mul_pd(gp, gv));
+      } else {
+        gpg[k] = _mm256_fmadd_pd(av, gv, gpg[k]);
+      }
     }
   }
-  double a_gg[kLanes];
-  double a_gpg[kLanes];
-  for (int k = 0; k < 4; ++k) {
-    _mm256_storeu_pd(a_gg + 4 * k, gg[k]);
-    _mm256_storeu_pd(a_gpg + 4 * k, gpg[k]);
-  }
-  for (int64_t i = v_end; i < end; ++i) {  // scalar tail of the last chunk, as the body's
-    const double gi = g[i];
-    const double gp = (decay * static_cast<double>(x_prev[i]) - static_cast<double>(x[i])) *
-                      inv_alpha;
-    a_gg[0] += gi * gi;
-    a_gpg[0] += gp * gi;
-  }
-  double s_gg = 0.0;
-  double s_gpg = 0.0;
-  for (int l = 0; l < kLanes; ++l) {  // fixed fold order
-    s_gg += a_gg[l];
-    s_gpg += a_gpg[l];
-  }
-  slot[0] = s_gg;
-  slot[1] = s_gpg;
+  const auto gprev = [a, b, decay, inv_alpha](int64_t i) {
+    if constexpr (kRecover) {
+      return (decay * static_cast<double>(a[i]) - static_cast<double>(b[i])) * inv_alpha;
+    } else {
+      return static_cast<double>(a[i]);
+    }
+  };
+  fold_lanes_avx2(gg, gpg, g, gprev, v_end, end, slot);
 }
 #endif
 
@@ -383,7 +360,7 @@ void dots_chunk_stored(const T* g, const S* grad_prev, int64_t begin, int64_t en
 #if ELRA_CPU_AVX2_DISPATCH
   if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {
     if (cpu_has_avx2_fma()) {
-      dots_chunk_f32_avx2(g, grad_prev, begin, end, slot);
+      dots_chunk_f32_avx2<false>(g, grad_prev, nullptr, 0.0, 0.0, begin, end, slot);
       return;
     }
   }

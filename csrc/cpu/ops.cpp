@@ -44,7 +44,7 @@ void dots_chunk_recover(const T* g, const T* x_prev, const T* x, double decay,
 #if ELRA_CPU_AVX2_DISPATCH
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx2_fma()) {
-      dots_chunk_recover_f32_avx2(g, x_prev, x, decay, inv_alpha, begin, end, slot);
+      dots_chunk_f32_avx2<true>(g, x_prev, x, decay, inv_alpha, begin, end, slot);
       return;
     }
   }
