@@ -62,12 +62,14 @@ at::Tensor dots_recover_cpu(const at::Tensor& x_prev, const at::Tensor& x,
   const int64_t n = grad.numel();
   ELRA_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "elra_fused::dots_recover", [&] {
     using C = Codec<scalar_t>;
-    const auto* xp = raw_ptr(x_prev.const_data_ptr<scalar_t>());
-    const auto* xc = raw_ptr(x.const_data_ptr<scalar_t>());
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* x_prev_data = x_prev.const_data_ptr<scalar_t>();
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const auto* xp = raw_ptr(x_prev_data);
+    const auto* xc = raw_ptr(x_data);
     // G_prev_i = (decay * x_prev_i - x_i) * inv_alpha, the reference's fp64 expression
     // (in fp64 the difference of close points keeps ~1e-16 * |x|, so the fp32 update
     // kernels' recover_diff rewrite is not needed here).
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const auto gprev = [xp, xc, decay, inv_alpha](int64_t i) {
       const double xpi = C::load(xp[i]);
       const double xi = C::load(xc[i]);
@@ -76,8 +78,7 @@ at::Tensor dots_recover_cpu(const at::Tensor& x_prev, const at::Tensor& x,
     reduce_chunks(
         n,
         [=](int64_t begin, int64_t end, double* slot) {
-          dots_chunk_recover(g, x_prev.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                             decay, inv_alpha, gprev, begin, end, slot);
+          dots_chunk_recover(g, x_prev_data, x_data, decay, inv_alpha, gprev, begin, end, slot);
         },
         out.data_ptr<double>());
   });

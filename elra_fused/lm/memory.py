@@ -139,13 +139,6 @@ def measure_step_peak(
     return StepPeak(tracker.peak, max_allocated - outside, max_allocated)
 
 
-def measure_peak(
-    name: str, model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor
-) -> int:
-    """The live-bytes peak of one training step (:func:`measure_step_peak`)."""
-    return measure_step_peak(name, model, opt, batch).live_bytes
-
-
 #: ELRA's memory modes (paper 3.6, README "Memory modes"): name -> ELRA keyword arguments.
 ELRA_MEMORY_MODES: dict[str, dict[str, Any]] = {
     "standard": {},
