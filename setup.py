@@ -25,7 +25,7 @@ CSRC = "csrc"
 # csrc/ by device: common.h (shared checks) is included by both; module.cpp registers the
 # CPU table always and the CUDA table when ELRA_WITH_CUDA is defined.
 CPU_SOURCES = [f"{CSRC}/module.cpp", f"{CSRC}/cpu/ops.cpp", f"{CSRC}/cpu/list_ops.cpp"]
-CUDA_SOURCES = [f"{CSRC}/cuda/ops.cu", f"{CSRC}/cuda/list_ops.cpp"]
+CUDA_SOURCES = [f"{CSRC}/cuda/ops.cu", f"{CSRC}/cuda/list_ops.cu"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 # Portable flags only: the built artefact may run on another x86-64 machine, so no
@@ -36,9 +36,12 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0"
 # so the baseline and AVX2 loops (and any CPU) round every element alike.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 LINK_FLAGS = ["-fopenmp"]
-# No --use_fast_math for the same reason; -lineinfo keeps profilers useful at no cost;
-# --threads=2 compiles the two default architectures in parallel.
-NVCC_FLAGS = ["-O3", "-lineinfo", "--threads=2"]
+# No --use_fast_math for the same reason; --fmad=false is nvcc's -ffp-contract=off (an
+# update rounds decay * x and step * g before subtracting, as the CPU kernels and torch's
+# own elementwise ops do, so results are bit-identical across devices); -lineinfo keeps
+# profilers useful at no cost; --threads=2 compiles the two default architectures in
+# parallel.
+NVCC_FLAGS = ["-O3", "-lineinfo", "--threads=2", "--fmad=false"]
 
 
 def _want_cuda() -> tuple[bool, str]:

@@ -356,7 +356,7 @@ ListImpls list_impls();      // cpu/list_ops.cpp
 }  // namespace cpu
 namespace cuda {
 SingleImpls single_impls();  // cuda/ops.cu
-ListImpls list_impls();      // cuda/list_ops.cpp
+ListImpls list_impls();      // cuda/list_ops.cu
 }  // namespace cuda
 
 }  // namespace elra
