@@ -12,6 +12,8 @@ are not the question, so that all scripts measure and report the same way:
 * ``base_parser`` / ``add_timing_flags``: the flags every script takes (``--device``,
   ``--json``, ``--repeats``, ``--warmup``), spelled and defaulted the same everywhere.
 * ``make_mlp``: the square MLP the optimizer benchmarks train.
+* ``make_blocks``: a transformer-like stack of about 200 parameter tensors of mixed
+  shapes (per-parameter stepping as FSDP2 and transformers models ask of an optimizer).
 * ``cell`` / ``print_table``: a plain-text table, one row per JSON record.
 * ``write_json``: the records as JSON (what ``benchmarks/results/*.json`` hold).
 
@@ -213,6 +215,75 @@ def make_mlp(n_params: int, depth: int, device: torch.device) -> torch.nn.Sequen
             layers.append(torch.nn.ReLU())
     torch.manual_seed(0)
     return torch.nn.Sequential(*layers).to(device)
+
+
+#: Parameter tensors of one :class:`Block`: two LayerNorms (weight, bias) and four Linear
+#: layers (weight, bias).
+TENSORS_PER_BLOCK = 12
+#: Blocks of ``make_blocks`` by default: 16 * 12 + 4 (final norm, head) = 196 tensors.
+BLOCKS = 16
+
+
+class Block(torch.nn.Module):
+    """A transformer block's parameters without the attention itself.
+
+    LayerNorm, fused q/k/v projection (``width -> 3 * width``), output projection,
+    LayerNorm, MLP up (``width -> 4 * width``) and down: 12 tensors, 1-D (norms,
+    biases) and 2-D (matrices), ``12 * width**2 + 13 * width`` parameters. The forward
+    works token by token (q, k, v mixed by a gate instead of attention across tokens), so
+    it stays cheap while every parameter gets a gradient.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(width)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.proj = torch.nn.Linear(width, width)
+        self.norm2 = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, 4 * width)
+        self.down = torch.nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        x = x + self.proj(torch.sigmoid(q) * k + v)
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class BlockStack(torch.nn.Module):
+    """``n_blocks`` :class:`Block` s, a final LayerNorm and a square head: the parameter
+    list of a small transformer (``TENSORS_PER_BLOCK * n_blocks + 4`` tensors). Takes
+    ``(batch, width)`` or ``(batch, seq, width)`` and returns the same shape."""
+
+    def __init__(self, width: int, n_blocks: int) -> None:
+        super().__init__()
+        self.width = width
+        self.blocks = torch.nn.ModuleList(Block(width) for _ in range(n_blocks))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def blocks_width(n_params: int, n_blocks: int = BLOCKS) -> int:
+    """The width (a multiple of 8, at least 8) at which ``BlockStack(width, n_blocks)``
+    has about ``n_params`` parameters: ``(12 n + 1) w^2 + (13 n + 3) w`` solved for w."""
+    a, b = 12 * n_blocks + 1, 13 * n_blocks + 3
+    exact = (-b + (b * b + 4 * a * n_params) ** 0.5) / (2 * a)
+    return max(8, 8 * round(exact / 8))
+
+
+def make_blocks(n_params: int, device: torch.device, n_blocks: int = BLOCKS) -> BlockStack:
+    """A transformer-like :class:`BlockStack` of about ``n_params`` parameters in
+    ``TENSORS_PER_BLOCK * n_blocks + 4`` tensors (196 by default), for the benchmarks of
+    per-parameter ("lists") stepping over many small tensors of mixed shapes, as FSDP2
+    and transformers models hand an optimizer; the MLP of ``make_mlp`` has 8 large ones.
+    The width is chosen to hit ``n_params`` (a multiple of 8, so about it); the weights
+    are the same in every run (seed 0)."""
+    torch.manual_seed(0)
+    return BlockStack(blocks_width(n_params, n_blocks), n_blocks).to(device)
 
 
 # --- output -----------------------------------------------------------------------------

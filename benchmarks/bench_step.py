@@ -5,6 +5,12 @@ Question: how long does one optimizer step take, and one full training iteration
 torch's Adam (fused and foreach), plain SGD and the authors' package ``elra`` 0.0.5 --
 all measured in the same run on the same model and data.
 
+``--models`` picks the parameter lists: ``mlp`` (default; 4 square Linear layers, 8
+tensors) and ``blocks`` (a transformer-like stack of 196 tensors of mixed shapes, 1-D
+norms and biases and 2-D matrices: ``_harness.make_blocks``), where per-parameter
+("lists") stepping launches over many small tensors. Every contender, Adam included,
+steps the same list, so the ratios compare on the same list.
+
 Every optimizer starts from the same weights on its own copy of the model; iterations are
 taken in turns (one iteration of each optimizer, then the next round), so load from
 elsewhere on the machine hits all of them alike. Each timing is the median over
@@ -15,7 +21,8 @@ The ``elra`` package (GPL) is only imported, never copied; it is installed into 
 benchmark environment when missing (``--no-install`` to skip it instead). Its step takes
 the loss as a Python float, so its iteration includes that host read.
 
-Usage: ``python benchmarks/bench_step.py [--device cpu|cuda] [--sizes 1M,16M] [--json PATH]``
+Usage: ``python benchmarks/bench_step.py [--device cpu|cuda] [--models mlp,blocks]
+[--sizes 1M,16M] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import contextlib
 import copy
 import importlib
 import io
+import itertools
 import statistics
 import subprocess
 import sys
@@ -40,6 +48,8 @@ ELRA_PYPI_VERSION = "0.0.5"
 DEPTH = 4
 BATCH = 32
 SIZES = {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26}
+#: The workloads of ``--models``.
+MODELS = ("mlp", "blocks")
 
 
 def parse_size(text: str) -> int:
@@ -49,6 +59,18 @@ def parse_size(text: str) -> int:
     if text.endswith("M"):
         return int(float(text[:-1]) * (1 << 20))
     return int(text)
+
+
+def build_model(kind: str, n_target: int, device: torch.device) -> tuple[torch.nn.Module, int]:
+    """The ``--models`` workload ``kind`` of about ``n_target`` parameters and its input
+    width (inputs and targets are ``(BATCH, width)``)."""
+    if kind == "mlp":
+        mlp = harness.make_mlp(n_target, DEPTH, device)
+        return mlp, mlp[0].in_features
+    if kind == "blocks":
+        stack = harness.make_blocks(n_target, device)
+        return stack, stack.width
+    raise ValueError(f"unknown model {kind!r}: pick from {', '.join(MODELS)}")
 
 
 def elra_pypi_class(install: bool) -> type | None:
@@ -161,14 +183,15 @@ def time_round_robin(
                 contender.opt = contender.model = None  # free it for the others
 
 
-def _failed_row(name: str, backend: str, n_params: int, exc: Exception) -> dict:
-    """A table row for a contender that could not run, with the reason."""
+def _failed_row(name: str, backend: str, shape: dict, exc: Exception) -> dict:
+    """A table row for a contender that could not run, with the reason (``shape``: the
+    model's ``model`` / ``n_params`` / ``n_tensors`` keys)."""
     reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:80]
     print(f"  {name}/{backend} failed: {reason}", file=sys.stderr)
     return {
         "optimizer": name,
         "backend": backend,
-        "n_params": n_params,
+        **shape,
         "step_median_s": None,
         "iter_median_s": None,
         "failed": reason,
@@ -212,15 +235,30 @@ def time_graphed(
     return statistics.median(times)
 
 
+def parse_models(text: str) -> list[str]:
+    """The ``--models`` comma list, checked against ``MODELS``."""
+    models = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in models if name not in MODELS]
+    if unknown or not models:
+        raise SystemExit(f"--models {text!r}: pick from {', '.join(MODELS)}")
+    return models
+
+
 def run(args: argparse.Namespace) -> list[dict]:
+    """One row per (model, size, contender): medians of step and iteration time, ratios
+    against Adam fused and SGD on the same model and size."""
     device = harness.resolve_device(args.device)
+    models = parse_models(args.models)
     rows: list[dict] = []
     factories = optimizer_factories(device, not args.no_install)
-    for size_text in args.sizes.split(","):
+    for model, size_text in itertools.product(models, args.sizes.split(",")):
         n_target = parse_size(size_text)
-        base = harness.make_mlp(n_target, DEPTH, device)
-        n_params = sum(p.numel() for p in base.parameters())
-        width = base[0].in_features
+        base, width = build_model(model, n_target, device)
+        shape = {
+            "model": model,
+            "n_params": sum(p.numel() for p in base.parameters()),
+            "n_tensors": len(list(base.parameters())),
+        }
         gen = torch.Generator(device="cpu").manual_seed(1)
         inputs = torch.randn(BATCH, width, generator=gen).to(device)
         target = torch.randn(BATCH, width, generator=gen).to(device) * 0.1
@@ -237,21 +275,21 @@ def run(args: argparse.Namespace) -> list[dict]:
                 try:
                     contenders.append((backend, Contender(name, make, base)))
                 except Exception as exc:
-                    size_rows.append(_failed_row(name, backend, n_params, exc))
+                    size_rows.append(_failed_row(name, backend, shape, exc))
             running = [c for _, c in contenders]
             failures: dict[str, Exception] = {}
             time_round_robin(running, inputs, target, args.warmup, args.repeats, failures)
             for backend, contender in contenders:
                 if contender not in running:
                     size_rows.append(
-                        _failed_row(contender.name, backend, n_params, failures[contender.name])
+                        _failed_row(contender.name, backend, shape, failures[contender.name])
                     )
                     continue
                 size_rows.append(
                     {
                         "optimizer": contender.name,
                         "backend": backend,
-                        "n_params": n_params,
+                        **shape,
                         "step_median_s": statistics.median(contender.step_times),
                         "iter_median_s": statistics.median(contender.iter_times),
                     }
@@ -274,7 +312,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     {
                         "optimizer": name,
                         "backend": f"{backend}+graph",
-                        "n_params": n_params,
+                        **shape,
                         "step_median_s": None,
                         "iter_median_s": iter_s,
                     }
@@ -306,13 +344,15 @@ def step_ratio(
 
 def print_results(rows: list[dict], device: str) -> None:
     print(f"device {device}; threads {torch.get_num_threads()}; batch {BATCH}; medians")
-    columns = ["optimizer", "backend", "params", "step ms", "iter ms"]
+    columns = ["model", "optimizer", "backend", "params", "tensors", "step ms", "iter ms"]
     columns += ["step/adam_fused", "step/sgd", "iter/adam_fused", "note"]
     lines = [
         [
+            r["model"],
             r["optimizer"],
             r["backend"],
             r["n_params"],
+            r["n_tensors"],
             harness.cell(r["step_median_s"], ".2f", scale=1e3),
             harness.cell(r["iter_median_s"], ".2f", scale=1e3),
             harness.cell(r["step_ratio_vs_adam_fused"], ".2f"),
@@ -322,12 +362,19 @@ def print_results(rows: list[dict], device: str) -> None:
         ]
         for r in rows
     ]
-    harness.print_table(columns, lines, left_aligned=2)
+    harness.print_table(columns, lines, left_aligned=3)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse ``argv``, time, print the table, write the JSON; the rows, for callers."""
     parser = harness.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1M,16M,64M", help="comma list, e.g. 1M,16M,64M")
+    parser.add_argument(
+        "--models",
+        default="mlp",
+        help="comma list of workloads: mlp (4 Linear layers, 8 tensors), blocks "
+        "(transformer-like, 196 tensors); default mlp",
+    )
     harness.add_timing_flags(parser, repeats=11, warmup=2)
     parser.add_argument("--no-install", action="store_true", help="do not pip install elra")
     parser.add_argument(
@@ -340,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args)
     print_results(rows, args.device)
     harness.write_json(args.json, rows)
+    return rows
 
 
 if __name__ == "__main__":
