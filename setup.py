@@ -38,7 +38,7 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 LINK_FLAGS = ["-fopenmp"]
 # No --use_fast_math for the same reason; --fmad=false is nvcc's -ffp-contract=off (an
 # update rounds decay * x and step * g before subtracting, as the CPU kernels and torch's
-# own elementwise ops do, so results are bit-identical across devices); -lineinfo keeps
+# own elementwise ops do, so the CPU and CUDA builds round alike); -lineinfo keeps
 # profilers useful at no cost; --threads=2 compiles the two default architectures in
 # parallel.
 NVCC_FLAGS = ["-O3", "-lineinfo", "--threads=2", "--fmad=false"]

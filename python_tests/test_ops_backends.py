@@ -269,8 +269,14 @@ def test_cuda_ops_never_sync(backend: str) -> None:
     cr = coeffs([DECAY, 10.0], "cuda")
     # Built before sync-debug mode: a host-to-device copy of a Python list is a sync.
     retrace = update_coeffs(RETRACE, "cuda")
+    # Lists of disjoint pieces (one empty) for the multi-tensor list kernels.
+    pieces = [4097, 7, 0, n - 4104]
+    xs, gs, gps = (list(t.split(pieces)) for t in (x, g, gp))
     k.dots(g, gp)  # warm-up: first launch may compile / load modules
     k.dots_recover(gp, x, g, cr)
+    k.dots_list(gs, gps)
+    k.update_list_(xs, gs, gps, cu)
+    k.update_swap_list_(xs, gs, gps, retrace)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -280,5 +286,8 @@ def test_cuda_ops_never_sync(backend: str) -> None:
         k.update_recover_(x, g, gp, cu)
         k.update_swap_(x, g, gp, cu)
         k.update_swap_(x, g, gp, retrace)
+        k.dots_list(gs, gps)
+        k.update_list_(xs, gs, gps, cu)
+        k.update_swap_list_(xs, gs, gps, cu)
     finally:
         torch.cuda.set_sync_debug_mode("default")

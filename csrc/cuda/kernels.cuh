@@ -139,6 +139,15 @@ struct GPrevSrc {
   }
 };
 
+// s + a * b where the fp64 product of a and b is exact (both widened from fp32 / bf16 /
+// fp16: 24 + 24 significand bits <= 53): one FMA gives the bits of multiply-then-add
+// (the add is the only rounding either way) at half the fp64 instructions; --fmad=false
+// leaves explicit fma() alone. A recovered G_prev is not such a value: its product is
+// rounded before the sum, as in the reference.
+__device__ __forceinline__ double exact_product_add(double a, double b, double s) {
+  return fma(a, b, s);
+}
+
 // One block's share of a reduction: [sum g*g, sum gp*g] over the elements that block
 // `block` of a grid of `nblocks` visits (grid-stride), valid in thread 0. The single-tensor
 // kernel passes (blockIdx.x, gridDim.x); the list kernel (list_ops.cu) passes a table
@@ -163,18 +172,18 @@ __device__ __forceinline__ void dots_block_partial(const T* __restrict__ g,
       double gp[kN];
       src.at_pack(k, gp);
 #pragma unroll
-      for (int j = 0; j < kN; ++j) {  // fp64 products (exact) and sums, in element order
+      for (int j = 0; j < kN; ++j) {  // fp64 products and sums, in element order
         const double gj = to_d(pg.v[j]);
-        s_gg += gj * gj;
-        s_gpg += gp[j] * gj;
+        s_gg = exact_product_add(gj, gj, s_gg);
+        s_gpg = kRecover ? s_gpg + gp[j] * gj : exact_product_add(gp[j], gj, s_gpg);
       }
     }
     scalar_begin = n_vec * kN;
   }
   for (int64_t i = scalar_begin + tid; i < n; i += stride) {  // tail (or unaligned input)
     const double gi = to_d(g[i]);
-    s_gg += gi * gi;
-    s_gpg += src.at(i) * gi;
+    s_gg = exact_product_add(gi, gi, s_gg);
+    s_gpg = kRecover ? s_gpg + src.at(i) * gi : exact_product_add(src.at(i), gi, s_gpg);
   }
   __shared__ double smem[kWarps];
   s_gg = block_sum(s_gg, smem);
@@ -320,7 +329,7 @@ __global__ void __launch_bounds__(kThreads)
   update_block<T, S, kRecover, kSwap>(x, g, other, coeffs, n, vec_ok, blockIdx.x, gridDim.x);
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid of the reduction: a function of n and the pack width only (determinism).
 template <typename T>
@@ -329,13 +338,17 @@ int64_t reduce_blocks(int64_t n) {
   return std::clamp<int64_t>(ceil_div(work, kThreads), 1, kMaxReduceBlocks);
 }
 
-template <typename T>
-int64_t elementwise_blocks(int64_t n) {
-  const int64_t work = ceil_div(n, kPackN<T>);
+// Blocks an element-wise kernel needs at most on the current device: kBlocksPerSm per SM.
+inline int64_t elementwise_block_cap() {
   int sms = 0;  // cheap attribute query, no synchronisation
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
                                         c10::cuda::current_device()));
-  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSm;
+  return static_cast<int64_t>(sms) * kBlocksPerSm;
+}
+
+template <typename T>
+int64_t elementwise_blocks(int64_t n, int64_t cap = elementwise_block_cap()) {
+  const int64_t work = ceil_div(n, kPackN<T>);
   return std::clamp<int64_t>(ceil_div(work, kThreads), 1, cap);
 }
 

@@ -14,8 +14,8 @@
 // The reductions widen every element to fp64 and form products and sums in fp64 (as the
 // float64 reference): a product of two fp32 / bf16 / fp16 values is exact in fp64, so
 // nothing overflows or underflows over the whole finite fp32 range. At HBM bandwidth this
-// stays memory bound on A100 / H100 / H200-class GPUs: fp64 multiplies and adds (not
-// fused: --fmad=false) run at half the fp32 rate, and the fp32 -> fp64 conversions (16
+// stays memory bound on A100 / H100 / H200-class GPUs: fp64 FMA (exact products only,
+// exact_product_add in kernels.cuh) runs at half the fp32 rate, and the fp32 -> fp64 conversions (16
 // per clock per SM; 2 per element, 3 in recover mode) need ~30% of that rate for fp32
 // inputs at 4.8 TB/s, ~60% for 2-byte inputs. GPUs with slow fp64 (1/64 rate, consumer parts) may become compute bound here.
 

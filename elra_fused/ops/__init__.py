@@ -32,7 +32,11 @@ coeffs)`` and ``update_swap_list_(x[], grad[], grad_prev[], coeffs)`` apply the
 single-tensor op to element i of every list (each element contiguous, of any shape: it is
 flattened without a copy). ``dots_list`` adds the per-tensor results in list order, one
 fp64 addition after another, on every backend. One coefficient tensor serves the whole
-list.
+list. The elements must not overlap one another (as for torch's ``_foreach`` ops): the
+CPU and CUDA kernels process them concurrently. On CUDA and in Triton the list ops are
+multi-tensor kernels (one launch per dtype group and table of tensors, each block running
+the single op's body as one block of that tensor's grid), which keeps each element's
+``dots`` bits.
 
 Backends (:data:`BACKENDS`): ``reference`` (plain torch, the oracle), ``triton``
 (GPU, or CPU under ``TRITON_INTERPRET=1`` for tests) and ``cpp`` (``elra_fused._C``:
