@@ -23,8 +23,14 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
 # csrc/ by device: common.h (shared checks) is included by both; module.cpp registers the
-# CPU table always and the CUDA table when ELRA_WITH_CUDA is defined.
-CPU_SOURCES = [f"{CSRC}/module.cpp", f"{CSRC}/cpu/ops.cpp", f"{CSRC}/cpu/list_ops.cpp"]
+# CPU table always and the CUDA table when ELRA_WITH_CUDA is defined; layout_checks.cpp
+# holds the per-parameter layout's host-side step checks (device-independent).
+CPU_SOURCES = [
+    f"{CSRC}/module.cpp",
+    f"{CSRC}/layout_checks.cpp",
+    f"{CSRC}/cpu/ops.cpp",
+    f"{CSRC}/cpu/list_ops.cpp",
+]
 CUDA_SOURCES = [f"{CSRC}/cuda/ops.cu", f"{CSRC}/cuda/list_ops.cu"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 

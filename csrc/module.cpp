@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "cpu/kernels.h"
+#include "layout_checks.h"
 
 namespace elra {
 namespace {
@@ -64,4 +65,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "The CPU loops in use: 'avx2' (runtime dispatch) or 'baseline' (the build's own).");
+  m.def(
+      "plain_list_step",
+      [](const std::vector<at::Tensor>& params,
+         const std::vector<std::optional<at::Tensor>>& grads,
+         const std::vector<std::optional<at::Tensor>>& prevs, const std::vector<int64_t>& versions,
+         std::optional<at::ScalarType> state_dtype, const std::vector<at::ScalarType>& supported) {
+        const elra::PlainListStep r =
+            elra::plain_list_step(params, grads, prevs, versions, state_dtype, supported);
+        return std::make_pair(r.first_not_plain, r.copy_grad);
+      },
+      "The per-parameter layout's step checks in one call (layout_checks.cpp): (index of the "
+      "first parameter that is not plain or -1, per parameter: copy G_t into G_{t-1}).");
 }

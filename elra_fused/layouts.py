@@ -64,6 +64,7 @@ from .memory import (
     SwapGradPrevStore,
 )
 from .offload import OffloadedPrev, check_not_capturing
+from .ops import backends
 from .sharding import replicas
 
 ParamGroups = list[dict[str, Any]]
@@ -154,7 +155,11 @@ class ListLayout:
         parameters are skipped. Sharded (DTensor) parameters step their local shards
         (:class:`~elra_fused.memory.GradPrevList`). Everything is
         checked before the first kernel runs; error messages are only formatted when
-        raised (this loop runs over every parameter per step)."""
+        raised (this loop runs over every parameter per step). The common case -- every
+        parameter plain -- is recognised in one call first (:meth:`_gather_plain`)."""
+        work = self._gather_plain(param_groups, state)
+        if work is not None:
+            return work
         work = StepWork()
         segments: dict[tuple[torch.device, float, int], GradPrevList] = {}
         # Hoisted: this loop runs over every parameter per step; at ~300 small tensors it
@@ -234,6 +239,62 @@ class ListLayout:
                 store.add(param, grad, grad_prev, param_state, sharded, contiguous)
         for (device, wd, copies), store in segments.items():
             work.segments.append(Segment(store.xs, store.grads, store, wd, device, 1.0 / copies))
+        return work
+
+    def _gather_plain(self, param_groups: ParamGroups, state: OptimizerState) -> StepWork | None:
+        """:meth:`gather`'s result when every parameter is plain, else None (then the full
+        loop runs and does what a parameter needs, errors included).
+
+        Plain: on one device, contiguous, not sharded, and either frozen (no gradient and
+        no G_{t-1}) or with a gradient the loop would take as it is (the parameter's dtype,
+        shape and memory order, not last step's G_{t-1} itself) and a G_{t-1} it would
+        keep (laid out like the parameter, in its dtype or state_dtype, unchanged since
+        the last step). ``elra_fused._C.plain_list_step`` checks all of it in one call
+        (csrc/layout_checks.cpp); without the extension the full loop always runs. The
+        segments are the loop's: one per wd, in order of first appearance.
+        """
+        check = getattr(backends._C, "plain_list_step", None)
+        if check is None:
+            return None
+        params = [param for group in param_groups for param in group["params"]]
+        if not params:
+            return None
+        dtensor_class = _torch_compat.dtensor_class()
+        if dtensor_class is not None and any(isinstance(p, dtensor_class) for p in params):
+            return None
+        states = [state[param] for param in params]
+        grads = [param.grad for param in params]
+        prevs = [param_state.get(GRAD_PREV_KEY) for param_state in states]
+        versions = self.prev_versions
+        recorded = [versions.get(param, -1) for param in params]
+        supported = list(self.supported) if self.supported is not None else []
+        first_not_plain, copy_grad = check(
+            params, grads, prevs, recorded, self.state_dtype, supported
+        )
+        if first_not_plain >= 0:
+            return None
+        rows: dict[float, list[int]] = {}
+        start = 0
+        for group in param_groups:
+            end = start + len(group["params"])
+            rows.setdefault(group["wd"], []).extend(
+                i for i in range(start, end) if grads[i] is not None
+            )
+            start = end
+        work = StepWork()
+        device = params[0].device
+        for wd, indices in rows.items():
+            if not indices:
+                continue
+            store = GradPrevList.of_plain(
+                versions,
+                [params[i] for i in indices],
+                [grads[i] for i in indices],
+                [prevs[i] for i in indices],
+                [states[i] for i in indices],
+                not any(copy_grad[i] for i in indices),
+            )
+            work.segments.append(Segment(store.xs, store.grads, store, wd, device, 1.0))
         return work
 
     def finish(self, work: StepWork, decision: control.Decision) -> None:

@@ -361,6 +361,26 @@ class GradPrevList(GradCoefficients):
         #: The G_{t-1} tensors this step replaced (released by the layout's zero_grad).
         self.retired: list[torch.Tensor] = []
 
+    @classmethod
+    def of_plain(
+        cls,
+        versions: dict[torch.Tensor, int],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        prevs: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        by_reference: bool,
+    ) -> GradPrevList:
+        """The store of plain parameters, all checked at once by the layout (contiguous,
+        not sharded: the kernels take the tensors themselves); as :meth:`add` per
+        parameter would build it."""
+        store = cls(versions)
+        store.params, store.xs = params, list(params)
+        store.grad_tensors, store.grads = grads, list(grads)
+        store.prevs, store.param_states = prevs, states
+        store.by_reference = by_reference
+        return store
+
     def add(
         self,
         x: torch.Tensor,

@@ -551,3 +551,122 @@ def test_lists_and_flat_train_the_same_with_an_unused_head(variant: str) -> None
         assert other_decisions == decisions
         for mine, theirs in zip(params, expected, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-parameter layout: the one-call check of the common case (ListLayout._gather_plain)
+# ---------------------------------------------------------------------------------------
+def _gather_both(opt: ELRA, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """The layout's work for the current gradients from the one-call check and from the
+    full loop alone (None where the one-call check declines)."""
+    layout = opt.layout
+    plain = layout._gather_plain(opt.param_groups, opt.state)
+    monkeypatch.setattr(type(layout), "_gather_plain", lambda self, groups, state: None)
+    full = layout.gather(opt.param_groups, opt.state)
+    monkeypatch.undo()
+    return plain, full
+
+
+def _same_work(a, b) -> bool:
+    """Same segments (wd, device, weight, by_reference) holding the same tensors."""
+
+    def ids(ts: list) -> list[int]:
+        return [id(t) for t in ts]
+
+    if len(a.segments) != len(b.segments) or a.skipped or b.skipped:
+        return False
+    for sa, sb in zip(a.segments, b.segments, strict=True):
+        if (sa.wd, sa.device, sa.weight) != (sb.wd, sb.device, sb.weight):
+            return False
+        ta, tb = sa.store, sb.store
+        for name in ("xs", "grads", "prevs", "params", "grad_tensors", "param_states"):
+            if ids(getattr(ta, name)) != ids(getattr(tb, name)):
+                return False
+        if ta.by_reference != tb.by_reference:
+            return False
+    return True
+
+
+PLAIN_CASES = {
+    # three groups, two of them sharing a wd (one segment, as the loop merges them)
+    "groups": dict(groups=[(0.9, [0]), (1.0, [1, 2]), (0.9, [3])]),
+    "frozen": dict(frozen=[0, 1]),
+    "compact state": dict(state_dtype=torch.bfloat16),
+    "view gradients": dict(view_grads=True),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAIN_CASES))
+def test_the_one_call_check_gathers_what_the_full_loop_gathers(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain steps (groups with shared wd, frozen parameters, a compact G_{t-1}, gradients
+    that are views into one buffer): the one-call check takes them, and its work is the
+    full loop's, tensor for tensor; the run goes on as before."""
+    spec = PLAIN_CASES[case]
+    if BACKENDS[0] == "reference":
+        pytest.skip("the one-call check is part of the C++ extension")
+    model = make_model()
+    params = list(model.parameters())
+    for i in spec.get("frozen", []):
+        params[i].requires_grad_(False)
+    groups = [
+        {"params": [params[i] for i in idx], "wd": wd} for wd, idx in spec.get("groups", [])
+    ] or [{"params": params}]
+    opt = ELRA(groups, backend=BACKENDS[0], flat=False, state_dtype=spec.get("state_dtype"))
+    run_steps(opt, model, range(3))
+    opt.zero_grad()
+    forward_backward(model, *data(), 3)
+    if spec.get("view_grads"):
+        trainable = [p for p in params if p.grad is not None]
+        buffer = torch.cat([p.grad.reshape(-1) for p in trainable])
+        offset = 0
+        for p in trainable:
+            p.grad = buffer[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+    plain, full = _gather_both(opt, monkeypatch)
+    assert plain is not None and _same_work(plain, full)
+    if spec.get("view_grads") or spec.get("state_dtype"):
+        assert not plain.segments[0].store.by_reference
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "no gradient",
+        "non-contiguous parameter",
+        "transposed gradient",
+        "no backward",
+        "grad_prev changed",
+        "fresh parameter",
+    ],
+)
+def test_the_one_call_check_declines_what_needs_the_full_loop(
+    change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each case the full loop must handle itself (a skipped parameter, a parameter or a
+    gradient in another memory order, a second step without backward, a changed G_{t-1},
+    a parameter without G_{t-1}) makes
+    the one-call check decline, so the loop's fix-up or error still happens."""
+    if BACKENDS[0] == "reference":
+        pytest.skip("the one-call check is part of the C++ extension")
+    model = make_model()
+    params = list(model.parameters())
+    opt = ELRA(model.parameters(), backend=BACKENDS[0], flat=False)
+    run_steps(opt, model, range(2))
+    opt.zero_grad()
+    forward_backward(model, *data(), 2)
+    target = params[1]
+    if change == "no gradient":
+        target.grad = None
+    elif change == "non-contiguous parameter":
+        params[0].data = params[0].data.t().contiguous().t()
+    elif change == "transposed gradient":
+        params[0].grad = params[0].grad.t().contiguous().t()
+    elif change == "no backward":
+        target.grad = opt.state[target]["grad_prev"]
+    elif change == "grad_prev changed":
+        opt.state[target]["grad_prev"].mul_(2.0)
+    elif change == "fresh parameter":
+        del opt.state[target]["grad_prev"]
+    assert opt.layout._gather_plain(opt.param_groups, opt.state) is None

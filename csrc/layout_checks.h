@@ -1,0 +1,31 @@
+// Host-side checks of the per-parameter layout (see layout_checks.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace elra {
+
+struct PlainListStep {
+  // The first parameter the plain path cannot take (-1: every one is plain).
+  int64_t first_not_plain;
+  // Per parameter with a gradient: G_t must be copied into G_{t-1} (not kept by reference).
+  std::vector<bool> copy_grad;
+};
+
+// params[i] with its gradient (None when it has none), its G_{t-1} (None before the first
+// step that gave it one) and the version of G_{t-1} recorded by the last step (-1: none).
+// state_dtype: the compact G_{t-1} dtype, if any; supported: the dtypes the backend's
+// kernels take (empty: any).
+PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
+                              const std::vector<std::optional<at::Tensor>>& grads,
+                              const std::vector<std::optional<at::Tensor>>& prevs,
+                              const std::vector<int64_t>& versions,
+                              std::optional<at::ScalarType> state_dtype,
+                              const std::vector<at::ScalarType>& supported);
+
+}  // namespace elra
