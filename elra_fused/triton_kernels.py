@@ -24,8 +24,17 @@ Design:
   They are two-stage and deterministic: each program folds every tile it visits
   (grid-stride) into per-lane fp64 accumulators, as the CUDA kernel's per-thread fp64
   sums do (no fp32 partial sum grows with n), sums its lanes and writes the pair into
-  its own slot of a ``[programs, 2]`` float64 buffer; ``torch.sum`` over the slots
-  (fixed shape, fixed order) finishes. The number of programs depends on ``n`` only. No atomics.
+  its own slot of a ``[programs, 2]`` float64 buffer; a second kernel sums the slots. The
+  number of programs depends on ``n`` only. No atomics. Both sums are pairwise halving
+  trees (:func:`_tree_sum`), whose order is fixed by the code alone: not by the layout
+  the compiler picks (which follows the pointers' alignment), nor by the interpreter. So
+  the same values give the same bits here, under TRITON_INTERPRET, and in the tensor-list
+  kernels of :mod:`elra_fused.triton_lists`, which run the same program (:func:`_dots_program`)
+  and finish (:func:`_fold_slots`) for each tensor of a list.
+* Shared math: the per-program reduction (:func:`_dots_program`, :func:`_fold_slots`)
+  and the per-element update (:func:`_update_block`) are ``@triton.jit`` helpers that the
+  single-tensor kernels here and the list kernels of :mod:`elra_fused.triton_lists` call,
+  so there is one implementation of each rule.
 * Coefficients are loaded inside the kernels from the float64 ``coeffs`` tensor: no host
   read, no synchronisation.
 * One update kernel for ``update_``, ``update_recover_`` and ``update_swap_``: the mode is
@@ -56,6 +65,10 @@ BLOCK_SIZE = 1024
 MAX_REDUCE_PROGRAMS = 1024
 #: 4 warps x 32 threads x 8 elements = 1024: each thread handles two 16-byte fp32 vectors.
 NUM_WARPS = 4
+#: Form the reduction trees' levels with tl.split (see _tree_sum): the interpreter's
+#: tl.sum is a jitted call that costs ~1 ms each; compiled, a sum over an axis of 2 is free
+#: (register relabelling), a split may move data.
+TREE_BY_SPLIT = tl.constexpr(INTERPRETED)
 #: Round fp32 -> bf16 with integer ops instead of ``.to(tl.bfloat16)``. The interpreter's
 #: float conversion truncates (and its RTNE mode rounds ties away from even), so under
 #: TRITON_INTERPRET the bits would not match torch's ``.to(torch.bfloat16)``; compiled
@@ -119,6 +132,122 @@ def _widen(
 # Reduction: [<G, G>, <G_prev, G>]
 # ======================================================================================
 @triton.jit
+def _tree_sum(
+    pairs,  # fp64 block [2**LOG2_LEN, 2]: column 0 and column 1 are summed separately
+    LOG2_LEN: tl.constexpr,
+):
+    """Sums of the two columns of ``pairs`` by pairwise halving: ``v[j] + v[j + len / 2]``,
+    level after level (both columns in one tree: half the operations).
+
+    Every addition has exactly two operands (and a + b == b + a in IEEE arithmetic), so the
+    result is a function of the values alone. A plain ``tl.sum`` first adds each thread's
+    registers in sequence; which values share a thread is the layout the compiler picks,
+    and that follows the pointers' alignment (16-byte aligned fp32 loads give 4 elements
+    per thread, unaligned ones 1), so two kernels reducing the same values could round
+    differently. The halving order is also the same compiled and interpreted.
+
+    :data:`TREE_BY_SPLIT` forms each level as ``lo + hi`` of the two halves instead of a
+    sum over an axis of 2 (the same additions, the same bits): the interpreter runs it
+    several times faster, since ``tl.sum`` is a jitted function and each call re-patches
+    the language.
+    """
+    v = pairs
+    for _ in tl.static_range(LOG2_LEN):
+        halves = tl.reshape(v, (2, v.shape[0] // 2, 2))
+        if TREE_BY_SPLIT:
+            lo, hi = tl.split(tl.permute(halves, (1, 2, 0)))
+            v = lo + hi
+        else:
+            v = tl.sum(halves, axis=0)
+    return tl.split(tl.reshape(v, (2,)))
+
+
+@triton.jit
+def _dots_terms(
+    g_ptr,  # *T: G_t
+    a_ptr,  # *S: standard: G_{t-1}; recover: x_{t-1}
+    b_ptr,  # *T: recover: x_t
+    offs,  # int64 offsets of one tile
+    mask,  # offs < n (all true for a tile known to be full)
+    decay,  # fp64 (recover mode)
+    inv_alpha,  # fp64 (recover mode)
+    RECOVER: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    """fp64 (G, G_prev) of one tile; 0 where masked off."""
+    g = _widen(tl.load(g_ptr + offs, mask=mask, other=0.0), g_ptr.dtype.element_ty, BF16_BITS)
+    if RECOVER:
+        xp = _widen(tl.load(a_ptr + offs, mask=mask, other=0.0), a_ptr.dtype.element_ty, BF16_BITS)
+        x = _widen(tl.load(b_ptr + offs, mask=mask, other=0.0), g_ptr.dtype.element_ty, BF16_BITS)
+        # G_prev = (decay * x_prev - x) / alpha_prev, the reference's expression: in
+        # fp64 the difference of close points keeps ~1e-16 * |x| (the fp32 update
+        # kernel needs the (x_prev - x) + (decay - 1) * x_prev form, this does not).
+        gp = (decay * xp - x) * inv_alpha
+    else:
+        gp = _widen(tl.load(a_ptr + offs, mask=mask, other=0.0), a_ptr.dtype.element_ty, BF16_BITS)
+    return g, gp
+
+
+@triton.jit
+def _dots_program(
+    g_ptr,  # *T: the gradient G_t, n elements
+    a_ptr,  # *S: standard mode: G_{t-1} (S = T or bf16); recover mode: x_{t-1} (S = T)
+    b_ptr,  # *T: recover mode: x_t (standard mode: ignored, pass g_ptr)
+    coeffs_ptr,  # *fp64 [decay, inv_alpha_prev] (recover mode; ignored otherwise)
+    n,  # number of elements in every vector (only compared, never summed)
+    num_tiles,  # cdiv(n, BLOCK), from the host (_dots_grid): in-kernel it could wrap in i32
+    first_tile,  # int64: this program's first tile (its index among the tensor's programs)
+    stride,  # the tensor's number of programs: the grid-stride between its tiles
+    RECOVER: tl.constexpr,  # recover G_{t-1} per element from (x_{t-1}, x_t)
+    FULL_TILES_CONST_MASK: tl.constexpr,  # load full tiles under a constant mask (see below)
+    BF16_BITS: tl.constexpr,  # widen bf16 loads with integer ops (BF16_BY_BITS)
+    BLOCK: tl.constexpr,  # elements per tile
+    LOG2_BLOCK: tl.constexpr,
+):
+    """``(<G, G>, <G_prev, G>)`` over tiles first_tile, first_tile + stride, ... < num_tiles:
+    the partial of one program of the reduction, whichever kernel runs it (the
+    single-tensor kernel, or the list kernel for one tensor of a list: same bits).
+
+    ``FULL_TILES_CONST_MASK``: a tile that ends inside the tensor is loaded under a constant
+    all-true mask. The values, and so the bits, are those of the ``offs < n`` load; it
+    only lets the compiler vectorise loads whose ``n`` it cannot see (the list kernels
+    read ``n`` from a table).
+    """
+    if RECOVER:
+        decay = tl.load(coeffs_ptr + RCOEF_DECAY)  # fp64
+        inv_alpha = tl.load(coeffs_ptr + RCOEF_INV_ALPHA_PREV)
+    else:
+        decay = 0.0
+        inv_alpha = 0.0
+    # Per-lane fp64 accumulators: each tile's exact fp64 products are added into them,
+    # each lane sees num_tiles / stride elements (fp64 rounding only).
+    acc_gg = tl.zeros((BLOCK,), dtype=tl.float64)
+    acc_gpg = tl.zeros((BLOCK,), dtype=tl.float64)
+    # An int64 start makes the induction variable (and so the offsets) int64 when compiled;
+    # the interpreter iterates Python ints, which cannot overflow.
+    for tile in range(first_tile, num_tiles, stride):
+        offs = tile * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        if FULL_TILES_CONST_MASK:
+            if (tile + 1) * BLOCK <= n:
+                full = tl.full((BLOCK,), 1, tl.int1)  # a constant mask: vectorisable
+                g, gp = _dots_terms(
+                    g_ptr, a_ptr, b_ptr, offs, full, decay, inv_alpha, RECOVER, BF16_BITS
+                )
+            else:
+                g, gp = _dots_terms(
+                    g_ptr, a_ptr, b_ptr, offs, mask, decay, inv_alpha, RECOVER, BF16_BITS
+                )
+        else:
+            g, gp = _dots_terms(
+                g_ptr, a_ptr, b_ptr, offs, mask, decay, inv_alpha, RECOVER, BF16_BITS
+            )
+        acc_gg += g * g
+        acc_gpg += gp * g
+    return _tree_sum(tl.join(acc_gg, acc_gpg), LOG2_BLOCK)
+
+
+@triton.jit
 def _dots_partial_kernel(
     g_ptr,  # *T: the gradient G_t, n elements
     a_ptr,  # *S: standard mode: G_{t-1} (S = T or bf16); recover mode: x_{t-1} (S = T)
@@ -130,37 +259,71 @@ def _dots_partial_kernel(
     RECOVER: tl.constexpr,  # recover G_{t-1} per element from (x_{t-1}, x_t)
     BF16_BITS: tl.constexpr,  # widen bf16 loads with integer ops (BF16_BY_BITS)
     BLOCK: tl.constexpr,  # elements per tile
+    LOG2_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    G_TY: tl.constexpr = g_ptr.dtype.element_ty
-    A_TY: tl.constexpr = a_ptr.dtype.element_ty
-    if RECOVER:
-        decay = tl.load(coeffs_ptr + RCOEF_DECAY)  # fp64
-        inv_alpha = tl.load(coeffs_ptr + RCOEF_INV_ALPHA_PREV)
-    # Per-lane fp64 accumulators: each tile's exact fp64 products are added into them,
-    # each lane sees num_tiles / num_programs elements (fp64 rounding only).
-    acc_gg = tl.zeros((BLOCK,), dtype=tl.float64)
-    acc_gpg = tl.zeros((BLOCK,), dtype=tl.float64)
-    # An int64 start makes the induction variable (and so the offsets) int64 when compiled;
-    # the interpreter iterates Python ints, which cannot overflow.
-    for tile in range(pid.to(tl.int64), num_tiles, num_programs):
-        offs = tile * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = _widen(tl.load(g_ptr + offs, mask=mask, other=0.0), G_TY, BF16_BITS)
-        if RECOVER:
-            xp = _widen(tl.load(a_ptr + offs, mask=mask, other=0.0), A_TY, BF16_BITS)
-            x = _widen(tl.load(b_ptr + offs, mask=mask, other=0.0), G_TY, BF16_BITS)
-            # G_prev = (decay * x_prev - x) / alpha_prev, the reference's expression: in
-            # fp64 the difference of close points keeps ~1e-16 * |x| (the fp32 update
-            # kernel needs the (x_prev - x) + (decay - 1) * x_prev form, this does not).
-            gp = (decay * xp - x) * inv_alpha
-        else:
-            gp = _widen(tl.load(a_ptr + offs, mask=mask, other=0.0), A_TY, BF16_BITS)
-        acc_gg += g * g
-        acc_gpg += gp * g
-    tl.store(partials_ptr + 2 * pid, tl.sum(acc_gg, axis=0))
-    tl.store(partials_ptr + 2 * pid + 1, tl.sum(acc_gpg, axis=0))
+    gg, gpg = _dots_program(
+        g_ptr,
+        a_ptr,
+        b_ptr,
+        coeffs_ptr,
+        n,
+        num_tiles,
+        pid.to(tl.int64),
+        tl.num_programs(0),
+        RECOVER,
+        False,  # the launch specialises on n (n % 16 == 0 vectorises the masked loads)
+        BF16_BITS,
+        BLOCK,
+        LOG2_BLOCK,
+    )
+    tl.store(partials_ptr + 2 * pid, gg)
+    tl.store(partials_ptr + 2 * pid + 1, gpg)
+
+
+@triton.jit
+def _fold_slots(
+    partials_ptr,  # *fp64 [slots, 2]
+    first,  # the tensor's first slot
+    count,  # its number of slots (<= 2**LOG2_SLOTS)
+    LOG2_SLOTS: tl.constexpr,
+):
+    """Stage 2: ``(sum of <G, G>, sum of <G_prev, G>)`` over slots ``[first, first +
+    count)`` by :func:`_tree_sum` over a block of 2**LOG2_SLOTS, zeros past ``count``.
+
+    Any block that holds the slots gives the same bits, so a list kernel may use the
+    largest block its list needs: doubling the block only adds a first level that pairs
+    every slot with a zero, and x + 0 == x for every x but -0, which no slot holds (the
+    lane accumulators start at +0, and an IEEE sum is -0 only when both terms are).
+    """
+    idx = tl.arange(0, 2**LOG2_SLOTS)[:, None]  # slot
+    col = tl.arange(0, 2)[None, :]  # <G, G> or <G_prev, G>
+    pairs = tl.load(partials_ptr + 2 * (first + idx) + col, mask=idx < count, other=0.0)
+    return _tree_sum(pairs, LOG2_SLOTS)
+
+
+@triton.jit(do_not_specialize=["count"])
+def _dots_finish_kernel(
+    partials_ptr,  # *fp64 [count, 2] from _dots_partial_kernel
+    out_ptr,  # *fp64 [2]
+    count,  # number of slots
+    LOG2_SLOTS: tl.constexpr,
+):
+    gg, gpg = _fold_slots(partials_ptr, 0, count, LOG2_SLOTS)
+    tl.store(out_ptr, gg)
+    tl.store(out_ptr + 1, gpg)
+
+
+def _log2(v: int) -> int:
+    """log2 of a power of two."""
+    if v < 1 or v & (v - 1):
+        raise ValueError(f"{v} is not a power of two")
+    return v.bit_length() - 1
+
+
+def _slots_log2(count: int) -> int:
+    """log2 of the stage-2 block for ``count`` slots: the smallest power of two >= count."""
+    return (max(1, count) - 1).bit_length()
 
 
 def _dots_grid(n: int) -> tuple[int, int]:
@@ -177,6 +340,7 @@ def _launch_dots(
     n = g.numel()
     programs, tiles = _dots_grid(n)
     partials = torch.empty((programs, 2), dtype=torch.float64, device=g.device)
+    out = torch.empty(2, dtype=torch.float64, device=g.device)
     with _device_guard(g):
         _dots_partial_kernel[(programs,)](
             g,
@@ -189,10 +353,15 @@ def _launch_dots(
             RECOVER=recover,
             BF16_BITS=BF16_BY_BITS,
             BLOCK=BLOCK_SIZE,
+            LOG2_BLOCK=_log2(BLOCK_SIZE),
             num_warps=NUM_WARPS,
         )
-    # Stage 2: fixed-shape fp64 sum over the slots (deterministic).
-    return partials.sum(dim=0)
+        # Stage 2: a tree over the slots in a fixed order (deterministic; the list
+        # kernels finish each tensor's slots with the same code).
+        _dots_finish_kernel[(1,)](
+            partials, out, programs, LOG2_SLOTS=_slots_log2(programs), num_warps=NUM_WARPS
+        )
+    return out
 
 
 def dots(grad: torch.Tensor, grad_prev: torch.Tensor) -> torch.Tensor:
@@ -213,22 +382,21 @@ def dots_recover(
 # update_swap_ (SWAP) are one kernel with compile-time flags
 # ======================================================================================
 @triton.jit
-def _update_kernel(
+def _update_block(
     x_ptr,  # *T: parameters x_t, overwritten with x_{t+1}
     g_ptr,  # *T: gradient G_t; read only when accepting; SWAP: <- G_{t-1} on a retrace
     o_ptr,  # *S: standard: G_{t-1} (<- G_t on accept; S = T or bf16); recover: x_{t-1}
     # (<- x_t); SWAP: G_{t-1} (S = T), read on a retrace only, never written
     coeffs_ptr,  # *fp64 [accept, decay, step, back]
-    n,  # number of elements in every vector
+    offs,  # int64 offsets of the block
+    mask,  # offs < n, or None for a block known to be inside the vectors
     RECOVER: tl.constexpr,  # o_ptr holds x_{t-1} instead of G_{t-1}
     SWAP: tl.constexpr,  # swap mode: the caller swaps the roles of grad and grad_prev
     STATE_CONVERT: tl.constexpr,  # S != T: G_t is rounded to S on accept (not bit-copied)
     BF16_BITS: tl.constexpr,  # round bf16 stores with integer ops (BF16_BY_BITS)
-    BLOCK: tl.constexpr,  # elements per program
 ):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    """The update of the elements ``offs``: the per-element math of every update kernel
+    (single tensor and list), so they agree bit for bit."""
     accept = tl.load(coeffs_ptr + COEF_ACCEPT)
     decay64 = tl.load(coeffs_ptr + COEF_DECAY)
     x_raw = tl.load(x_ptr + offs, mask=mask)
@@ -270,6 +438,26 @@ def _update_kernel(
         else:
             new_x = x + back64.to(tl.float32) * other
     tl.store(x_ptr + offs, _to_storage(new_x, x_ptr.dtype.element_ty, BF16_BITS), mask=mask)
+
+
+@triton.jit
+def _update_kernel(
+    x_ptr,  # *T: parameters x_t, overwritten with x_{t+1}
+    g_ptr,  # *T: gradient G_t (see _update_block)
+    o_ptr,  # *S: G_{t-1} or x_{t-1} (see _update_block)
+    coeffs_ptr,  # *fp64 [accept, decay, step, back]
+    n,  # number of elements in every vector
+    RECOVER: tl.constexpr,  # o_ptr holds x_{t-1} instead of G_{t-1}
+    SWAP: tl.constexpr,  # swap mode: the caller swaps the roles of grad and grad_prev
+    STATE_CONVERT: tl.constexpr,  # S != T: G_t is rounded to S on accept (not bit-copied)
+    BF16_BITS: tl.constexpr,  # round bf16 stores with integer ops (BF16_BY_BITS)
+    BLOCK: tl.constexpr,  # elements per program
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _update_block(
+        x_ptr, g_ptr, o_ptr, coeffs_ptr, offs, offs < n, RECOVER, SWAP, STATE_CONVERT, BF16_BITS
+    )
 
 
 def _launch_update(

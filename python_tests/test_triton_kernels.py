@@ -52,8 +52,9 @@ def test_dots_launch_passes_the_host_tile_count(
 ) -> None:
     """A symbolic n (meta tensors: no memory): the kernel gets the tile count from the
     host, positive and covering n, with as many programs as the fixed slot buffer."""
-    recorder = _Recorder()
+    recorder, finish = _Recorder(), _Recorder()
     monkeypatch.setattr(tk, "_dots_partial_kernel", recorder)
+    monkeypatch.setattr(tk, "_dots_finish_kernel", finish)
     monkeypatch.setattr(tk, "_device_guard", lambda t: tk._NullGuard())
     g = torch.empty(n, dtype=torch.bfloat16, device="meta")
     coeffs = torch.empty(2, dtype=torch.float64, device="meta")
@@ -64,6 +65,10 @@ def test_dots_launch_passes_the_host_tile_count(
     assert n_arg == n and tiles == -(-n // BLOCK) and tiles * BLOCK >= n > 0
     assert grid == (tk.MAX_REDUCE_PROGRAMS,) == (partials.shape[0],)
     assert meta["RECOVER"] is recover and meta["BLOCK"] == BLOCK
+    # Stage 2: one program over every slot, into the returned tensor.
+    ((grid, args, meta),) = finish.calls
+    assert grid == (1,) and args[0] is partials and args[1] is out
+    assert args[2] == tk.MAX_REDUCE_PROGRAMS <= 2 ** meta["LOG2_SLOTS"] < 2 * args[2]
 
 
 @pytest.mark.parametrize("programs", [1, 3])

@@ -3,9 +3,10 @@
 
 * ``reference``: :mod:`elra_fused.reference_ops` (plain torch, float64 math) behind the
   same validation as the fused backends; also accepts float64 tensors.
-* ``triton``: :mod:`elra_fused.triton_kernels`, registered here as the
-  ``elra_fused::triton_*`` ops for CPU (interpreter, ``TRITON_INTERPRET=1``) and CUDA;
-  triton itself is imported on the first call only.
+* ``triton``: :mod:`elra_fused.triton_kernels` (and :mod:`elra_fused.triton_lists` for
+  the list ops), registered here as the ``elra_fused::triton_*`` ops for CPU
+  (interpreter, ``TRITON_INTERPRET=1``) and CUDA; triton itself is imported on the first
+  call only.
 * ``cpp``: ``elra_fused._C`` (OpenMP CPU kernels + CUDA kernels), which registers its
   implementations for the ``elra_fused::*`` ops when it is loaded.
 
@@ -135,27 +136,30 @@ def _triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def _triton_module() -> types.ModuleType:
+def _triton_module(module: str = "triton_kernels") -> types.ModuleType:
     try:
-        return importlib.import_module("elra_fused.triton_kernels")
+        return importlib.import_module(f"elra_fused.{module}")
     except ImportError as exc:
         raise RuntimeError(f"triton backend unavailable: {exc}; pip install triton") from exc
 
 
-def _triton_kernel(name: str) -> Callable[..., object]:
-    """``elra_fused.triton_kernels.<name>``, looked up on each call so that importing
-    this module does not import triton."""
+def _triton_kernel(name: str, module: str = "triton_kernels") -> Callable[..., object]:
+    """``elra_fused.<module>.<name>``, looked up on each call so that importing this
+    module does not import triton."""
 
     def call(*args: object) -> object:
-        return getattr(_triton_module(), name)(*args)
+        return getattr(_triton_module(module), name)(*args)
 
-    call.__name__ = call.__qualname__ = f"triton_kernels.{name}"
+    call.__name__ = call.__qualname__ = f"{module}.{name}"
     return call
 
 
-_TRITON_RAW = with_list_ops(
-    {name: _triton_kernel(name) for name in OP_NAMES if name not in LIST_OPS}
-)
+# The single-tensor ops from triton_kernels; the list ops from triton_lists (one launch
+# per dtype group over a table of the list, not one per element).
+_TRITON_RAW = {
+    **{name: _triton_kernel(name) for name in OP_NAMES if name not in LIST_OPS},
+    **{name: _triton_kernel(name, "triton_lists") for name in LIST_OPS},
+}
 # The triton kernels write through raw pointers: aliasing buffers are rejected up front.
 library.register_impls(
     TRITON_PREFIX,
