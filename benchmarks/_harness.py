@@ -208,12 +208,12 @@ def make_mlp(n_params: int, depth: int, device: torch.device) -> torch.nn.Sequen
     """An MLP of ``depth`` square Linear layers (ReLU between) with about ``n_params``
     parameters; the weights are the same in every run (seed 0)."""
     width = int((n_params / depth) ** 0.5)
+    torch.manual_seed(0)
     layers: list[torch.nn.Module] = []
     for i in range(depth):
         layers.append(torch.nn.Linear(width, width))
         if i < depth - 1:
             layers.append(torch.nn.ReLU())
-    torch.manual_seed(0)
     return torch.nn.Sequential(*layers).to(device)
 
 
