@@ -21,13 +21,18 @@ PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
                               const std::vector<std::optional<at::Tensor>>& prevs,
                               const std::vector<int64_t>& versions,
                               std::optional<at::ScalarType> state_dtype,
-                              const std::vector<at::ScalarType>& supported) {
+                              const std::vector<at::ScalarType>& supported, bool any_dtype) {
   TORCH_CHECK_VALUE(grads.size() == params.size() && prevs.size() == params.size() &&
                         versions.size() == params.size(),
                     "plain_list_step: the four lists must have one entry per parameter");
   PlainListStep out{-1, std::vector<bool>(params.size(), false)};
   const auto is_supported = [&](at::ScalarType t) {
-    return supported.empty() || std::find(supported.begin(), supported.end(), t) != supported.end();
+    return any_dtype || std::find(supported.begin(), supported.end(), t) != supported.end();
+  };
+  // Tensors with Python-side behaviour (DTensor, other __torch_dispatch__ subclasses, fake
+  // tensors) may answer the loop's questions differently from their C++ metadata.
+  const auto is_python_subclass = [](const at::Tensor& t) {
+    return t.key_set().has(c10::DispatchKey::Python);
   };
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
@@ -35,6 +40,11 @@ PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
     const std::optional<at::Tensor>& prev = prevs[i];
     const bool has_prev = prev.has_value() && prev->defined();
     const bool plain = [&] {
+      if (is_python_subclass(param) || (grad.has_value() && grad->defined() &&
+                                        is_python_subclass(*grad)) ||
+          (has_prev && is_python_subclass(*prev))) {
+        return false;
+      }
       // A G_{t-1} kept by reference and changed in place since the last step: an error.
       if (has_prev && versions[i] >= 0 && static_cast<int64_t>(prev->_version()) != versions[i]) {
         return false;

@@ -20,12 +20,12 @@ struct PlainListStep {
 // params[i] with its gradient (None when it has none), its G_{t-1} (None before the first
 // step that gave it one) and the version of G_{t-1} recorded by the last step (-1: none).
 // state_dtype: the compact G_{t-1} dtype, if any; supported: the dtypes the backend's
-// kernels take (empty: any).
+// kernels take, unless any_dtype (the reference backend takes any float dtype).
 PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
                               const std::vector<std::optional<at::Tensor>>& grads,
                               const std::vector<std::optional<at::Tensor>>& prevs,
                               const std::vector<int64_t>& versions,
                               std::optional<at::ScalarType> state_dtype,
-                              const std::vector<at::ScalarType>& supported);
+                              const std::vector<at::ScalarType>& supported, bool any_dtype);
 
 }  // namespace elra

@@ -70,9 +70,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const std::vector<at::Tensor>& params,
          const std::vector<std::optional<at::Tensor>>& grads,
          const std::vector<std::optional<at::Tensor>>& prevs, const std::vector<int64_t>& versions,
-         std::optional<at::ScalarType> state_dtype, const std::vector<at::ScalarType>& supported) {
-        const elra::PlainListStep r =
-            elra::plain_list_step(params, grads, prevs, versions, state_dtype, supported);
+         std::optional<at::ScalarType> state_dtype, const std::vector<at::ScalarType>& supported,
+         bool any_dtype) {
+        const elra::PlainListStep r = elra::plain_list_step(params, grads, prevs, versions,
+                                                            state_dtype, supported, any_dtype);
         return std::make_pair(r.first_not_plain, r.copy_grad);
       },
       "The per-parameter layout's step checks in one call (layout_checks.cpp): (index of the "

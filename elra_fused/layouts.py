@@ -120,6 +120,11 @@ def _storage_ptr(tensor: torch.Tensor, sharded: bool) -> int:
     return (tensor.to_local() if sharded else tensor).data_ptr()
 
 
+#: Types the one-call check takes for a parameter, its gradient and its G_{t-1}
+#: (:meth:`ListLayout._gather_plain`; None: no gradient or no G_{t-1} yet).
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, type(None))
+
+
 class ListLayout:
     """Per-parameter tensor lists; G_{t-1} kept by reference where it can be."""
 
@@ -259,33 +264,35 @@ class ListLayout:
         params = [param for group in param_groups for param in group["params"]]
         if not params:
             return None
-        dtensor_class = _torch_compat.dtensor_class()
-        if dtensor_class is not None and any(isinstance(p, dtensor_class) for p in params):
-            return None
         states = [state[param] for param in params]
         grads = [param.grad for param in params]
         prevs = [param_state.get(GRAD_PREV_KEY) for param_state in states]
+        # Tensor subclasses (DTensor, wrappers that answer shape or layout in Python) go
+        # through the loop, which sees them as Python does.
+        if any(type(t) not in _PLAIN_TYPES for t in (*params, *grads, *prevs)):
+            return None
         versions = self.prev_versions
         recorded = [versions.get(param, -1) for param in params]
-        supported = list(self.supported) if self.supported is not None else []
+        any_dtype = self.supported is None
+        supported = [] if any_dtype else list(self.supported)
         first_not_plain, copy_grad = check(
-            params, grads, prevs, recorded, self.state_dtype, supported
+            params, grads, prevs, recorded, self.state_dtype, supported, any_dtype
         )
         if first_not_plain >= 0:
             return None
+        # Segments in the order the loop creates them: a wd enters when its first
+        # parameter with a gradient does (a frozen or empty group creates none).
         rows: dict[float, list[int]] = {}
         start = 0
         for group in param_groups:
             end = start + len(group["params"])
-            rows.setdefault(group["wd"], []).extend(
-                i for i in range(start, end) if grads[i] is not None
-            )
+            indices = [i for i in range(start, end) if grads[i] is not None]
+            if indices:
+                rows.setdefault(group["wd"], []).extend(indices)
             start = end
         work = StepWork()
         device = params[0].device
         for wd, indices in rows.items():
-            if not indices:
-                continue
             store = GradPrevList.of_plain(
                 versions,
                 [params[i] for i in indices],

@@ -86,8 +86,9 @@ from .ops.lists import dots_list_of, update_list_of
 from .triton_kernels import _dots_program, _fold_slots, _update_block
 
 #: Most recent tables kept (per op kind together): a step uses one dots and one update
-#: table; swap mode alternates the roles of grad and grad_prev, so two of each.
-TABLE_CACHE_SIZE = 8
+#: table per segment (wd group and device); swap mode alternates the roles of grad and
+#: grad_prev, so two of each. 64 covers 16 segments (a table of ~200 elements: ~10 KB).
+TABLE_CACHE_SIZE = 64
 #: Tiles of BLOCK_SIZE elements one update program handles (the owner table has one
 #: int32 per program: 1 byte per 1024 parameters).
 UPDATE_TILES_PER_PROGRAM = 4
@@ -433,7 +434,12 @@ def _table_unusable(device: torch.device) -> bool:
     """
     if device.type == "cpu":
         return False
-    return tk.INTERPRETED or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if tk.INTERPRETED:
+        return True
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):  # the capture state of that device's current stream
+        return torch.cuda.is_current_stream_capturing()
 
 
 # ======================================================================================

@@ -587,10 +587,16 @@ def _same_work(a, b) -> bool:
     return True
 
 
+class _Tagged(torch.Tensor):
+    """A tensor subclass (its metadata could differ in Python from C++)."""
+
+
 PLAIN_CASES = {
     # three groups, two of them sharing a wd (one segment, as the loop merges them)
     "groups": dict(groups=[(0.9, [0]), (1.0, [1, 2]), (0.9, [3])]),
     "frozen": dict(frozen=[0, 1]),
+    # a first group without gradients creates no segment: the loop's order is (1.0, 0.9)
+    "frozen group first": dict(groups=[(0.9, [0]), (1.0, [1, 2]), (0.9, [3])], frozen=[0]),
     "compact state": dict(state_dtype=torch.bfloat16),
     "view gradients": dict(view_grads=True),
 }
@@ -639,6 +645,7 @@ def test_the_one_call_check_gathers_what_the_full_loop_gathers(
         "no backward",
         "grad_prev changed",
         "fresh parameter",
+        "tensor subclass",
     ],
 )
 def test_the_one_call_check_declines_what_needs_the_full_loop(
@@ -669,4 +676,6 @@ def test_the_one_call_check_declines_what_needs_the_full_loop(
         opt.state[target]["grad_prev"].mul_(2.0)
     elif change == "fresh parameter":
         del opt.state[target]["grad_prev"]
+    elif change == "tensor subclass":
+        target.grad = target.grad.as_subclass(_Tagged)
     assert opt.layout._gather_plain(opt.param_groups, opt.state) is None
