@@ -6,7 +6,9 @@
 // This is a filter, not a second set of rules: it answers whether every parameter is in
 // the plain state the Python loop would accept unchanged (no copy of a gradient, no fresh
 // G_{t-1}, no error, no skipped parameter). If any is not, Python's own loop runs from the
-// start and does what that parameter needs, with its error messages.
+// start and does what that parameter needs, with its error messages. A parameter that had
+// a gradient before and has none now (an unused head) is plain: the loop only lists it
+// for the layout's finish.
 
 #include "layout_checks.h"
 
@@ -25,7 +27,7 @@ PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
   TORCH_CHECK_VALUE(grads.size() == params.size() && prevs.size() == params.size() &&
                         versions.size() == params.size(),
                     "plain_list_step: the four lists must have one entry per parameter");
-  PlainListStep out{-1, std::vector<bool>(params.size(), false)};
+  PlainListStep out{-1, std::vector<uint8_t>(params.size(), kPlainFrozen)};
   const auto is_supported = [&](at::ScalarType t) {
     return any_dtype || std::find(supported.begin(), supported.end(), t) != supported.end();
   };
@@ -50,14 +52,14 @@ PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
         return false;
       }
       if (!grad.has_value() || !grad->defined()) {
-        return !has_prev;  // frozen: nothing to do; else a skipped parameter (its fix-up)
+        return true;  // frozen (no G_{t-1}) or skipped (the layout's finish fixes it up)
       }
       const at::Tensor& g = *grad;
       // Every parameter on the first one's device: one segment per wd.
       if (param.device() != params[0].device() || !param.is_contiguous()) return false;
       if (g.layout() != c10::kStrided || g.scalar_type() != param.scalar_type() ||
-          c10::isComplexType(g.scalar_type()) || !is_supported(param.scalar_type()) || g.sizes() != param.sizes() ||
-          g.device() != param.device() || !g.is_contiguous()) {
+          c10::isComplexType(g.scalar_type()) || !is_supported(param.scalar_type()) ||
+          g.sizes() != param.sizes() || g.device() != param.device() || !g.is_contiguous()) {
         return false;
       }
       if (!has_prev || prev->layout() != c10::kStrided || !prev->is_contiguous() ||
@@ -75,7 +77,10 @@ PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
     if (grad.has_value() && grad->defined()) {
       // G_t goes into G_{t-1} by copy: a compact state, or a gradient that is a view into
       // a shared buffer (DDP's gradient_as_bucket_view), which the next backward rewrites.
-      out.copy_grad[i] = prev->scalar_type() != grad->scalar_type() || grad->is_view();
+      const bool copy = prev->scalar_type() != grad->scalar_type() || grad->is_view();
+      out.kinds[i] = copy ? kPlainCopied : kPlainByReference;
+    } else if (has_prev) {
+      out.kinds[i] = kPlainSkipped;
     }
   }
   return out;

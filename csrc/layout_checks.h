@@ -10,11 +10,17 @@
 
 namespace elra {
 
+// What the step does with a plain parameter.
+constexpr uint8_t kPlainFrozen = 0;       // no gradient, no G_{t-1}: nothing
+constexpr uint8_t kPlainByReference = 1;  // stepped; G_t kept as G_{t-1} by reference
+constexpr uint8_t kPlainCopied = 2;       // stepped; G_t copied into G_{t-1}
+constexpr uint8_t kPlainSkipped = 3;      // no gradient now but a G_{t-1}: finish's fix-up
+
 struct PlainListStep {
   // The first parameter the plain path cannot take (-1: every one is plain).
   int64_t first_not_plain;
-  // Per parameter with a gradient: G_t must be copied into G_{t-1} (not kept by reference).
-  std::vector<bool> copy_grad;
+  // Per parameter: one of the kPlain* kinds (valid when first_not_plain is -1).
+  std::vector<uint8_t> kinds;
 };
 
 // params[i] with its gradient (None when it has none), its G_{t-1} (None before the first

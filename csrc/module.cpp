@@ -74,8 +74,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          bool any_dtype) {
         const elra::PlainListStep r = elra::plain_list_step(params, grads, prevs, versions,
                                                             state_dtype, supported, any_dtype);
-        return std::make_pair(r.first_not_plain, r.copy_grad);
+        return std::make_pair(r.first_not_plain, r.kinds);
       },
       "The per-parameter layout's step checks in one call (layout_checks.cpp): (index of the "
-      "first parameter that is not plain or -1, per parameter: copy G_t into G_{t-1}).");
+      "first parameter that is not plain or -1, per parameter: 0 frozen, 1 stepped with G_t "
+      "kept by reference, 2 stepped with G_t copied, 3 skipped).");
 }

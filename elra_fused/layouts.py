@@ -123,6 +123,10 @@ def _storage_ptr(tensor: torch.Tensor, sharded: bool) -> int:
 #: Types the one-call check takes for a parameter, its gradient and its G_{t-1}
 #: (:meth:`ListLayout._gather_plain`; None: no gradient or no G_{t-1} yet).
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, type(None))
+#: The kinds plain_list_step gives a parameter (csrc/layout_checks.h, kPlain*): stepped
+#: with G_t kept by reference or copied, or skipped (G_{t-1} but no gradient now).
+_BY_REFERENCE, _COPIED, _SKIPPED = 1, 2, 3
+_PLAIN_STEPPED = (_BY_REFERENCE, _COPIED)
 
 
 class ListLayout:
@@ -250,11 +254,12 @@ class ListLayout:
         """:meth:`gather`'s result when every parameter is plain, else None (then the full
         loop runs and does what a parameter needs, errors included).
 
-        Plain: on one device, contiguous, not sharded, and either frozen (no gradient and
-        no G_{t-1}) or with a gradient the loop would take as it is (the parameter's dtype,
-        shape and memory order, not last step's G_{t-1} itself) and a G_{t-1} it would
-        keep (laid out like the parameter, in its dtype or state_dtype, unchanged since
-        the last step). ``elra_fused._C.plain_list_step`` checks all of it in one call
+        Plain: not sharded, a G_{t-1} unchanged since the last step, and either no gradient
+        (frozen, or skipped: listed for :meth:`finish`) or -- on the first parameter's
+        device, contiguous -- a gradient the loop would take as it is (the parameter's
+        dtype, shape and memory order, not last step's G_{t-1} itself) with a G_{t-1} it
+        would keep (laid out like the parameter, in its dtype or state_dtype).
+        ``elra_fused._C.plain_list_step`` checks all of it in one call
         (csrc/layout_checks.cpp); without the extension the full loop always runs. The
         segments are the loop's: one per wd, in order of first appearance.
         """
@@ -275,22 +280,23 @@ class ListLayout:
         recorded = [versions.get(param, -1) for param in params]
         any_dtype = self.supported is None
         supported = [] if any_dtype else list(self.supported)
-        first_not_plain, copy_grad = check(
+        first_not_plain, kinds = check(
             params, grads, prevs, recorded, self.state_dtype, supported, any_dtype
         )
         if first_not_plain >= 0:
             return None
+        work = StepWork()
         # Segments in the order the loop creates them: a wd enters when its first
         # parameter with a gradient does (a frozen or empty group creates none).
         rows: dict[float, list[int]] = {}
         start = 0
         for group in param_groups:
             end = start + len(group["params"])
-            indices = [i for i in range(start, end) if grads[i] is not None]
+            indices = [i for i in range(start, end) if kinds[i] in _PLAIN_STEPPED]
             if indices:
                 rows.setdefault(group["wd"], []).extend(indices)
             start = end
-        work = StepWork()
+        work.skipped = [(params[i], prevs[i]) for i, kind in enumerate(kinds) if kind == _SKIPPED]
         device = params[0].device
         for wd, indices in rows.items():
             store = GradPrevList.of_plain(
@@ -299,7 +305,7 @@ class ListLayout:
                 [grads[i] for i in indices],
                 [prevs[i] for i in indices],
                 [states[i] for i in indices],
-                not any(copy_grad[i] for i in indices),
+                not any(kinds[i] == _COPIED for i in indices),
             )
             work.segments.append(Segment(store.xs, store.grads, store, wd, device, 1.0))
         return work

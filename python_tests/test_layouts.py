@@ -573,8 +573,11 @@ def _same_work(a, b) -> bool:
     def ids(ts: list) -> list[int]:
         return [id(t) for t in ts]
 
-    if len(a.segments) != len(b.segments) or a.skipped or b.skipped:
+    if len(a.segments) != len(b.segments) or len(a.skipped) != len(b.skipped):
         return False
+    for (pa, ga), (pb, gb) in zip(a.skipped, b.skipped, strict=True):
+        if pa is not pb or ga is not gb:
+            return False
     for sa, sb in zip(a.segments, b.segments, strict=True):
         if (sa.wd, sa.device, sa.weight) != (sb.wd, sb.device, sb.weight):
             return False
@@ -595,6 +598,8 @@ PLAIN_CASES = {
     # three groups, two of them sharing a wd (one segment, as the loop merges them)
     "groups": dict(groups=[(0.9, [0]), (1.0, [1, 2]), (0.9, [3])]),
     "frozen": dict(frozen=[0, 1]),
+    # a parameter that had gradients and has none in this step: listed for finish
+    "unused parameter": dict(unused=[1]),
     # a first group without gradients creates no segment: the loop's order is (1.0, 0.9)
     "frozen group first": dict(groups=[(0.9, [0]), (1.0, [1, 2]), (0.9, [3])], frozen=[0]),
     "compact state": dict(state_dtype=torch.bfloat16),
@@ -606,8 +611,8 @@ PLAIN_CASES = {
 def test_the_one_call_check_gathers_what_the_full_loop_gathers(
     case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Plain steps (groups with shared wd, frozen parameters, a compact G_{t-1}, gradients
-    that are views into one buffer): the one-call check takes them, and its work is the
+    """Plain steps (groups with shared wd, frozen and unused parameters, a compact G_{t-1},
+    gradients that are views into one buffer): the one-call check takes them, and its work is the
     full loop's, tensor for tensor; the run goes on as before."""
     spec = PLAIN_CASES[case]
     if BACKENDS[0] == "reference":
@@ -623,6 +628,8 @@ def test_the_one_call_check_gathers_what_the_full_loop_gathers(
     run_steps(opt, model, range(3))
     opt.zero_grad()
     forward_backward(model, *data(), 3)
+    for i in spec.get("unused", []):
+        params[i].grad = None
     if spec.get("view_grads"):
         trainable = [p for p in params if p.grad is not None]
         buffer = torch.cat([p.grad.reshape(-1) for p in trainable])
@@ -632,6 +639,7 @@ def test_the_one_call_check_gathers_what_the_full_loop_gathers(
             offset += p.numel()
     plain, full = _gather_both(opt, monkeypatch)
     assert plain is not None and _same_work(plain, full)
+    assert len(plain.skipped) == len(spec.get("unused", []))
     if spec.get("view_grads") or spec.get("state_dtype"):
         assert not plain.segments[0].store.by_reference
 
@@ -639,7 +647,6 @@ def test_the_one_call_check_gathers_what_the_full_loop_gathers(
 @pytest.mark.parametrize(
     "change",
     [
-        "no gradient",
         "non-contiguous parameter",
         "transposed gradient",
         "no backward",
@@ -651,10 +658,10 @@ def test_the_one_call_check_gathers_what_the_full_loop_gathers(
 def test_the_one_call_check_declines_what_needs_the_full_loop(
     change: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each case the full loop must handle itself (a skipped parameter, a parameter or a
-    gradient in another memory order, a second step without backward, a changed G_{t-1},
-    a parameter without G_{t-1}) makes
-    the one-call check decline, so the loop's fix-up or error still happens."""
+    """Each case the full loop must handle itself (a parameter or a gradient in another
+    memory order, a second step without backward, a changed G_{t-1}, a parameter without
+    G_{t-1}, a tensor subclass) makes the one-call check decline, so the loop's fix-up or
+    error still happens."""
     if BACKENDS[0] == "reference":
         pytest.skip("the one-call check is part of the C++ extension")
     model = make_model()
@@ -664,9 +671,7 @@ def test_the_one_call_check_declines_what_needs_the_full_loop(
     opt.zero_grad()
     forward_backward(model, *data(), 2)
     target = params[1]
-    if change == "no gradient":
-        target.grad = None
-    elif change == "non-contiguous parameter":
+    if change == "non-contiguous parameter":
         params[0].data = params[0].data.t().contiguous().t()
     elif change == "transposed gradient":
         params[0].grad = params[0].grad.t().contiguous().t()
