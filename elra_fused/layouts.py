@@ -269,12 +269,15 @@ class ListLayout:
         params = [param for group in param_groups for param in group["params"]]
         if not params:
             return None
+        # Tensor subclasses (DTensor, wrappers that answer shape or layout in Python) go
+        # through the loop, which sees them as Python does. Parameters first: a sharded
+        # model declines before any state lookup.
+        if any(type(param) not in _PLAIN_TYPES for param in params):
+            return None
         states = [state[param] for param in params]
         grads = [param.grad for param in params]
         prevs = [param_state.get(GRAD_PREV_KEY) for param_state in states]
-        # Tensor subclasses (DTensor, wrappers that answer shape or layout in Python) go
-        # through the loop, which sees them as Python does.
-        if any(type(t) not in _PLAIN_TYPES for t in (*params, *grads, *prevs)):
+        if any(type(t) not in _PLAIN_TYPES for t in (*grads, *prevs)):
             return None
         versions = self.prev_versions
         recorded = [versions.get(param, -1) for param in params]
