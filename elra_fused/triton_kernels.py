@@ -77,6 +77,16 @@ TREE_BY_SPLIT = tl.constexpr(INTERPRETED)
 #: widen bf16 loads by bits under the interpreter (see :func:`_widen`).
 BF16_BY_BITS = INTERPRETED
 
+#: Whether the compiler may fuse the updates' multiply-adds into FMAs: no. Then
+#: decay * x - step * g rounds both products before the subtraction, as the C++ kernels
+#: (-ffp-contract=off, nvcc --fmad=false), torch's own ops and the interpreter do, so a
+#: Triton update on a GPU has the bits of the cpp backend's and of its interpreted run
+#: (and the single and the list kernels cannot round differently). The reductions keep
+#: fusion: their fp64 products of stored values are exact, so an FMA changes no bit (the
+#: G_{t-1} that dots_recover forms from two points may round once less: its tolerance
+#: allows for that).
+UPDATE_FP_FUSION = False
+
 # Coefficient indices (reference_ops.COEF_* / RCOEF_*), as kernel-visible constants.
 COEF_ACCEPT = tl.constexpr(0)
 COEF_DECAY = tl.constexpr(1)
@@ -480,6 +490,7 @@ def _launch_update(
             BF16_BITS=BF16_BY_BITS,
             BLOCK=BLOCK_SIZE,
             num_warps=NUM_WARPS,
+            enable_fp_fusion=UPDATE_FP_FUSION,
         )
 
 

@@ -536,6 +536,7 @@ def _update_list(
                 BLOCK=tk.BLOCK_SIZE,
                 TILES_PER_PROGRAM=UPDATE_TILES_PER_PROGRAM,
                 num_warps=tk.NUM_WARPS,
+                enable_fp_fusion=tk.UPDATE_FP_FUSION,
             )
 
 

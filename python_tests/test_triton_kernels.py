@@ -5,6 +5,10 @@ program visits many tiles (few programs, under the interpreter on the CPU)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from _backends import DEVICES, kernels_or_skip
@@ -116,3 +120,52 @@ def test_dots_with_many_tiles_per_program_match_the_reference(
         out = getattr(k, op)(*args)
         assert_dots_agree(out, getattr(reference_ops, op)(*args), tol)
         assert torch.equal(getattr(k, op)(*args), out)  # deterministic
+
+
+# A compile for sm_90 (no GPU needed), in a process without TRITON_INTERPRET: the PTX of
+# the single and the list update kernels, with the options their launches pass (one line
+# per kernel: "has an fp32 FMA", "has an fp32 multiply").
+_PTX_OF_UPDATES = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import elra_fused.triton_kernels as tk
+import elra_fused.triton_lists as tls
+
+options = {"num_warps": tk.NUM_WARPS, "enable_fp_fusion": tk.UPDATE_FP_FUSION}
+single = ASTSource(
+    fn=tk._update_kernel,
+    signature={"x_ptr": "*fp32", "g_ptr": "*fp32", "o_ptr": "*fp32", "coeffs_ptr": "*fp64",
+               "n": "i32", "RECOVER": "constexpr", "SWAP": "constexpr",
+               "STATE_CONVERT": "constexpr", "BF16_BITS": "constexpr", "BLOCK": "constexpr"},
+    constexprs={"RECOVER": False, "SWAP": False, "STATE_CONVERT": False, "BF16_BITS": False,
+                "BLOCK": tk.BLOCK_SIZE},
+)
+listed = ASTSource(
+    fn=tls._update_list_kernel,
+    signature={"meta_ptr": "*i64", "owner_ptr": "*i32", "coeffs_ptr": "*fp64",
+               "first_program": "i64", "X_TY": "constexpr", "S_TY": "constexpr",
+               "SWAP": "constexpr", "STATE_CONVERT": "constexpr", "ALIGNED": "constexpr",
+               "BF16_BITS": "constexpr", "BLOCK": "constexpr", "TILES_PER_PROGRAM": "constexpr"},
+    constexprs={"X_TY": triton.language.float32, "S_TY": triton.language.float32,
+                "SWAP": True, "STATE_CONVERT": False, "ALIGNED": True, "BF16_BITS": False,
+                "BLOCK": tk.BLOCK_SIZE, "TILES_PER_PROGRAM": tls.UPDATE_TILES_PER_PROGRAM},
+)
+target = GPUTarget("cuda", 90, 32)
+for source in (single, listed):
+    ptx = triton.compile(source, target=target, options=options).asm["ptx"]
+    print("fma.rn.f32" in ptx, "mul.rn.f32" in ptx)
+"""
+
+
+def test_compiled_updates_round_each_product() -> None:
+    """On a GPU the Triton updates round decay * x and step * g before subtracting (no
+    FMA), as the C++ kernels and the interpreter do: checked in the sm_90 PTX."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _PTX_OF_UPDATES], env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"triton cannot compile for sm_90 here: {result.stderr[-300:]}")
+    assert result.stdout.split() == ["False", "True"] * 2, result.stdout
