@@ -117,7 +117,7 @@ def _same_order(tensor: torch.Tensor, param: torch.Tensor, param_contiguous: boo
 
 def _storage_ptr(tensor: torch.Tensor, sharded: bool) -> int:
     """The address of ``tensor``'s first element (a DTensor's: of its local shard)."""
-    return (tensor.to_local() if sharded else tensor).data_ptr()
+    return (_torch_compat.local_shard(tensor) if sharded else tensor).data_ptr()
 
 
 #: Types the one-call check takes for a parameter, its gradient and its G_{t-1}

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ._torch_compat import local_shard
 from .amp import GradScales
 from .control import Decision
 from .flat import FlatBuffer
@@ -397,7 +398,7 @@ class GradPrevList(GradCoefficients):
         if grad_prev.dtype != grad.dtype or grad._base is not None:
             self.by_reference = False
         if sharded:  # the kernels step the local shards in place
-            x, grad, grad_prev = x.to_local(), grad.to_local(), grad_prev.to_local()
+            x, grad, grad_prev = (local_shard(t) for t in (x, grad, grad_prev))
             contiguous = x.is_contiguous()
         if not contiguous:
             x, grad, grad_prev = (_storage_vector(t) for t in (x, grad, grad_prev))
