@@ -147,17 +147,41 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out = ((r_0 + r_1) + r_2) + ...: the list-order sum of every backend (one thread).
-__global__ void dots_list_sum_kernel(const double* __restrict__ results, int64_t count,
-                                     double* __restrict__ out) {
-  double s_gg = results[0];
-  double s_gpg = results[1];
-  for (int64_t i = 1; i < count; ++i) {
-    s_gg += results[2 * i];
-    s_gpg += results[2 * i + 1];
+// out = ((r_0 + r_1) + r_2) + ...: the list-order sum of every backend. The block loads
+// kThreads results at a time into shared memory (one memory round trip per chunk, not
+// one per element), and thread 0 adds them in order, starting from r_0 itself (not
+// 0 + r_0, which would turn a -0 into +0).
+__global__ void __launch_bounds__(kThreads)
+    dots_list_sum_kernel(const double* __restrict__ results, int64_t count,
+                         double* __restrict__ out) {
+  __shared__ double chunk[2 * kThreads];
+  double s_gg = 0.0;
+  double s_gpg = 0.0;
+  for (int64_t base = 0; base < count; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    if (i < count) {
+      chunk[2 * threadIdx.x] = results[2 * i];
+      chunk[2 * threadIdx.x + 1] = results[2 * i + 1];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int64_t end = std::min<int64_t>(count - base, kThreads);
+      for (int64_t j = 0; j < end; ++j) {
+        if (base + j == 0) {
+          s_gg = chunk[0];
+          s_gpg = chunk[1];
+        } else {
+          s_gg += chunk[2 * j];
+          s_gpg += chunk[2 * j + 1];
+        }
+      }
+    }
+    __syncthreads();  // the chunk is refilled next
   }
-  out[0] = s_gg;
-  out[1] = s_gpg;
+  if (threadIdx.x == 0) {
+    out[0] = s_gg;
+    out[1] = s_gpg;
+  }
 }
 
 template <typename T, typename S, bool kSwap>
@@ -277,8 +301,8 @@ at::Tensor dots_list_cuda(at::TensorList grad, at::TensorList grad_prev) {
         partials.const_data_ptr<double>(), finish, results.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  dots_list_sum_kernel<<<1, 1, 0, stream>>>(results.const_data_ptr<double>(),
-                                            static_cast<int64_t>(count), out.data_ptr<double>());
+  dots_list_sum_kernel<<<1, kThreads, 0, stream>>>(
+      results.const_data_ptr<double>(), static_cast<int64_t>(count), out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
