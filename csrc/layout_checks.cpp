@@ -6,7 +6,8 @@
 // This is a filter, not a second set of rules: it answers whether every parameter is in
 // the plain state the Python loop would accept unchanged (no copy of a gradient, no fresh
 // G_{t-1}, no error, no skipped parameter). If any is not, Python's own loop runs from the
-// start and does what that parameter needs, with its error messages. A parameter that had
+// start and does what that parameter needs, with its error messages. Tensor subclasses
+// (DTensor, wrappers that answer in Python) never reach it: the caller declines them. A parameter that had
 // a gradient before and has none now (an unused head) is plain: the loop only lists it
 // for the layout's finish.
 
@@ -31,22 +32,12 @@ PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
   const auto is_supported = [&](at::ScalarType t) {
     return any_dtype || std::find(supported.begin(), supported.end(), t) != supported.end();
   };
-  // Tensors with Python-side behaviour (DTensor, other __torch_dispatch__ subclasses, fake
-  // tensors) may answer the loop's questions differently from their C++ metadata.
-  const auto is_python_subclass = [](const at::Tensor& t) {
-    return t.key_set().has(c10::DispatchKey::Python);
-  };
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
     const std::optional<at::Tensor>& grad = grads[i];
     const std::optional<at::Tensor>& prev = prevs[i];
     const bool has_prev = prev.has_value() && prev->defined();
     const bool plain = [&] {
-      if (is_python_subclass(param) || (grad.has_value() && grad->defined() &&
-                                        is_python_subclass(*grad)) ||
-          (has_prev && is_python_subclass(*prev))) {
-        return false;
-      }
       // A G_{t-1} kept by reference and changed in place since the last step: an error.
       if (has_prev && versions[i] >= 0 && static_cast<int64_t>(prev->_version()) != versions[i]) {
         return false;
@@ -75,10 +66,7 @@ PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
       return out;
     }
     if (grad.has_value() && grad->defined()) {
-      // G_t goes into G_{t-1} by copy: a compact state, or a gradient that is a view into
-      // a shared buffer (DDP's gradient_as_bucket_view), which the next backward rewrites.
-      const bool copy = prev->scalar_type() != grad->scalar_type() || grad->is_view();
-      out.kinds[i] = copy ? kPlainCopied : kPlainByReference;
+      out.kinds[i] = kPlainStepped;
     } else if (has_prev) {
       out.kinds[i] = kPlainSkipped;
     }

@@ -11,10 +11,9 @@
 namespace elra {
 
 // What the step does with a plain parameter.
-constexpr uint8_t kPlainFrozen = 0;       // no gradient, no G_{t-1}: nothing
-constexpr uint8_t kPlainByReference = 1;  // stepped; G_t kept as G_{t-1} by reference
-constexpr uint8_t kPlainCopied = 2;       // stepped; G_t copied into G_{t-1}
-constexpr uint8_t kPlainSkipped = 3;      // no gradient now but a G_{t-1}: finish's fix-up
+constexpr uint8_t kPlainFrozen = 0;   // no gradient, no G_{t-1}: nothing
+constexpr uint8_t kPlainStepped = 1;  // a gradient and a G_{t-1} the step takes as they are
+constexpr uint8_t kPlainSkipped = 2;  // no gradient now but a G_{t-1}: finish's fix-up
 
 struct PlainListStep {
   // The first parameter the plain path cannot take (-1: every one is plain).

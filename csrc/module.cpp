@@ -77,6 +77,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::make_pair(r.first_not_plain, r.kinds);
       },
       "The per-parameter layout's step checks in one call (layout_checks.cpp): (index of the "
-      "first parameter that is not plain or -1, per parameter: 0 frozen, 1 stepped with G_t "
-      "kept by reference, 2 stepped with G_t copied, 3 skipped).");
+      "first parameter that is not plain or -1, per parameter: 0 frozen, 1 stepped, "
+      "2 skipped).");
 }

@@ -123,10 +123,9 @@ def _storage_ptr(tensor: torch.Tensor, sharded: bool) -> int:
 #: Types the one-call check takes for a parameter, its gradient and its G_{t-1}
 #: (:meth:`ListLayout._gather_plain`; None: no gradient or no G_{t-1} yet).
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, type(None))
-#: The kinds plain_list_step gives a parameter (csrc/layout_checks.h, kPlain*): stepped
-#: with G_t kept by reference or copied, or skipped (G_{t-1} but no gradient now).
-_BY_REFERENCE, _COPIED, _SKIPPED = 1, 2, 3
-_PLAIN_STEPPED = (_BY_REFERENCE, _COPIED)
+#: The kinds plain_list_step gives a parameter (csrc/layout_checks.h, kPlain*): stepped,
+#: or skipped (a G_{t-1} but no gradient now); 0 is frozen.
+_STEPPED, _SKIPPED = 1, 2
 
 
 class ListLayout:
@@ -295,7 +294,7 @@ class ListLayout:
         start = 0
         for group in param_groups:
             end = start + len(group["params"])
-            indices = [i for i in range(start, end) if kinds[i] in _PLAIN_STEPPED]
+            indices = [i for i in range(start, end) if kinds[i] == _STEPPED]
             if indices:
                 rows.setdefault(group["wd"], []).extend(indices)
             start = end
@@ -308,7 +307,6 @@ class ListLayout:
                 [grads[i] for i in indices],
                 [prevs[i] for i in indices],
                 [states[i] for i in indices],
-                not any(kinds[i] == _COPIED for i in indices),
             )
             work.segments.append(Segment(store.xs, store.grads, store, wd, device, 1.0))
         return work

@@ -257,6 +257,13 @@ class PointPrevStore(PointCoefficients):
         kernels.update_recover_(x, grad, self.tensor, coeffs)
 
 
+def keeps_by_reference(grad: torch.Tensor, grad_prev: torch.Tensor) -> bool:
+    """Whether G_t can become G_{t-1} by reference (else it is copied into G_{t-1}): not
+    with a compact state (another dtype), nor for a gradient that is a view into a shared
+    buffer (DDP's gradient_as_bucket_view), which the next backward rewrites in place."""
+    return grad_prev.dtype == grad.dtype and grad._base is None
+
+
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on the current stream of ``device``."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -370,7 +377,6 @@ class GradPrevList(GradCoefficients):
         grads: list[torch.Tensor],
         prevs: list[torch.Tensor],
         states: list[dict[str, Any]],
-        by_reference: bool,
     ) -> GradPrevList:
         """The store of plain parameters, all checked at once by the layout (contiguous,
         not sharded: the kernels take the tensors themselves); as :meth:`add` per
@@ -379,7 +385,7 @@ class GradPrevList(GradCoefficients):
         store.params, store.xs = params, list(params)
         store.grad_tensors, store.grads = grads, list(grads)
         store.prevs, store.param_states = prevs, states
-        store.by_reference = by_reference
+        store.by_reference = all(map(keeps_by_reference, grads, prevs))
         return store
 
     def add(
@@ -395,7 +401,7 @@ class GradPrevList(GradCoefficients):
         ``sharded``: ``x`` is a DTensor, ``contiguous``: ``x.is_contiguous()``."""
         self.params.append(x)
         self.grad_tensors.append(grad)
-        if grad_prev.dtype != grad.dtype or grad._base is not None:
+        if not keeps_by_reference(grad, grad_prev):
             self.by_reference = False
         if sharded:  # the kernels step the local shards in place
             x, grad, grad_prev = (local_shard(t) for t in (x, grad, grad_prev))
