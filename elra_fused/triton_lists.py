@@ -72,6 +72,7 @@ through them directly.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -299,28 +300,37 @@ class CacheInfo(NamedTuple):
 
 class _TableCache:
     """A small LRU cache of :class:`Table` by key (the lists' (data_ptr, numel, dtype)
-    tuples and what else decides the table)."""
+    tuples and what else decides the table).
+
+    One cache serves every optimizer in the process, and threads may step theirs at the
+    same time (one model per thread, a trainer's background thread): a lock keeps the
+    LRU order and the eviction consistent (an ``OrderedDict`` reordered by two threads at
+    once can raise or lose entries). Builds run under it too, so two threads asking for
+    the same new table build it once."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._tables: OrderedDict[Hashable, Table] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def get(self, key: Hashable, build: Callable[[], Table]) -> Table:
-        table = self._tables.get(key)
-        if table is not None:
-            self.hits += 1
-            self._tables.move_to_end(key)
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None:
+                self.hits += 1
+                self._tables.move_to_end(key)
+                return table
+            self.misses += 1
+            table = self._tables[key] = build()
+            while len(self._tables) > self.maxsize:
+                self._tables.popitem(last=False)
             return table
-        self.misses += 1
-        table = self._tables[key] = build()
-        while len(self._tables) > self.maxsize:
-            self._tables.popitem(last=False)
-        return table
 
     def clear(self) -> None:
-        self._tables.clear()
-        self.hits = self.misses = 0
+        with self._lock:
+            self._tables.clear()
+            self.hits = self.misses = 0
 
 
 _CACHE = _TableCache(TABLE_CACHE_SIZE)

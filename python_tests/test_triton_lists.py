@@ -10,6 +10,8 @@ the lists are long (to span groups, odd sizes, empty and 0-d elements) but small
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import pytest
 import torch
@@ -299,6 +301,51 @@ def test_a_repeated_call_reuses_the_cached_table(monkeypatch: pytest.MonkeyPatch
     for _ in range(2 * tls.TABLE_CACHE_SIZE):  # bounded
         k.dots_list(_clone(grads[:2]), prevs[:2])
     assert tls.table_cache_info().size == tls.TABLE_CACHE_SIZE
+
+
+def test_the_table_cache_is_shared_safely_between_threads() -> None:
+    """Optimizers stepped from several threads share the cache: a table asked for by
+    several threads at once is built once, and concurrent lookups and evictions keep the
+    LRU bounded and its counters exact."""
+    cache = tls._TableCache(maxsize=3)
+    builds: list[int] = []
+    start = threading.Barrier(4)
+
+    def build(key: int) -> tls.Table:
+        builds.append(key)
+        time.sleep(0.01)  # a slow build: every thread arrives while it runs
+        return tls.Table(None, None, (), key)
+
+    def ask(key: int) -> None:
+        start.wait()
+        assert cache.get(key, lambda: build(key)).programs == key
+
+    threads = [threading.Thread(target=ask, args=(7,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == [7]
+    assert (cache.hits, cache.misses) == (3, 1)
+
+    errors: list[BaseException] = []
+
+    def churn(offset: int) -> None:
+        try:
+            for i in range(300):
+                key = offset + i % 5
+                cache.get(key, lambda k=key: tls.Table(None, None, (), k))
+        except BaseException as exc:  # reported below, from the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(100 * n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(cache._tables) == 3
+    assert cache.hits + cache.misses == 4 + 4 * 300
 
 
 @pytest.mark.parametrize("accept", **ACCEPT_IDS)
