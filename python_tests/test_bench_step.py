@@ -67,6 +67,30 @@ def test_bench_step_rows_for_mlp_and_blocks(
             assert row["step_median_s"] > 0 and row["iter_median_s"] > 0
         adam = next(r for r in mine if r["optimizer"] == "adam_fused")
         assert adam["step_ratio_vs_adam_fused"] == 1.0  # against Adam on the same list
+        floor = next(r for r in mine if r["optimizer"] == "floor")
+        assert floor["step_ratio_vs_floor"] == 1.0
+        assert adam["step_ratio_vs_floor"] == adam["step_median_s"] / floor["step_median_s"]
+
+
+def test_pass_floor_steps_like_sgd_and_returns_the_dot_with_the_previous_gradient() -> None:
+    """The floor row does the work of ELRA's two passes: <G_t, G_{t-1}> summed over every
+    tensor (G_{t-1} = G_t on the first step), then x -= lr G_t."""
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))]
+    start = [p.detach().clone() for p in params]
+    floor = bench_step.PassFloor(params, lr=0.5)
+    first = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, first, strict=True):
+        p.grad = g
+    dots = floor.step()
+    torch.testing.assert_close(dots, sum((g * g).sum() for g in first))
+    for p, x, g in zip(params, start, first, strict=True):
+        torch.testing.assert_close(p.detach(), x - 0.5 * g)
+    second = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, second, strict=True):
+        p.grad = g
+    torch.testing.assert_close(
+        floor.step(), sum((a * b).sum() for a, b in zip(first, second, strict=True))
+    )
 
 
 def test_bench_step_rejects_unknown_models() -> None:
