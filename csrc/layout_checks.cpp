@@ -7,9 +7,10 @@
 // the plain state the Python loop would accept unchanged (no copy of a gradient, no fresh
 // G_{t-1}, no error, no skipped parameter). If any is not, Python's own loop runs from the
 // start and does what that parameter needs, with its error messages. Tensor subclasses
-// (DTensor, wrappers that answer in Python) never reach it: the caller declines them. A parameter that had
-// a gradient before and has none now (an unused head) is plain: the loop only lists it
-// for the layout's finish.
+// (wrappers that answer in Python) never reach it: the caller declines them, and passes a
+// sharded model (every parameter a DTensor) as its local shards. A parameter that had a
+// gradient before and has none now (an unused head) is plain: the loop only lists it for
+// the layout's finish.
 
 #include "layout_checks.h"
 

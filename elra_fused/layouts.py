@@ -128,6 +128,39 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, type(None))
 _STEPPED, _SKIPPED = 1, 2
 
 
+def _local_shards(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+    prevs: list[torch.Tensor | None],
+    recorded: list[int],
+    dtensor: type,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor | None]] | None:
+    """The local shards of a sharded model's parameters, gradients and G_{t-1} (None where
+    a tensor is None) for the one-call check; None where the full loop must run: a
+    gradient or G_{t-1} that is not a DTensor, a local shard that is a subclass itself,
+    or a G_{t-1} changed since the last step. That last check is made here, on the
+    DTensors: their version counters are the ones the layout records (an in-place op on a
+    DTensor bumps its own counter), not the local shards'.
+
+    Read as :func:`~elra_fused._torch_compat.local_shard` reads them, in bulk (this runs
+    over every parameter per step); a torch whose DTensor lacks ``_local_tensor`` takes
+    the loop, which falls back to ``to_local()``."""
+    if not {type(t) for t in (*grads, *prevs)}.issubset((dtensor, type(None))):
+        return None
+    for prev, version in zip(prevs, recorded, strict=True):
+        if version >= 0 and prev is not None and prev._version != version:
+            return None
+    try:
+        local_params = [param._local_tensor for param in params]
+        local_grads = [None if grad is None else grad._local_tensor for grad in grads]
+        local_prevs = [None if prev is None else prev._local_tensor for prev in prevs]
+    except AttributeError:
+        return None
+    if not {type(t) for t in (*local_params, *local_grads, *local_prevs)}.issubset(_PLAIN_TYPES):
+        return None
+    return local_params, local_grads, local_prevs
+
+
 class ListLayout:
     """Per-parameter tensor lists; G_{t-1} kept by reference where it can be."""
 
@@ -253,14 +286,16 @@ class ListLayout:
         """:meth:`gather`'s result when every parameter is plain, else None (then the full
         loop runs and does what a parameter needs, errors included).
 
-        Plain: not sharded, a G_{t-1} unchanged since the last step, and either no gradient
+        Plain: a G_{t-1} unchanged since the last step, and either no gradient
         (frozen, or skipped: listed for :meth:`finish`) or -- on the first parameter's
         device, contiguous -- a gradient the loop would take as it is (the parameter's
         dtype, shape and memory order, not last step's G_{t-1} itself) with a G_{t-1} it
         would keep (laid out like the parameter, in its dtype or state_dtype).
         ``elra_fused._C.plain_list_step`` checks all of it in one call
-        (csrc/layout_checks.cpp); without the extension the full loop always runs. The
-        segments are the loop's: one per wd, in order of first appearance.
+        (csrc/layout_checks.cpp); without the extension the full loop always runs. A
+        model sharded throughout (every parameter a DTensor, as FSDP2 leaves it) is
+        checked on its local shards (:func:`_local_shards`). The segments are the loop's:
+        one per (wd, replicas), in order of first appearance.
         """
         check = getattr(backends._C, "plain_list_step", None)
         if check is None:
@@ -268,47 +303,80 @@ class ListLayout:
         params = [param for group in param_groups for param in group["params"]]
         if not params:
             return None
-        # Tensor subclasses (DTensor, wrappers that answer shape or layout in Python) go
-        # through the loop, which sees them as Python does. Parameters first: a sharded
-        # model declines before any state lookup.
-        if any(type(param) not in _PLAIN_TYPES for param in params):
+        # Tensor subclasses (wrappers that answer shape or layout in Python) go through
+        # the loop, which sees them as Python does. A model sharded throughout (FSDP2:
+        # every parameter a DTensor) is checked on its local shards. Parameters first: a
+        # model of any other kind declines before any state lookup.
+        kinds_of_params = set(map(type, params))
+        dtensor = _torch_compat.dtensor_class()
+        sharded = dtensor is not None and kinds_of_params == {dtensor}
+        if not sharded and not kinds_of_params.issubset(_PLAIN_TYPES):
             return None
         states = [state[param] for param in params]
         grads = [param.grad for param in params]
         prevs = [param_state.get(GRAD_PREV_KEY) for param_state in states]
-        if any(type(t) not in _PLAIN_TYPES for t in (*grads, *prevs)):
-            return None
         versions = self.prev_versions
         recorded = [versions.get(param, -1) for param in params]
+        if sharded:
+            checked = _local_shards(params, grads, prevs, recorded, dtensor)
+            if checked is None:
+                return None
+            local_params, local_grads, local_prevs = checked
+            recorded = [-1] * len(params)  # compared on the DTensors by _local_shards
+        else:
+            if any(type(t) not in _PLAIN_TYPES for t in (*grads, *prevs)):
+                return None
+            local_params, local_grads, local_prevs = params, grads, prevs
         any_dtype = self.supported is None
         supported = [] if any_dtype else list(self.supported)
         first_not_plain, kinds = check(
-            params, grads, prevs, recorded, self.state_dtype, supported, any_dtype
+            local_params,
+            local_grads,
+            local_prevs,
+            recorded,
+            self.state_dtype,
+            supported,
+            any_dtype,
         )
         if first_not_plain >= 0:
             return None
         work = StepWork()
-        # Segments in the order the loop creates them: a wd enters when its first
-        # parameter with a gradient does (a frozen or empty group creates none).
-        rows: dict[float, list[int]] = {}
+        # Segments in the order the loop creates them: a (wd, replicas) enters when its
+        # first parameter with a gradient does (a frozen or empty group creates none).
+        rows: dict[tuple[float, int], list[int]] = {}
+        copies_of: dict[Any, int] = {}  # replicas by (mesh, placements): few distinct
         start = 0
         for group in param_groups:
             end = start + len(group["params"])
-            indices = [i for i in range(start, end) if kinds[i] == _STEPPED]
-            if indices:
-                rows.setdefault(group["wd"], []).extend(indices)
+            for i in range(start, end):
+                if kinds[i] != _STEPPED:
+                    continue
+                copies = 1
+                if sharded:
+                    key = (id(params[i].device_mesh), params[i].placements)
+                    copies = copies_of.get(key)
+                    if copies is None:
+                        copies = copies_of[key] = replicas(params[i])
+                rows.setdefault((group["wd"], copies), []).append(i)
             start = end
         work.skipped = [(params[i], prevs[i]) for i, kind in enumerate(kinds) if kind == _SKIPPED]
-        device = params[0].device
-        for wd, indices in rows.items():
+        device = local_params[0].device
+        for (wd, copies), indices in rows.items():
             store = GradPrevList.of_plain(
                 versions,
                 [params[i] for i in indices],
                 [grads[i] for i in indices],
                 [prevs[i] for i in indices],
                 [states[i] for i in indices],
+                [
+                    [local_params[i] for i in indices],
+                    [local_grads[i] for i in indices],
+                    [local_prevs[i] for i in indices],
+                ]
+                if sharded
+                else None,
             )
-            work.segments.append(Segment(store.xs, store.grads, store, wd, device, 1.0))
+            work.segments.append(Segment(store.xs, store.grads, store, wd, device, 1.0 / copies))
         return work
 
     def finish(self, work: StepWork, decision: control.Decision) -> None:

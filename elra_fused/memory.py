@@ -377,15 +377,19 @@ class GradPrevList(GradCoefficients):
         grads: list[torch.Tensor],
         prevs: list[torch.Tensor],
         states: list[dict[str, Any]],
+        local: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> GradPrevList:
-        """The store of plain parameters, all checked at once by the layout (contiguous,
-        not sharded: the kernels take the tensors themselves); as :meth:`add` per
-        parameter would build it."""
+        """The store of plain parameters, all checked at once by the layout (contiguous:
+        the kernels take the tensors themselves); as :meth:`add` per parameter would
+        build it. Sharded parameters (DTensors) come with ``local``: the local shards of
+        ``params``, ``grads`` and ``prevs``, which the kernels step in place."""
         store = cls(versions)
-        store.params, store.xs = params, list(params)
-        store.grad_tensors, store.grads = grads, list(grads)
-        store.prevs, store.param_states = prevs, states
+        store.params, store.grad_tensors, store.param_states = params, grads, states
         store.by_reference = all(map(keeps_by_reference, grads, prevs))
+        if local is None:
+            store.xs, store.grads, store.prevs = list(params), list(grads), prevs
+        else:
+            store.xs, store.grads, store.prevs = local
         return store
 
     def add(

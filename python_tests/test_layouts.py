@@ -5,6 +5,7 @@ parameters, groups and a state dict saved by the other."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,12 +15,14 @@ from _lockstep import (
     Shadow,
     data,
     forward_backward,
+    free_port,
     make_model,
     run_steps,
 )
 
 from elra_fused import ELRA
 from elra_fused.flat import ParameterMovedError
+from elra_fused.layouts import ListLayout
 
 BACKENDS = fused_backends()
 
@@ -684,3 +687,114 @@ def test_the_one_call_check_declines_what_needs_the_full_loop(
     elif change == "tensor subclass":
         target.grad = target.grad.as_subclass(_Tagged)
     assert opt.layout._gather_plain(opt.param_groups, opt.state) is None
+
+
+# Sharded (FSDP2) models: every parameter a DTensor, checked on its local shards
+@pytest.fixture
+def one_rank_mesh() -> Iterator[object]:
+    """A 1-rank gloo process group and a CPU device mesh over it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_steps(mesh: object, steps: int, state_dtype: torch.dtype | None = None) -> tuple:
+    """An optimizer over DTensor parameters in two groups (two wd), stepped ``steps``
+    times on DTensor gradients, then given the next step's gradients."""
+    try:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import Replicate, Shard, distribute_tensor
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 3), (6,), (4, 5), (5,)]
+    placements = [[Shard(0)], [Replicate()], [Shard(0)], [Replicate()]]
+    params = [
+        torch.nn.Parameter(distribute_tensor(torch.randn(shape, generator=gen), mesh, place))
+        for shape, place in zip(shapes, placements, strict=True)
+    ]
+    groups = [{"params": params[:2], "wd": 0.9}, {"params": params[2:]}]
+    opt = ELRA(groups, backend=BACKENDS[0], flat=False, state_dtype=state_dtype)
+
+    def give_grads() -> None:
+        for param, place in zip(params, placements, strict=True):
+            grad = torch.randn(param.shape, generator=gen)
+            param.grad = distribute_tensor(grad, mesh, place)
+
+    for step in range(steps):
+        opt.zero_grad()
+        give_grads()
+        opt.step(1.0 / (step + 1))
+    opt.zero_grad()
+    give_grads()
+    return opt, params
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["swap", "compact"])
+def test_the_one_call_check_takes_a_sharded_model_on_its_local_shards(
+    one_rank_mesh: object, monkeypatch: pytest.MonkeyPatch, state_dtype: torch.dtype | None
+) -> None:
+    """Every parameter a DTensor (FSDP2): the one-call check runs on the local shards and
+    gathers the full loop's work, tensor for tensor (the DTensors as state keys, their
+    local shards for the kernels), with a parameter skipped; the steps go on."""
+    if BACKENDS[0] == "reference":
+        pytest.skip("the one-call check is part of the C++ extension")
+    opt, params = _sharded_steps(one_rank_mesh, 3, state_dtype)
+    params[1].grad = None
+    plain, full = _gather_both(opt, monkeypatch)
+    assert plain is not None and _same_work(plain, full)
+    assert [seg.wd for seg in plain.segments] == [0.9, 1.0]
+    assert len(plain.skipped) == 1
+    assert plain.segments[0].store.xs[0] is params[0]._local_tensor
+    assert plain.segments[0].store.params[0] is params[0]
+    assert plain.segments[0].store.by_reference == (state_dtype is None)
+    opt.step(0.1)
+
+
+def test_a_sharded_model_and_its_loop_step_alike(one_rank_mesh: object) -> None:
+    """The same sharded run with the one-call check and with the full loop alone ends
+    with the same bits in every parameter and G_{t-1}."""
+    if BACKENDS[0] == "reference":
+        pytest.skip("the one-call check is part of the C++ extension")
+    results = []
+    for loop_only in (False, True):
+        with pytest.MonkeyPatch.context() as patch:
+            if loop_only:
+                patch.setattr(ListLayout, "_gather_plain", lambda self, groups, state: None)
+            opt, params = _sharded_steps(one_rank_mesh, 5)
+            opt.step(0.05)
+        results.append(
+            [p.to_local().clone() for p in params]
+            + [opt.state[p]["grad_prev"].to_local().clone() for p in params]
+        )
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("change", ["grad_prev changed", "plain gradient", "plain parameter"])
+def test_the_one_call_check_declines_a_sharded_model_that_needs_the_loop(
+    one_rank_mesh: object, change: str
+) -> None:
+    """A G_{t-1} DTensor changed in place since the last step, a plain gradient on a
+    DTensor parameter, or a plain parameter beside DTensors: the full loop runs (and, for
+    the changed G_{t-1}, raises its error before anything moves)."""
+    if BACKENDS[0] == "reference":
+        pytest.skip("the one-call check is part of the C++ extension")
+    opt, params = _sharded_steps(one_rank_mesh, 2)
+    if change == "grad_prev changed":
+        opt.state[params[0]]["grad_prev"].mul_(2.0)
+    elif change == "plain gradient":
+        params[0].grad = params[0].grad.full_tensor()
+    else:
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
+    assert opt.layout._gather_plain(opt.param_groups, opt.state) is None
+    if change == "grad_prev changed":
+        before = [p.to_local().clone() for p in params]
+        with pytest.raises(RuntimeError, match="modified in place"):
+            opt.step(0.1)
+        assert all(torch.equal(p.to_local(), b) for p, b in zip(params, before, strict=True))
