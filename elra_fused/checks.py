@@ -147,8 +147,8 @@ def grad_norm_for_state(config: Any, state_dtype: torch.dtype | None) -> Any:
     """``config`` (a ControlConfig) with ``max_grad_norm`` at most the largest finite
     value of a compact ``state_dtype``: a G_{t-1} rounded to inf there could never be
     stepped back along."""
-    if state_dtype is None:
-        return config
+    if state_dtype is None or state_dtype == torch.float64:
+        return config  # a float64 G_{t-1} holds any fp64 norm (and limit**2 would overflow)
     limit = torch.finfo(state_dtype).max * (1 - torch.finfo(state_dtype).eps)
     return dataclasses.replace(config, max_grad_norm=min(config.max_grad_norm or limit, limit))
 
@@ -164,16 +164,105 @@ def resolve_wd(wd: Any, weight_decay: Any) -> Any:
 
 
 def check_lr(lr: Any) -> None:
-    """lr scales the step ELRA takes (lr * alpha); a scheduler may take it to 0."""
+    """lr scales the step ELRA takes (lr * alpha); a scheduler may take it to 0.
+
+    A tensor lr (what some schedulers keep) is checked by value where that is free: on
+    the CPU. Reading a GPU tensor would sync with the device every step; there the device
+    law takes a non-finite or negative lr as 0, no step
+    (``ControlRunner._lr_tensor``)."""
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
+        if lr.numel() != 1 or not lr.is_floating_point() or lr.is_complex():
             raise ValueError(f"ELRA: lr must be a number or a 1-element float tensor, got {lr!r}")
-        return
+        if lr.device.type != "cpu":
+            return
+        lr = lr.item()
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
         raise ValueError(
             "ELRA: lr scales the step alpha * lr that ELRA takes (1.0: the paper's step; "
             f"schedulers anneal it) and must be a finite number >= 0, got {lr!r}"
         )
+
+
+class DecaySync:
+    """ELRA's ``wd`` and torch's ``weight_decay`` (``wd = 1 - weight_decay``) in a param
+    group that has both, kept one setting while either is edited between steps.
+
+    A weight-decay schedule (timm, DINO) writes ``weight_decay``; ELRA's own API writes
+    ``wd``. Each :meth:`sync` takes the one that changed since the last sync it saw for
+    that group and writes the other to match, so a step decays by what was asked and the
+    group -- and the state dict saved from it -- never holds two decays. Both changed
+    apart, or a group it has not seen (loaded, added) holding two decays, is an error.
+    """
+
+    def __init__(self, param_groups: list[dict[str, Any]]) -> None:
+        #: Per group index: (the group dict, wd, weight_decay) at the last sync.
+        self.seen: list[tuple[dict[str, Any], Any, Any]] = []
+        self.sync(param_groups)
+
+    def sync(self, param_groups: list[dict[str, Any]], strict: bool = True) -> None:
+        """Reconcile the two keys of every group and check each decay (a step: before
+        anything moves). ``strict=False`` (``state_dict``): reconcile what can be, raise
+        nothing -- saving never fails; loading checks what was saved."""
+        seen = []
+        for index, group in enumerate(param_groups):
+            wd = group["wd"]
+            if "weight_decay" in group:
+                weight_decay = group["weight_decay"]
+                last = self.seen[index] if index < len(self.seen) else None
+                known = last is not None and last[0] is group
+                wd_kept = known and _unchanged(wd, last[1])
+                decay_kept = known and _unchanged(weight_decay, last[2])
+                try:
+                    if _same_decay(wd, weight_decay):
+                        pass
+                    elif wd_kept and not decay_kept:
+                        check_weight_decay(weight_decay)
+                        wd = group["wd"] = 1.0 - weight_decay
+                    elif decay_kept:
+                        _check_group_wd(index, wd)
+                        group["weight_decay"] = 1.0 - wd
+                    else:
+                        check_group_keys({"wd": wd, "weight_decay": weight_decay})
+                except ValueError:
+                    if strict:
+                        raise
+            if strict:
+                _check_group_wd(index, wd)
+            seen.append((group, group["wd"], group.get("weight_decay")))
+        self.seen = seen
+
+
+def _check_group_wd(index: int, wd: Any) -> None:
+    """:func:`check_wd` with the group named (a value written into a group after
+    construction, by the user or a schedule)."""
+    try:
+        check_wd(wd)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (param group {index})") from None
+
+
+def _unchanged(value: Any, before: Any) -> bool:
+    """``value`` is what a setting held before (the same object, or an equal number)."""
+    numbers = (int, float)
+    return value is before or (
+        isinstance(value, numbers) and isinstance(before, numbers) and value == before
+    )
+
+
+def _same_decay(wd: Any, weight_decay: Any) -> bool:
+    """Do ``wd`` and ``weight_decay`` say the same (as a group built from one holds)?"""
+    numbers = (int, float)
+    return (
+        isinstance(wd, numbers) and isinstance(weight_decay, numbers) and (wd == 1.0 - weight_decay)
+    )
+
+
+def step_settings(param_groups: list[dict[str, Any]], decay: DecaySync) -> float | torch.Tensor:
+    """Every group's settings as a step takes them, checked before anything moves: each
+    ``wd`` (:class:`DecaySync`: a schedule may write ``weight_decay``) and the one lr
+    (:func:`step_lr`). Returns the lr."""
+    decay.sync(param_groups)
+    return step_lr(param_groups)
 
 
 def step_lr(param_groups: list[dict[str, Any]]) -> float | torch.Tensor:
@@ -190,8 +279,7 @@ def step_lr(param_groups: list[dict[str, Any]]) -> float | torch.Tensor:
                 "alpha * lr is one global step (the law measures it along the whole "
                 "gradient), so every group needs the same lr. Scale groups with wd instead."
             )
-        if not isinstance(other, torch.Tensor):
-            check_lr(other)
+    check_lr(lr)
     return lr
 
 
@@ -271,6 +359,25 @@ def check_group_params(
             raise not_dense(name, param)
 
 
+def check_state_dtype(
+    group_index: int, params: list[torch.Tensor], state_dtype: torch.dtype | None
+) -> None:
+    """G_{t-1} is kept in each parameter's dtype (``state_dtype=None``) or compact in
+    bfloat16: the kernels read it in one of those (fp32 state for bf16 parameters, or
+    fp16 state for fp32 ones, they do not take). A ``state_dtype`` equal to a
+    parameter's own dtype is the default for it."""
+    if state_dtype is None or state_dtype == torch.bfloat16:
+        return
+    for param_index, param in enumerate(params):
+        if param.requires_grad and param.dtype != state_dtype:
+            name = describe(group_index, param_index, param)
+            raise ValueError(
+                f"ELRA: state_dtype={state_dtype} cannot hold G_{{t-1}} of {name} "
+                f"({param.dtype}): G_{{t-1}} is kept in the parameter's dtype "
+                "(state_dtype=None) or compact in torch.bfloat16"
+            )
+
+
 def not_dense(name: str, param: torch.Tensor) -> ValueError:
     """The per-parameter layout steps each parameter in place through its storage block,
     which must hold its elements exactly once."""
@@ -334,6 +441,11 @@ def check_loss(loss: Any, caller: str = "ELRA.step") -> None:
             )
         if loss.is_complex():
             raise TypeError(f"{caller}: the loss must be real, got a complex tensor")
+        if loss.is_meta or loss.is_sparse:
+            raise TypeError(
+                f"{caller}: the loss must hold its value (a dense tensor), got a "
+                f"{'meta' if loss.is_meta else 'sparse'} tensor"
+            )
     elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(
             f"{caller}: the loss must be a 0-d tensor, a number or a closure, "

@@ -218,7 +218,7 @@ class ControlRunner:
                 grad_dot_prev,
                 self.config,
                 FLOAT_MATH,
-                float(lr),
+                _host_lr(lr),
             )
             state_view[:] = state
             self._warn_restart(state[RESTARTS], stacklevel=7)  # the user's opt.step call
@@ -269,9 +269,14 @@ class ControlRunner:
     def _lr_tensor(self, lr: float | torch.Tensor) -> torch.Tensor:
         """lr as a 0-d float64 tensor on the state's device without a host sync: a
         tensor is moved (non-blocking), a float is written by a fill kernel (a copy from
-        host memory could wait for the device), cached while the value stays."""
+        host memory could wait for the device), cached while the value stays.
+
+        A float lr was checked on the host (:func:`checks.check_lr`), a CPU tensor too; a
+        device tensor cannot be read without a sync, so a non-finite or negative value
+        becomes 0 here, on the device: no step instead of NaN or ascending weights."""
         if isinstance(lr, torch.Tensor):
-            return lr.detach().reshape(()).to(self.state.device, torch.float64, non_blocking=True)
+            value = lr.detach().reshape(()).to(self.state.device, torch.float64, non_blocking=True)
+            return torch.where((value >= 0) & (value < math.inf), value, 0.0)
         cached = self._lr_cache
         if cached is None or cached[0] != lr:
             cached = self._lr_cache = (
@@ -287,3 +292,14 @@ class ControlRunner:
     def close_cycle(self) -> None:
         """End the current control cycle (no host read)."""
         self.state.copy_(close_cycle(self.state, self.config.min_cycle_losses))
+
+
+def _host_lr(lr: float | torch.Tensor) -> float:
+    """lr as the host law takes it: a float, read from a tensor (for a device tensor the
+    only value check it gets: :func:`checks.check_lr` reads CPU tensors only)."""
+    value = float(lr)
+    if not 0.0 <= value < math.inf:
+        raise ValueError(
+            f"ELRA: lr must be a finite number >= 0 (it scales the step alpha * lr), got {value!r}"
+        )
+    return value

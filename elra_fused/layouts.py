@@ -185,6 +185,7 @@ class ListLayout:
         replaces these by the gradients themselves. Built now rather than at the first
         step so that the state exists before any step, as torch.distributed.checkpoint
         expects of an optimizer (it would otherwise call ``step()`` to make it)."""
+        checks.check_state_dtype(group_index, group["params"], self.state_dtype)
         for param in group["params"]:
             if param.requires_grad and GRAD_PREV_KEY not in state[param]:
                 state[param][GRAD_PREV_KEY] = torch.zeros_like(
@@ -469,6 +470,7 @@ class FlatLayout:
 
     def add_group(self, group_index: int, group: dict[str, Any], state: OptimizerState) -> None:
         """Move the group's trainable parameters into flat buffers, one store each."""
+        checks.check_state_dtype(group_index, group["params"], self.state_dtype)
         self._add_buffers(
             build_flat_buffers([group], checks.describe, group_offset=group_index),
             state,

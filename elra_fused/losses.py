@@ -15,12 +15,14 @@ Which loss a step judges (:func:`judged_loss`):
    their sum: a closure returns only its own micro-batch's loss;
 3. else the loss the closure returned;
 4. else, when a closure returned None (it skipped the batch, as Lightning's
-   ``training_step`` may), no step at all;
+   ``training_step`` may), no step at all -- except Lightning's placeholder closure of
+   manual optimization, which always returns None: that is the missing-loss error;
 5. else the clear error of :func:`elra_fused.checks.check_loss`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +31,10 @@ import torch
 from . import checks
 
 LossValue = torch.Tensor | float | int
+#: What ``ELRA.step`` takes as its closure or loss argument.
+LossArg = LossValue | Callable[[], Any] | None
+#: A :class:`LossRecord`'s content: (total, count, factors).
+RecordSnapshot = tuple[torch.Tensor | float | None, int, list[torch.Tensor]]
 
 
 def loss_factor(loss: LossValue) -> torch.Tensor | None:
@@ -74,7 +80,16 @@ class LossRecord:
     def clear(self) -> None:
         self.total = None
         self.count = 0
-        self.factors.clear()
+        self.factors = []
+
+    def snapshot(self) -> RecordSnapshot:
+        """What is recorded now, for :meth:`restore` (a step that fails keeps the record
+        as it was before the call: a closure's own records would otherwise count twice
+        when the step is retried)."""
+        return self.total, self.count, list(self.factors)
+
+    def restore(self, snapshot: RecordSnapshot) -> None:
+        self.total, self.count, self.factors = snapshot[0], snapshot[1], list(snapshot[2])
 
 
 def without_grad_scale(
@@ -120,4 +135,26 @@ def judged_loss(
     if returned is not None:
         factor = loss_factor(returned)
         return returned, returned, [] if factor is None else [factor]
+    if _is_lightning_placeholder(closure):
+        raise TypeError(
+            "ELRA.step: Lightning's manual optimization calls step() with a placeholder "
+            "closure that returns no loss, and no loss was recorded, so ELRA has no f_t to "
+            "judge the step by. Call opt.step(loss=loss) after self.manual_backward(loss), "
+            "or add elra_fused.integrations.lightning.ELRACallback() to the Trainer's "
+            "callbacks (it records each training_step's loss)."
+        )
     return None, returned, []
+
+
+def _is_lightning_placeholder(closure: Any) -> bool:
+    """Whether ``closure`` is Lightning's ``do_nothing_closure``, which
+    ``LightningOptimizer.step()`` passes in manual optimization: it returns None because
+    it runs nothing, not because a ``training_step`` skipped its batch (automatic
+    optimization's closure, whose None means no step). The precision plugin hands it on
+    wrapped in a ``functools.partial`` (``_wrap_closure``, with the closure among its
+    arguments), so partials are looked into."""
+    if isinstance(closure, functools.partial):
+        return any(map(_is_lightning_placeholder, (closure.func, *closure.args)))
+    return getattr(closure, "__name__", None) == "do_nothing_closure" and getattr(
+        closure, "__module__", ""
+    ).startswith(("lightning", "pytorch_lightning"))

@@ -12,7 +12,7 @@ step hooks and the profiler range (:mod:`elra_fused._torch_compat`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -26,13 +26,9 @@ from .control import ControlConfig
 from .control_runner import ControlRunner
 from .core import elra_step
 from .layouts import FlatLayout, Layout, ListLayout, default_flat
-from .losses import LossRecord, judged_loss, without_grad_scale
+from .losses import LossArg, LossRecord, judged_loss, without_grad_scale
 from .offload import DEFAULT_CHUNK
 from .sharding import loss_group, sharding_of
-
-_STATE_KEY = loading.STATE_KEY
-
-LossArg = torch.Tensor | float | int | Callable[[], Any] | None
 
 
 class ELRA(torch.optim.Optimizer):
@@ -54,11 +50,10 @@ class ELRA(torch.optim.Optimizer):
         initial_retrace_factor: before the first cycle closes, retrace when f_t exceeds
             f_0 by this factor (1.1); None for pre-trained starting points.
         min_cycle_losses, sigma_inflation, retrace_min_step, max_retraces: the authors'
-            guards of the retrace rule, from their code (:mod:`elra_fused.control`): a
-            cycle closes only with >= 100 accepted losses; sigma x1.05 per retrace, /1.05
-            per accept; after a retrace alpha >= 1e-4 / ||G_{t-1}||; the 25th retrace in
-            a row returns to the last accepted point and restarts (warned once).
-            ``1, 1.0, 0.0, None`` is the paper's law without them.
+            guards of the retrace rule (:mod:`elra_fused.control`): a cycle closes with >=
+            100 accepted losses; sigma x1.05 per retrace, /1.05 per accept; alpha >= 1e-4 /
+            ||G_{t-1}|| after a retrace; the 25th retrace in a row restarts from the last
+            accepted point (warned once). ``1, 1.0, 0.0, None``: the paper's law.
         max_grad_norm: a step on a gradient of larger norm is not taken (a retrace); off
             by default, the largest finite value of a compact ``state_dtype``.
         preset: "2d": the authors' 2-D path for exact gradients (control.PRESETS); None off.
@@ -78,8 +73,8 @@ class ELRA(torch.optim.Optimizer):
             otherwise per-parameter tensor lists (G_{t-1} kept by reference).
         memory: what is kept from the previous step (3.6, :mod:`elra_fused.memory`):
             "standard" (G_{t-1}), "recover" (x_{t-1}) or "offload" (x_{t-1} on the host).
-        state_dtype: dtype of the stored G_{t-1} in "standard" mode (default: the
-            parameters' dtype); ``torch.bfloat16`` halves its memory.
+        state_dtype: the stored G_{t-1}'s dtype in "standard" mode: None (the
+            parameters' own) or ``torch.bfloat16`` (compact: half the memory of fp32).
         offload_chunk: staging chunk size in elements for ``memory="offload"``.
         reuse_grad_buffer: flat standard mode: the gradient buffer becomes G_{t-1} by
             swapping, not copying; ``.grad`` is stale from ``step()`` to ``zero_grad()``.
@@ -162,6 +157,7 @@ class ELRA(torch.optim.Optimizer):
         self._losses = LossRecord()
         self._amp = AmpScales()
         super().__init__(params, {"wd": wd, "lr": lr})  # checks each parameter (add_param_group)
+        self._decay = checks.DecaySync(self.param_groups)  # wd vs a scheduled weight_decay
         sharded = sharding_of(self.param_groups, flat, memory, reuse_grad_buffer)
         self.process_group = loss_group(sharded, process_group)
         trainable = self._trainable() or [self._first_param()]
@@ -228,15 +224,10 @@ class ELRA(torch.optim.Optimizer):
         self.layout.add_group(group_index, group, self.state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients.
-
-        In flat mode the gradient buffers are zeroed with one fill each and the ``.grad``
-        views are kept (a None gradient would make autograd allocate outside the buffer);
-        ``set_to_none=True`` keeps its meaning all the same: a parameter backward does not
-        reach is stepped as torch steps a None gradient (:mod:`elra_fused.layouts`).
-        Per parameter, ``set_to_none=False`` gives each parameter a new zero tensor
-        instead of zeroing the old one in place: that one may be G_{t-1}.
-        """
+        """Zero the gradients. Flat buffers: one fill each, ``.grad`` views kept (autograd
+        would allocate a None one outside the buffer), yet a parameter backward does not
+        reach steps as a None gradient does (:mod:`elra_fused.layouts`). Per parameter,
+        ``set_to_none=False`` gives each a new zero tensor (the old one may be G_{t-1})."""
         self.layout.zero_grad(self.param_groups, set_to_none)
 
     # ------------------------------------------------------------------ user API
@@ -335,7 +326,7 @@ class ELRA(torch.optim.Optimizer):
     @step_entry
     @torch.no_grad()
     def step(self, closure: LossArg = None, loss: LossArg = None) -> Any:  # type: ignore[override]
-        """One ELRA step.
+        """One ELRA step. A step that fails changes nothing: weights, state, recorded losses.
 
         Args:
             closure: torch's closure (re-evaluates the model, returns the loss), or the
@@ -346,13 +337,21 @@ class ELRA(torch.optim.Optimizer):
         Returns:
             The loss that was passed or that the closure returned.
         """
+        recorded = self._losses.snapshot()
+        try:
+            return self._step(closure, loss)
+        except BaseException:
+            self._losses.restore(recorded)  # a closure's own records would count twice
+            raise
+
+    def _step(self, closure: LossArg, loss: LossArg) -> Any:
         loss, returned, factors = judged_loss(closure, loss, self._losses)
         if loss is None and callable(closure):
             return None  # the closure skipped the batch (Lightning: training_step -> None)
         checks.check_loss(loss)
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
         loss = without_grad_scale(loss, factors, grad_scale)
-        lr = checks.step_lr(self.param_groups)
+        lr = checks.step_settings(self.param_groups, self._decay)
         scales = self._amp.for_step(grad_scale, getattr(self, "found_inf", None), self._device)
         if self.retrace_buffers is not None:
             self.retrace_buffers.check()  # a replaced buffer fails before anything moves
@@ -376,9 +375,10 @@ class ELRA(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
+        self._decay.sync(self.param_groups, strict=False)  # a scheduled weight_decay: one
         self.layout.synchronize()  # offload: copies to the host may be in flight
         sd = super().state_dict()
-        sd[_STATE_KEY] = {
+        sd[key := loading.STATE_KEY] = {
             "control": self._law.state.detach().clone(),
             "steps_in_cycle": self._steps_in_cycle,
             "config": self.config.as_dict(),
@@ -388,7 +388,7 @@ class ELRA(torch.optim.Optimizer):
             "buffers": None if self.retrace_buffers is None else self.retrace_buffers.state_dict(),
             "grad_prev_inv_scale": self._amp.state_dict(),
         }
-        sd["param_groups"][0][_STATE_KEY] = sd[_STATE_KEY]  # for DCP (loading._lift_mirror)
+        sd["param_groups"][0][key] = sd[key]  # for DCP (loading._lift_mirror)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

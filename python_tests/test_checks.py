@@ -126,3 +126,169 @@ def test_a_compact_state_dtype_limits_the_gradient_norm() -> None:
     assert elra_fused.ELRA(model.parameters()).config.max_grad_norm is None
     with pytest.raises(ValueError, match="max_grad_norm"):
         ELRA(model.parameters(), max_grad_norm=-1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Settings written into the param groups after construction (users, schedules), checked
+# by every step before anything moves
+# ---------------------------------------------------------------------------------------
+def _two_groups(flat: bool, **group0: object) -> tuple:
+    """A model in two param groups (the fastest backend), one step taken, the next
+    gradients in place; with a snapshot of its weights and state."""
+    model, data, target = mlp_setup()
+    params = list(model.parameters())
+    opt = elra_fused.ELRA(
+        [{"params": params[:2], **group0}, {"params": params[2:]}], wd=0.99, flat=flat
+    )
+    for _ in range(2):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(data), target)
+        loss.backward()
+        opt.step(loss)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(data), target).backward()
+    snapshot = ([p.detach().clone() for p in params], _state_copy(opt))
+    return model, opt, params, snapshot
+
+
+def _state_copy(opt: elra_fused.ELRA) -> list[torch.Tensor]:
+    sd = opt.state_dict()
+    tensors = [t for s in sd["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return [t.clone() for t in tensors] + [opt.control_state.clone()]
+
+
+def _unchanged(opt: elra_fused.ELRA, params: list, snapshot: tuple) -> bool:
+    weights, state = snapshot
+    same_weights = all(torch.equal(p.detach(), w) for p, w in zip(params, weights, strict=True))
+    return same_weights and all(
+        torch.equal(a, b) for a, b in zip(_state_copy(opt), state, strict=True)
+    )
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["lists", "flat"])
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, 1.5, torch.tensor(0.9), "0.99", None])
+def test_a_bad_wd_written_into_a_later_group_fails_before_anything_moves(
+    flat: bool, bad: object
+) -> None:
+    """wd written into group 1 after construction is checked by the step: a clear error
+    naming the group, and group 0 is not stepped either (the update of one segment
+    before the failing one would make a retry step it twice)."""
+    model, opt, params, snapshot = _two_groups(flat)
+    opt.param_groups[1]["wd"] = bad
+    with pytest.raises(ValueError, match=r"wd .*\(param group 1\)"):
+        opt.step(1.0)
+    assert _unchanged(opt, params, snapshot)
+    opt.param_groups[1]["wd"] = 0.99  # fixed: the retry steps once
+    opt.step(1.0)
+    assert not torch.equal(params[0].detach(), snapshot[0][0])
+
+
+def _step_with(group0: dict, edit: dict) -> tuple[list[torch.Tensor], dict]:
+    """Weights after one step of a two-group model whose group 0 was built with
+    ``group0`` and then edited by ``edit``; and that group as the step left it."""
+    torch.manual_seed(0)
+    model, data, target = mlp_setup()
+    params = list(model.parameters())
+    opt = elra_fused.ELRA([{"params": params[:2], **group0}, {"params": params[2:]}])
+    opt.param_groups[0].update(edit)
+    loss = torch.nn.functional.mse_loss(model(data), target)
+    loss.backward()
+    opt.step(loss)
+    return [p.detach().clone() for p in params], opt
+
+
+def test_a_scheduled_weight_decay_is_the_decay_the_step_takes() -> None:
+    """A group built with torch's weight_decay and then given a new one (a weight-decay
+    schedule, as timm and DINO write it) steps with that decay, bit for bit as a group
+    built with it; wd follows, and the state saved afterwards loads (one decay)."""
+    edited, opt = _step_with({"weight_decay": 0.1}, {"weight_decay": 0.3})
+    built, _ = _step_with({"weight_decay": 0.3}, {})
+    assert all(torch.equal(a, b) for a, b in zip(edited, built, strict=True))
+    assert opt.param_groups[0]["wd"] == 1.0 - 0.3
+    model, _, _ = mlp_setup()
+    params = list(model.parameters())
+    fresh = elra_fused.ELRA([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:]}])
+    opt.param_groups[0]["weight_decay"] = 0.2  # edited after the last step: saved as one
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["wd"] == 1.0 - 0.2
+
+
+def test_wd_edited_in_a_group_built_with_weight_decay_moves_both() -> None:
+    """ELRA's own wd edited in a group that also holds torch's weight_decay: the step
+    takes wd and weight_decay follows; both edited apart is an error."""
+    edited, opt = _step_with({"weight_decay": 0.1}, {"wd": 0.7})
+    built, _ = _step_with({"wd": 0.7}, {})
+    assert all(torch.equal(a, b) for a, b in zip(edited, built, strict=True))
+    assert opt.param_groups[0]["weight_decay"] == 1.0 - 0.7
+    opt.param_groups[0].update(wd=0.5, weight_decay=0.1)
+    with pytest.raises(ValueError, match="one setting"):
+        opt.step(1.0)
+    opt.param_groups[0]["weight_decay"] = 2.0
+    opt.param_groups[0]["wd"] = 1.0 - 0.3  # consistent again except the bad decay ...
+    opt.param_groups[0]["weight_decay"] = 0.3
+    opt.step(1.0)  # ... fixed: a consistent pair steps
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_a_tensor_lr_is_checked_by_value(bad: float) -> None:
+    """lr as a tensor (schedulers may keep it one) is refused like the number: at
+    construction, and when written into the groups before a step (nothing moves)."""
+    with pytest.raises(ValueError, match="lr"):
+        ELRA([torch.nn.Parameter(torch.ones(2))], lr=torch.tensor(bad))
+    model, opt, params, snapshot = _two_groups(False)
+    for group in opt.param_groups:
+        group["lr"] = lr = torch.tensor(bad, dtype=torch.float64)
+        assert group["lr"] is lr
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(1.0)
+    assert _unchanged(opt, params, snapshot)
+
+
+def test_a_device_lr_that_cannot_be_read_makes_no_step() -> None:
+    """The device law cannot read a device tensor lr without a sync: a non-finite or
+    negative one is taken as 0 there (no move), a valid one as it is; the host law reads
+    it and refuses it."""
+    from elra_fused.control_runner import ControlRunner, _host_lr
+
+    runner = ControlRunner(
+        elra_fused.ControlConfig(), torch.device("cpu"), host=False, compiled=False
+    )
+    for value, taken in [(float("nan"), 0.0), (float("inf"), 0.0), (-2.0, 0.0), (0.25, 0.25)]:
+        assert runner._lr_tensor(torch.tensor(value)).item() == taken
+    with pytest.raises(ValueError, match="lr"):
+        _host_lr(torch.tensor(float("nan")))
+    assert _host_lr(torch.tensor(0.5)) == 0.5
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["lists", "flat"])
+def test_state_dtype_that_no_kernel_stores_is_refused_at_construction(flat: bool) -> None:
+    """G_{t-1} lives in the parameter's dtype or in bfloat16: any other state_dtype is a
+    clear error at construction (not at every step), also for a group added later,
+    which is not kept; the parameter's own dtype is the default."""
+    fp32 = torch.nn.Parameter(torch.ones(3))
+    for bad in (torch.float16, torch.float64):
+        with pytest.raises(ValueError, match="state_dtype"):
+            elra_fused.ELRA([torch.nn.Parameter(torch.ones(3))], state_dtype=bad, flat=flat)
+    opt = elra_fused.ELRA([fp32], state_dtype=torch.float32, flat=flat)
+    bf16 = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="state_dtype"):
+        opt.add_param_group({"params": [bf16]})
+    assert len(opt.param_groups) == 1
+    fp32.grad = torch.ones(3)
+    opt.step(1.0)
+    assert ELRA([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))], state_dtype=torch.float64)
+
+
+def test_a_loss_without_a_value_is_refused_when_recorded() -> None:
+    """A meta (or sparse) tensor cannot be judged: record_loss refuses it (instead of
+    every later step failing), and so does step."""
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters())
+    for bad in (torch.tensor(1.0, device="meta"), torch.tensor([2.0]).to_sparse()):
+        with pytest.raises(TypeError, match="hold its value"):
+            opt.record_loss(bad)
+        with pytest.raises(TypeError, match="hold its value"):
+            opt.step(bad)
+    opt.record_loss(torch.tensor(0.5))
+    torch.nn.functional.mse_loss(model(data), target).backward()
+    opt.step()

@@ -141,6 +141,51 @@ def test_lightning_without_callback_judges_the_last_micro_batch() -> None:
     assert all(r.recorded == [] and r.closure for r in spy.steps)
 
 
+class ManualLM(LitLM):
+    """Manual optimization: ``training_step`` runs backward and ``opt.step()`` itself."""
+
+    def __init__(self, model: torch.nn.Module, opt: ELRA, step_loss: bool) -> None:
+        super().__init__(model, opt)
+        self.automatic_optimization = False
+        self.step_loss = step_loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        opt = self.optimizers()
+        loss = self.model(**batch).loss
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step(loss=loss) if self.step_loss else opt.step()
+
+
+@pytest.mark.parametrize("how", ["callback", "step(loss=)", "neither"])
+def test_lightning_manual_optimization(how: str) -> None:
+    """Manual optimization: ``opt.step()`` reaches ELRA with Lightning's placeholder
+    closure, which returns no loss. With the callback (records the loss in
+    manual_backward) or ``opt.step(loss=loss)`` it steps as the plain loop; with
+    neither it is the clear missing-loss error, not a silent step-less run."""
+    model = tiny_llama(0)
+    opt = ELRA(model.parameters())
+    spy = StepSpy(opt)
+    trainer = pl.Trainer(
+        max_steps=3, callbacks=[ELRACallback()] if how == "callback" else [], **QUIET_CPU
+    )
+    module = ManualLM(model, opt, step_loss=how == "step(loss=)")
+    if how == "neither":
+        with pytest.raises(TypeError, match="manual optimization"):
+            trainer.fit(module, _loader())
+        assert same_parameters(model, tiny_llama(0))
+        return
+    trainer.fit(module, _loader())
+    reference = tiny_llama(0)
+    ref_opt = ELRA(reference.parameters())
+    hand_loop(
+        reference, ref_opt, TokenDataset(EXAMPLES), batch_size=BATCH_SIZE, accumulation=1, steps=3
+    )
+    assert len(spy.steps) == 3
+    assert same_parameters(model, reference), max_difference(model, reference)
+    assert opt.alpha == ref_opt.alpha
+
+
 def test_lightning_bf16_mixed() -> None:
     """``precision="bf16-mixed"`` (CPU autocast) with accumulation: the loss falls and
     ELRA judged the accumulated loss."""

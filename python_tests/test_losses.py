@@ -110,3 +110,56 @@ def test_a_closure_that_skips_the_batch_skips_the_step() -> None:
     assert opt.step(closure=lambda: None) is None
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert opt.control_state[control.ACCEPTED].item() == 0
+
+
+def test_a_failed_step_leaves_the_recorded_losses_as_before() -> None:
+    """A closure that records its loss and then raises (a framework hook failing after
+    the forward): the step fails, nothing is left recorded from it, and the retry judges
+    one loss -- the same step as one that never failed."""
+    results = []
+    for fail_first in (False, True):
+        model = make_model()
+        opt = ELRA(model.parameters())
+        inputs, target = data()
+        failures = [fail_first]
+
+        def closure(
+            opt: ELRA = opt,
+            model: torch.nn.Module = model,
+            inputs: torch.Tensor = inputs,
+            target: torch.Tensor = target,
+            failures: list[bool] = failures,
+        ) -> None:
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(inputs), target)
+            loss.backward()
+            opt.record_loss(loss)
+            if failures and failures.pop():
+                raise RuntimeError("a hook failed")
+
+        if fail_first:
+            with pytest.raises(RuntimeError, match="a hook failed"):
+                opt.step(closure)
+        opt.step(closure)
+        closure()
+        opt.step(closure)
+        results.append(([p.detach().clone() for p in model.parameters()], _judged(opt)))
+    (clean, clean_f), (retried, retried_f) = results
+    assert retried_f == clean_f
+    assert all(torch.equal(a, b) for a, b in zip(clean, retried, strict=True))
+
+
+def test_losses_recorded_before_a_failed_step_stay_for_the_retry() -> None:
+    """Losses recorded before ``step()`` belong to the gradients still in place: a step
+    that fails keeps them, and the fixed retry judges them."""
+    model = make_model()
+    opt = ELRA(model.parameters())
+    losses = _micro_batches(model)
+    for loss in losses:
+        opt.record_loss(loss)
+    opt.param_groups[0]["lr"] = float("nan")  # a bad schedule value: the step fails
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    opt.param_groups[0]["lr"] = 1.0
+    opt.step()
+    assert _judged(opt) == losses[0].double().item() + losses[1].double().item()
