@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -49,7 +50,9 @@ def check_wd(wd: Any) -> None:
 
 
 def check_cycle_steps(cycle_steps: Any) -> None:
-    if cycle_steps is not None and not (isinstance(cycle_steps, int) and cycle_steps > 0):
+    if cycle_steps is not None and (
+        isinstance(cycle_steps, bool) or not (isinstance(cycle_steps, int) and cycle_steps > 0)
+    ):
         raise ValueError(f"ELRA: cycle_steps must be a positive int or None, got {cycle_steps!r}")
 
 
@@ -61,7 +64,12 @@ def check_backend_name(backend: str, known: Iterable[str]) -> None:
 
 
 def check_memory(memory: str, state_dtype: Any, flat: bool | None, reuse_grad_buffer: bool) -> None:
-    """The memory mode and what goes with it (``flat=None``: not chosen yet)."""
+    """The memory mode and what goes with it (``flat=None``: not chosen yet). The flags
+    must be bools: ``reuse_grad_buffer="no"`` would otherwise switch reuse on."""
+    if flat is not None and not isinstance(flat, bool):
+        raise TypeError(f"ELRA: flat must be True, False or None (auto), got {flat!r}")
+    if not isinstance(reuse_grad_buffer, bool):
+        raise TypeError(f"ELRA: reuse_grad_buffer must be True or False, got {reuse_grad_buffer!r}")
     if memory not in MEMORY_MODES:
         raise ValueError(f"ELRA: memory must be one of {MEMORY_MODES}, got {memory!r}")
     if state_dtype is not None and memory != "standard":
@@ -328,10 +336,25 @@ def check_param(name: str, param: torch.Tensor) -> None:
         raise ValueError(
             f"ELRA: {name} is complex; ELRA supports real floating-point parameters only"
         )
-    if not param.is_floating_point():
+    if param.dtype not in PARAM_DTYPES:
         raise ValueError(
-            f"ELRA: {name} has dtype {param.dtype}; ELRA needs floating-point parameters"
+            f"ELRA: {name} has dtype {param.dtype}; ELRA steps float32, bfloat16 and "
+            "float16 parameters (float64 with backend='reference')"
         )
+
+
+#: The parameter dtypes some backend steps (float8 and integers none does).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_new_group(param_groups: list[dict[str, Any]]) -> None:
+    """The group just added (the last one): each parameter (:func:`check_param`) and its
+    lr, which must be group 0's (ELRA's step is global; :func:`step_lr` would refuse it at
+    every step)."""
+    group_index = len(param_groups) - 1
+    for param_index, param in enumerate(param_groups[-1]["params"]):
+        check_param(describe(group_index, param_index, param), param)
+    step_lr(param_groups)
 
 
 def check_group_params(
@@ -446,7 +469,7 @@ def check_loss(loss: Any, caller: str = "ELRA.step") -> None:
                 f"{caller}: the loss must hold its value (a dense tensor), got a "
                 f"{'meta' if loss.is_meta else 'sparse'} tensor"
             )
-    elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+    elif isinstance(loss, bool) or not isinstance(loss, numbers.Real):  # numpy floats too
         raise TypeError(
             f"{caller}: the loss must be a 0-d tensor, a number or a closure, "
             f"got {type(loss).__name__}"

@@ -119,8 +119,14 @@ class ControlConfig:
             "retrace_sigmas": self.retrace_sigmas,
         }
         for name, value in positive.items():
-            if not (isinstance(value, (int, float)) and value > 0 and value != float("inf")):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and value > 0 and value != float("inf")):
                 raise ValueError(f"ELRA: {name} must be a finite positive number, got {value!r}")
+        if not self.gamma_max >= 1.0:
+            raise ValueError(
+                f"ELRA: gamma_max caps the growth alpha_t / alpha_{{t-1}} and must be >= 1 "
+                f"(below 1 alpha could only shrink), got {self.gamma_max!r}"
+            )
         if not self.alpha_min < self.alpha_max:
             raise ValueError(
                 f"ELRA: need alpha_min < alpha_max, got {self.alpha_min} and {self.alpha_max}"
@@ -130,8 +136,9 @@ class ControlConfig:
                 f"ELRA: alpha0={self.alpha0} lies outside [alpha_min, alpha_max] = "
                 f"[{self.alpha_min}, {self.alpha_max}]"
             )
-        if not (isinstance(self.kappa_gain, (int, float)) and self.kappa_gain >= 0):
-            raise ValueError(f"ELRA: kappa_gain must be >= 0, got {self.kappa_gain!r}")
+        gain = self.kappa_gain
+        if not (isinstance(gain, (int, float)) and 0 <= gain < float("inf")):
+            raise ValueError(f"ELRA: kappa_gain must be finite and >= 0, got {gain!r}")
         if self.step_crop is not None and not self.step_crop > 0:
             raise ValueError(f"ELRA: step_crop must be > 0 or None, got {self.step_crop!r}")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):

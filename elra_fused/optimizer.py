@@ -204,8 +204,7 @@ class ELRA(torch.optim.Optimizer):
         group_index = len(self.param_groups) - 1
         # A group the optimizer cannot take is removed again, leaving it as it was.
         try:
-            for param_index, param in enumerate(self.param_groups[-1]["params"]):
-                checks.check_param(checks.describe(group_index, param_index, param), param)
+            checks.check_new_group(self.param_groups)  # its parameters, and group 0's lr
             if hasattr(self, "layout"):  # a group added after construction
                 self._add_to_layout(group_index, self.param_groups[-1])
         except ValueError:

@@ -45,8 +45,12 @@ def test_sparse_gradient_is_rejected_and_weights_kept() -> None:
 def test_complex_and_integer_params_rejected() -> None:
     with pytest.raises(ValueError, match="complex"):
         ELRA([torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))])
-    with pytest.raises(ValueError, match="floating-point"):
+    with pytest.raises(ValueError, match="steps float32"):
         ELRA([torch.ones(2, dtype=torch.int64)])
+    float8 = getattr(torch, "float8_e4m3fn", None)
+    if float8 is not None:  # no backend steps it: refused at construction, not each step
+        with pytest.raises(ValueError, match="steps float32"):
+            ELRA([torch.nn.Parameter(torch.ones(2).to(float8))])
     with pytest.raises(ValueError, match="empty"):
         ELRA([])
     opt = ELRA([torch.nn.Parameter(torch.ones(2))])
@@ -292,3 +296,51 @@ def test_a_loss_without_a_value_is_refused_when_recorded() -> None:
     opt.record_loss(torch.tensor(0.5))
     torch.nn.functional.mse_loss(model(data), target).backward()
     opt.step()
+
+
+def test_a_group_with_another_lr_is_refused_when_added() -> None:
+    """Every group needs group 0's lr (one global step): a group with another is refused
+    when it is added (constructor or add_param_group, e.g. Lightning's
+    BackboneFinetuning at lr / 10) and not kept, instead of every later step failing."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="same lr"):
+        ELRA([{"params": [a]}, {"params": [b], "lr": 0.1}])
+    opt = ELRA([a], lr=0.5)
+    with pytest.raises(ValueError, match="same lr"):
+        opt.add_param_group({"params": [b], "lr": 0.05})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b]})  # the default lr is the constructor's
+    assert opt.param_groups[1]["lr"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"reuse_grad_buffer": "no"}, TypeError),
+        ({"flat": "yes"}, TypeError),
+        ({"flat": 1}, TypeError),
+        ({"cycle_steps": True}, ValueError),
+        ({"gamma_max": 0.5}, ValueError),
+        ({"kappa_gain": float("inf")}, ValueError),
+        ({"alpha0": True}, ValueError),
+    ],
+)
+def test_options_of_the_wrong_kind_are_refused(kwargs: dict, error: type) -> None:
+    """A truthy string is not a flag (``reuse_grad_buffer="no"`` switched reuse on), a bool
+    is not a count or a size, alpha must be able to grow (gamma_max >= 1), and the noise
+    gain is finite."""
+    with pytest.raises(error, match="ELRA"):
+        elra_fused.ELRA([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_numpy_and_integer_losses_are_numbers() -> None:
+    """A numpy float (float32 as well as float64) or an int is a loss like a Python float."""
+    np = pytest.importorskip("numpy")
+    model, data, target = mlp_setup()
+    opt = ELRA(model.parameters())
+    for loss in (np.float32(0.5), np.float64(0.4), 1):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(data), target).backward()
+        opt.step(loss)
+    with pytest.raises(TypeError, match="loss must be"):
+        opt.step(np.bool_(True))

@@ -415,13 +415,16 @@ def test_lr_scales_the_first_step_exactly() -> None:
 
 
 def test_groups_with_different_lr_are_a_clear_error() -> None:
+    """At construction, and when a schedule with per-group factors sets them apart."""
     model = make_model()
-    opt = ELRA(
-        [
-            {"params": list(model[0].parameters()), "lr": 0.5},
-            {"params": list(model[2].parameters())},
-        ]
-    )
+    groups = [
+        {"params": list(model[0].parameters()), "lr": 0.5},
+        {"params": list(model[2].parameters())},
+    ]
+    with pytest.raises(ValueError, match="same lr"):
+        ELRA(groups)
+    opt = ELRA(groups, lr=0.5)
+    torch.optim.lr_scheduler.LambdaLR(opt, [lambda step: 1.0, lambda step: 0.1])
     inputs, target = data()
     loss = forward_backward(model, inputs, target, 0)
     with pytest.raises(ValueError, match="same lr"):
