@@ -435,6 +435,16 @@ def reject_list_grad(name: str, param: torch.Tensor, backend: str) -> None:
     )
 
 
+def param_reshaped(name: str, param: torch.Tensor, grad_prev: torch.Tensor) -> ValueError:
+    """The error for a parameter whose element count changed since its G_{t-1} was kept."""
+    return ValueError(
+        f"ELRA: {name} has {param.numel()} elements (shape {tuple(param.shape)}) but its "
+        f"G_{{t-1}} has {grad_prev.numel()}: the parameter was replaced by one of another "
+        "size (param.data = ...) after the optimizer was built; nothing was changed. Build "
+        "the optimizer after changing the model (or load a state saved for this shape)."
+    )
+
+
 def grad_prev_changed(name: str) -> RuntimeError:
     """The error for a G_{t-1} kept by reference that was changed in place."""
     return RuntimeError(
@@ -464,6 +474,8 @@ def check_loss(loss: Any, caller: str = "ELRA.step") -> None:
             )
         if loss.is_complex():
             raise TypeError(f"{caller}: the loss must be real, got a complex tensor")
+        if loss.dtype == torch.bool:
+            raise TypeError(f"{caller}: the loss must be a number, got a bool tensor")
         if loss.is_meta or loss.is_sparse:
             raise TypeError(
                 f"{caller}: the loss must hold its value (a dense tensor), got a "

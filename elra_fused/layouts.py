@@ -257,6 +257,9 @@ class ListLayout:
                     # gradients follow the parameter's strides, channels_last included.)
                     grad = torch.empty_like(param).copy_(grad)
                     param.grad = grad
+                if grad_prev is not None and grad_prev.numel() != param.numel():
+                    name = checks.describe(group_index, param_index, param)
+                    raise checks.param_reshaped(name, param, grad_prev)
                 if (
                     grad_prev is None
                     or not _same_order(grad_prev, param, contiguous)

@@ -344,3 +344,20 @@ def test_numpy_and_integer_losses_are_numbers() -> None:
         opt.step(loss)
     with pytest.raises(TypeError, match="loss must be"):
         opt.step(np.bool_(True))
+
+
+def test_a_parameter_resized_after_construction_is_named() -> None:
+    """A parameter replaced by one of another size (``param.data = ...``) after the
+    optimizer was built: the per-parameter layout names it (not a kernel's message about
+    list element 0), and nothing moves."""
+    model, data, target = mlp_setup()
+    opt = elra_fused.ELRA(model.parameters(), flat=False)
+    params = list(model.parameters())
+    params[1].data = torch.zeros(params[1].numel() + 1)
+    params[1].grad = torch.ones_like(params[1])
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 .*another size"):
+        opt.step(1.0)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+    with pytest.raises(TypeError, match="bool tensor"):
+        opt.step(torch.tensor(True))
