@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import checks, control, loading, ops
+from . import checks, control, copying, loading, ops
 from ._torch_compat import step_entry
 from .amp import AmpScales
 from .buffers import RetraceBuffers
@@ -31,7 +31,7 @@ from .offload import DEFAULT_CHUNK
 from .sharding import loss_group, sharding_of
 
 
-class ELRA(torch.optim.Optimizer):
+class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
     r"""Exponential Learning Rate Adaption (momentum-free, no learning rate to tune).
 
     Args:
