@@ -8,11 +8,12 @@ a NaN alpha or G_{t-1} loaded silently and turned every parameter into NaN one s
 later. So loading is a transaction in two parts:
 
 1. :func:`validate_state_dict` checks everything and changes nothing: the top-level
-   entries, the param groups (count, parameters per group, keys, ``wd``), every
-   per-parameter entry (only the key of this memory mode, a dense floating tensor of
-   exactly the parameter's shape, finite in the parameter's dtype), the control state
-   (its shape as :func:`~elra_fused.control_runner.upgrade_state` takes it, every entry
-   finite, alpha > 0, counters whole and >= 0, flags 0 or 1), the memory mode,
+   entries, the param groups (count, parameters per group, keys, ``wd``, torch's
+   ``param_names``), every per-parameter entry (only the key of this memory mode, a
+   dense floating tensor of exactly the parameter's shape, finite in the parameter's
+   dtype), the control state (its shape as
+   :func:`~elra_fused.control_runner.upgrade_state` takes it, every entry finite,
+   alpha > 0, counters whole and >= 0, flags 0 or 1), the memory mode,
    ``steps_in_cycle`` and the retrace buffers. Any failure is one ``ValueError`` that
    starts with ``ELRA.load_state_dict:`` and names what is wrong (the parameter, by
    :func:`~elra_fused.checks.describe`). A saved control-law config that differs from
@@ -52,6 +53,11 @@ if TYPE_CHECKING:
 #: ``param_groups``: the control state, the step within the cycle, the config, ...
 STATE_KEY = "elra_control"
 PREFIX = "ELRA.load_state_dict:"
+#: Param group keys torch's ``Optimizer`` writes itself: ``param_names`` (torch >= 2.6,
+#: for an optimizer built from ``model.named_parameters()``). torch's loader keeps the
+#: saved names, or the optimizer's own where the state has none, whichever way the two
+#: optimizers were built; ELRA checks them and leaves that rule to torch's loader.
+TORCH_GROUP_KEYS = frozenset({"param_names"})
 
 #: Control state entries that count events: whole numbers >= 0.
 _COUNTERS = {
@@ -224,7 +230,7 @@ def _check_groups(
         where = f"param group {group_index} of the state"
         # A key the live group has too was put there by this training setup (a scheduler
         # of the user's own, say): torch keeps such keys, and so does ELRA.
-        unknown = set(saved) - checks.PER_GROUP_KEYS - set(group)
+        unknown = set(saved) - checks.PER_GROUP_KEYS - TORCH_GROUP_KEYS - set(group)
         if unknown:
             _fail(
                 f"{where} has keys {sorted(unknown, key=str)}, which ELRA does not use (per "
@@ -242,6 +248,8 @@ def _check_groups(
                 f"{where} has {len(ids)} parameter(s), this optimizer's "
                 f"{len(group['params'])}; the state belongs to another model or grouping"
             )
+        if "param_names" in saved:
+            _check_param_names(where, saved["param_names"], len(ids))
         if "wd" not in saved:
             _fail(f"{where} has no 'wd'")
         try:  # the values add_param_group accepts (wd in (0, 1], ...)
@@ -254,6 +262,19 @@ def _check_groups(
                 _fail(f"parameter id {param_id} is listed twice in 'param_groups'")
             params[param_id] = (checks.describe(group_index, param_index, param), param)
     return params
+
+
+def _check_param_names(where: str, names: Any, count: int) -> None:
+    """torch's ``param_names``: one name (a str) per parameter of the group. torch's
+    loader keeps them as they are, and a list of another length would name the wrong
+    parameters from then on (and in every state dict saved later)."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        _fail(f"{where}: 'param_names' must be a list of str (torch's names), got {names!r}")
+    if len(names) != count:
+        _fail(
+            f"{where} names {len(names)} parameter(s) in 'param_names' but lists {count}; "
+            "the names do not belong to this group's parameters"
+        )
 
 
 def _check_param_states(

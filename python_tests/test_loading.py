@@ -41,13 +41,24 @@ BEFORE, AFTER = 8, 6
 PREFIX = r"^ELRA\.load_state_dict: "
 
 
-def build(model: torch.nn.Module, setup: str, wds: tuple[float, float] = (0.999, 1.0)) -> ELRA:
-    """Two param groups (the two linear layers), with their own wd."""
-    groups = [
-        {"params": list(model[0].parameters()), "wd": wds[0]},
-        {"params": list(model[2].parameters()), "wd": wds[1]},
+def groups_of(
+    model: torch.nn.Module, wds: tuple[float, float] = (0.999, 1.0), named: bool = False
+) -> list[dict[str, Any]]:
+    """Two param groups (the two linear layers), with their own wd; ``named``: from
+    ``named_parameters()`` (torch >= 2.6 then keeps each group's ``param_names``)."""
+    return [
+        {
+            "params": list(model[index].named_parameters(prefix=str(index)))
+            if named
+            else list(model[index].parameters()),
+            "wd": wd,
+        }
+        for index, wd in zip((0, 2), wds, strict=True)
     ]
-    return ELRA(groups, backend=BACKEND, cycle_steps=5, **SETUPS[setup])
+
+
+def build(model: torch.nn.Module, setup: str, wds: tuple[float, float] = (0.999, 1.0)) -> ELRA:
+    return ELRA(groups_of(model, wds), backend=BACKEND, cycle_steps=5, **SETUPS[setup])
 
 
 def prev_key(setup: str) -> str:
@@ -235,6 +246,18 @@ CASES = [
         "listed twice",
     ),
     ("unknown_group_key", _edit(lambda sd: sd["param_groups"][0].update(betas=0)), None, "betas"),
+    (
+        "param_names_too_few",  # torch's loader would keep names for the wrong parameters
+        _edit(lambda sd: sd["param_groups"][0].update(param_names=["0.weight"])),
+        None,
+        r"group 0 of the state names 1 parameter\(s\) in 'param_names' but lists 2",
+    ),
+    (
+        "param_names_not_str",
+        _edit(lambda sd: sd["param_groups"][1].update(param_names=[2, 3])),
+        None,
+        "'param_names' must be a list of str",
+    ),
     ("wd_nan", _edit(lambda sd: sd["param_groups"][1].update(wd=math.nan)), None, "wd .* nan"),
     ("wd_zero", _edit(lambda sd: sd["param_groups"][0].update(wd=0.0)), None, r"\(0, 1\]"),
     ("wd_missing", _edit(lambda sd: sd["param_groups"][0].pop("wd")), None, "no 'wd'"),
@@ -463,3 +486,38 @@ def test_state_with_lr_scheduler_keys_round_trips(setup: str) -> None:
     adam_like["param_groups"][0]["betas"] = (0.9, 0.999)
     with pytest.raises(ValueError, match=r"\['betas'\], which ELRA does not use"):
         twin.load_state_dict(adam_like)
+
+
+@pytest.mark.parametrize("setup", ["lists", "flat"])
+@pytest.mark.parametrize("saved_named", [True, False], ids=["named_to_plain", "plain_to_named"])
+def test_param_names_load_as_torch_loads_them(setup: str, saved_named: bool) -> None:
+    """A state saved by an optimizer built from ``named_parameters()`` loads into one
+    built from ``parameters()`` and back, as torch.optim.Adam's does: the saved names are
+    kept, else the optimizer's own; the loaded run takes the saver's steps bit for bit."""
+    model, twin_model = make_model(seed=0), make_model(seed=0)
+    named = ELRA(groups_of(model, named=True), backend=BACKEND, cycle_steps=5, **SETUPS[setup])
+    if "param_names" not in named.param_groups[0]:
+        pytest.skip("this torch keeps no param_names (torch < 2.6)")
+    plain = build(twin_model, setup)
+    saver, saver_model, loader, loader_model = (
+        (named, model, plain, twin_model) if saved_named else (plain, twin_model, named, model)
+    )
+    run_steps(saver, saver_model, range(BEFORE))
+    loader_model.load_state_dict(saver_model.state_dict())
+    loader.load_state_dict(copy.deepcopy(saver.state_dict()))
+
+    def adam(named: bool) -> torch.optim.Adam:
+        groups = groups_of(make_model(), named=named)
+        return torch.optim.Adam([{"params": group["params"]} for group in groups])
+
+    adam_loader = adam(named=not saved_named)  # torch's rule: Adam loading the same way
+    adam_loader.load_state_dict(adam(named=saved_named).state_dict())
+    expected = [group.get("param_names") for group in adam_loader.param_groups]
+    assert expected == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    assert [group.get("param_names") for group in loader.param_groups] == expected
+    assert [group["wd"] for group in loader.param_groups] == [0.999, 1.0]
+    span = range(BEFORE, BEFORE + AFTER)
+    assert run_steps(loader, loader_model, span) == run_steps(saver, saver_model, span)
+    for p, q in zip(loader_model.parameters(), saver_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(loader.control_state, saver.control_state)
