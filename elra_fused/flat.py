@@ -12,8 +12,10 @@ What can break the aliasing, and what we do:
 
 * ``zero_grad(set_to_none=True)`` elsewhere (e.g. ``model.zero_grad()``) sets ``.grad`` to
   None; backward then allocates a fresh tensor. :meth:`FlatBuffer.gather_grads` copies such
-  a gradient into the buffer and re-points ``.grad`` at the view (a slow path, correct);
-  ``ELRA.zero_grad`` instead zeroes the buffer in one fill and keeps the views.
+  a gradient into the buffer and re-points ``.grad`` at the view (a slow path, correct),
+  after checking it (a sparse one, from ``nn.Embedding(sparse=True)``, is a clear error);
+  ``ELRA.zero_grad`` instead zeroes the buffer in one fill and keeps the views (and puts
+  them back where ``.grad`` is None or such a tensor).
 * A parameter without gradient this step (unused branch): its slice of the gradient buffer
   is zeroed so the kernels see G = 0, and it is reported so the optimizer can keep its
   value (the reference optimizer skips such parameters). "Without gradient" is torch's
@@ -45,7 +47,7 @@ import torch
 
 from .checks import ParameterMovedError, check_grad, is_dense
 
-__all__ = ["FlatBuffer", "ParameterMovedError", "build_flat_buffers"]
+__all__ = ["FlatBuffer", "ParameterMovedError", "build_flat_buffers", "check_gradient"]
 
 
 @dataclass
@@ -150,25 +152,38 @@ class FlatBuffer:
         :attr:`tracking`, a view that backward did not reach since the last
         ``zero_grad(set_to_none=True)`` is reported too, and left as it is (zero after
         that fill; a gradient written into it by hand stays, for the caller to judge).
+
+        Every gradient allocated elsewhere is checked (:func:`check_gradient`) before the
+        buffer changes: a sparse one (``nn.Embedding(sparse=True)`` after
+        ``model.zero_grad()``) has no data pointer to compare, and copying a complex or
+        misshapen one would fail half way or broadcast.
         """
         missing: list[int] = []
+        absent: list[int] = []  # .grad is None: zeroed below
+        elsewhere: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # copied in below
         base = self.grad.data_ptr()
         itemsize = self.grad.element_size()
         touched = self.touched if self.hooks else None
+        strided = torch.strided
         for index, param in enumerate(self.params):
             grad = param.grad
-            if grad is not None and (
+            if grad is None:
+                absent.append(index)
+                missing.append(index)
+                continue
+            # The layout first: only a strided tensor has a data pointer to compare.
+            if grad.layout == strided and (
                 grad.data_ptr() == base + self.offsets[index] * itemsize or param.numel() == 0
             ):
                 if touched is not None and not touched[index] and param.numel() > 0:
                     missing.append(index)
                 continue
+            check_gradient(self.names[index], param, grad)
+            elsewhere.append((index, param, grad))
+        for index in absent:
+            self.view(self.grad, index).zero_()
+        for index, param, grad in elsewhere:
             target = self.view(self.grad, index)
-            if grad is None:
-                target.zero_()
-                missing.append(index)
-                continue
-            check_grad(self.names[index], param, grad)
             target.copy_(grad)
             param.grad = target
         return missing
@@ -176,13 +191,45 @@ class FlatBuffer:
     def zero_grad(self, set_to_none: bool = False) -> None:
         """One fill over the whole gradient buffer; the ``.grad`` views stay valid.
         ``set_to_none``: the parameters count as having no gradient until backward
-        reaches them (:attr:`touched`, read while :attr:`tracking`)."""
-        self.grad.zero_()
+        reaches them (:attr:`touched`, read while :attr:`tracking`).
+
+        Every ``.grad`` is a view of the buffer afterwards: one that is None, and one
+        autograd allocated elsewhere (``model.zero_grad()`` set it to None before a
+        backward) or a sparse one that :meth:`gather_grads` refused. Left in place, such
+        a gradient would keep its values, and the next backward would add to them.
+        """
+        flat = self.grad
+        flat.zero_()
         for index, param in enumerate(self.params):
-            if param.grad is None:
-                param.grad = self.view(self.grad, index)
+            grad = param.grad
+            # Every view this buffer hands out (here, in gather_grads, a swapping store's)
+            # is cut from ``self.grad`` itself; the test is half the cost of comparing
+            # data pointers, and sparse tensors have none.
+            if grad is None or grad._base is not flat:
+                param.grad = self.view(flat, index)
         if set_to_none and self.hooks:
             self.touched[:] = bytes(len(self.touched))
+
+
+def check_gradient(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Whether a flat buffer can take ``grad`` (allocated outside it) as ``param``'s
+    gradient, else the clear error that names the parameter; changes nothing.
+
+    The checks every layout shares (:func:`elra_fused.checks.check_grad`: sparse, complex,
+    shape), then what copying into the buffer needs: a dense (strided) layout -- the
+    shared check knows sparse COO, not CSR / CSC / BSR --, the parameter's device and a
+    floating dtype (another one is cast by the copy, as the per-parameter layout does).
+    """
+    check_grad(name, param, grad)
+    if grad.layout != torch.strided:
+        raise ValueError(f"ELRA: {name} has a {grad.layout} gradient; ELRA needs dense gradients")
+    if grad.device != param.device:
+        raise ValueError(f"ELRA: {name} is on {param.device} but its gradient on {grad.device}")
+    if not grad.is_floating_point():
+        raise ValueError(
+            f"ELRA: {name} has a gradient of dtype {grad.dtype}; ELRA needs floating-point "
+            "gradients"
+        )
 
 
 def _remove_hooks(hooks: list) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elra_fused.flat import ParameterMovedError, build_flat_buffers
+from elra_fused import ELRA, ops
+from elra_fused.flat import ParameterMovedError, build_flat_buffers, check_gradient
+
+BACKEND = "cpp" if "cpp" in ops.available_backends("cpu") else "reference"
 
 
 def model() -> torch.nn.Module:
@@ -75,6 +78,27 @@ def test_zero_grad_is_one_fill_and_keeps_views() -> None:
     assert net[0].weight.grad.data_ptr() == buffer.grad.data_ptr()
 
 
+def test_zero_grad_replaces_gradients_allocated_elsewhere() -> None:
+    """After ``model.zero_grad()`` (``.grad`` None) autograd allocates gradients outside
+    the buffer; the buffer's zero_grad must zero them too (the views replace them), or
+    the next backward adds to the old values."""
+    net = model()
+    (buffer,) = build_flat_buffers([{"params": list(net.parameters())}])
+    inputs = torch.randn(4, 5)
+    net(inputs).sum().backward()
+    expected = buffer.grad.clone()
+    net.zero_grad(set_to_none=True)
+    net(inputs).sum().backward()
+    assert net[0].weight.grad.data_ptr() != buffer.grad.data_ptr()  # allocated elsewhere
+    buffer.zero_grad()
+    for index, param in enumerate(net.parameters()):
+        assert param.grad.data_ptr() == buffer.view(buffer.grad, index).data_ptr()
+        assert not param.grad.any()
+    net(inputs).sum().backward()
+    assert buffer.gather_grads() == []
+    assert torch.equal(buffer.grad, expected)
+
+
 def test_moved_parameter_is_detected() -> None:
     net = model()
     (buffer,) = build_flat_buffers([{"params": list(net.parameters())}], lambda g, i, p: f"p{i}")
@@ -90,3 +114,100 @@ def test_reassigned_parameter_is_detected() -> None:
     net[2].bias.data = torch.zeros(3)
     with pytest.raises(ParameterMovedError, match="parameter 3 of param group 0"):
         buffer.check()
+
+
+def _sparse(dense: torch.Tensor) -> torch.Tensor:
+    return dense.to_sparse()
+
+
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        (_sparse, "has a sparse gradient"),
+        (lambda t: t.to_sparse_csr(), "has a torch.sparse_csr gradient"),
+        (lambda t: t.to(torch.complex64), "has a complex gradient"),
+        (lambda t: t.t(), r"has a gradient of shape \(3, 2\)"),
+        (lambda t: t.to("meta"), "is on cpu but its gradient on meta"),
+        (lambda t: t.long(), "has a gradient of dtype torch.int64"),
+    ],
+    ids=["sparse_coo", "sparse_csr", "complex", "shape", "device", "integer"],
+)
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+def test_check_gradient_names_what_a_flat_buffer_cannot_take(make, pattern: str) -> None:
+    param = torch.nn.Parameter(torch.ones(2, 3))
+    with pytest.raises(ValueError, match=f"^ELRA: p7 {pattern}"):
+        check_gradient("p7", param, make(torch.ones(2, 3)))
+    check_gradient("p7", param, torch.ones(2, 3, dtype=torch.float64))  # cast by the copy
+
+
+def test_a_sparse_gradient_is_refused_before_the_buffer_changes() -> None:
+    """A sparse gradient has no data pointer: the clear error, and neither the buffer nor
+    any other ``.grad`` changed (a gradient from elsewhere earlier in the buffer stays)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3, 2)
+    embedding = torch.nn.Embedding(5, 3, sparse=True)
+    params = [*linear.parameters(), embedding.weight]
+    (buffer,) = build_flat_buffers([{"params": params}], lambda g, i, p: f"p{i}")
+    buffer.grad.fill_(7.0)
+    elsewhere = torch.ones(2, 3)
+    linear.weight.grad = elsewhere
+    linear.bias.grad = None
+    embedding.weight.grad = None
+    embedding(torch.tensor([1, 3])).sum().backward()
+    assert embedding.weight.grad.is_sparse
+    with pytest.raises(ValueError, match="^ELRA: p2 has a sparse gradient"):
+        buffer.gather_grads()
+    assert torch.equal(buffer.grad, torch.full_like(buffer.grad, 7.0))
+    assert linear.weight.grad is elsewhere and linear.bias.grad is None
+    assert embedding.weight.grad.is_sparse
+
+
+def _embedding_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 1))
+
+
+def _loss(model: torch.nn.Module, step_index: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(step_index)
+    tokens = torch.randint(0, 10, (8,), generator=gen)
+    target = torch.randn(8, 1, generator=gen)
+    loss = torch.nn.functional.mse_loss(model(tokens), target)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("wd", [1.0, 0.999])
+def test_flat_optimizer_refuses_a_sparse_gradient_and_trains_on_once_fixed(wd: float) -> None:
+    """``nn.Embedding(sparse=True)`` after ``model.zero_grad()`` (``.grad`` None, so
+    autograd hands over a sparse gradient): the README's clear error before anything
+    changes -- weights, state dict, control state -- and once the user zeroes with
+    ``opt.zero_grad()`` (dense views) training goes on exactly like a twin's."""
+    model, twin_model = _embedding_model(), _embedding_model()
+    opt, twin = (
+        ELRA(m.parameters(), wd=wd, flat=True, backend=BACKEND) for m in (model, twin_model)
+    )
+
+    def step(opt: ELRA, model: torch.nn.Module, step_index: int) -> None:
+        opt.zero_grad()
+        opt.step(_loss(model, step_index))
+
+    for step_index in range(3):
+        step(opt, model, step_index)
+        step(twin, twin_model, step_index)
+    weights = [p.detach().clone() for p in model.parameters()]
+    prev = [t.clone() for entry in opt.state_dict()["state"].values() for t in entry.values()]
+    control_state = opt.control_state.clone()
+    model.zero_grad()  # set_to_none: the embedding's gradient comes back sparse
+    loss = _loss(model, 3)
+    with pytest.raises(ValueError, match="parameter 0 of param group 0 .* has a sparse gradient"):
+        opt.step(loss)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    state = [t for entry in opt.state_dict()["state"].values() for t in entry.values()]
+    assert all(torch.equal(a, b) for a, b in zip(state, prev, strict=True))
+    assert torch.equal(opt.control_state, control_state)
+    for step_index in range(3, 8):
+        step(opt, model, step_index)
+        step(twin, twin_model, step_index)
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(opt.control_state, twin.control_state)
