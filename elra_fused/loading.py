@@ -191,12 +191,30 @@ def _check_memory(memory: str, extra: Mapping[str, Any]) -> None:
         )
 
 
+def keep_group_slot(param_groups: list[dict[str, Any]]) -> None:
+    """Give the first live param group a :data:`STATE_KEY` entry (a placeholder; the
+    state dicts ``ELRA.state_dict()`` returns hold the real entry there).
+
+    ``torch.distributed.checkpoint`` with ``flatten_optimizer_state_dict=True``
+    (torchtitan's setting) writes every group key per parameter on save, but on load
+    rebuilds each group from the keys of the *live* optimizer's groups only: without
+    this slot the control state would be dropped on the way in. Called at construction
+    and after every load (torch's loader replaces the groups by the saved ones)."""
+    param_groups[0].setdefault(STATE_KEY, GROUP_SLOT)
+
+
+#: What the live first group holds under :data:`STATE_KEY` (see :func:`keep_group_slot`).
+GROUP_SLOT = "ELRA's control state: filled in by state_dict()"
+
+
 def _lift_mirror(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """The state dict with the ELRA entry at the top only.
 
     ``ELRA.state_dict()`` mirrors its entry into the first param group, because
     ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``) keeps only ``state``
-    and ``param_groups``; a state that went through it has the entry there alone."""
+    and ``param_groups``; a state that went through it has the entry there alone. A
+    group entry that is still the live placeholder (:data:`GROUP_SLOT`: saved by torch's
+    own ``Optimizer.state_dict``) is no entry."""
     groups = state_dict.get("param_groups")
     if not (
         isinstance(groups, (list, tuple))
@@ -207,7 +225,8 @@ def _lift_mirror(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
         return state_dict
     first = {k: v for k, v in groups[0].items() if k != STATE_KEY}
     lifted = {**state_dict, "param_groups": [first, *groups[1:]]}
-    lifted.setdefault(STATE_KEY, groups[0][STATE_KEY])
+    if not isinstance(groups[0][STATE_KEY], str):
+        lifted.setdefault(STATE_KEY, groups[0][STATE_KEY])
     return lifted
 
 
@@ -442,6 +461,7 @@ def apply_plan(opt: ELRA, plan: LoadPlan, torch_load: Callable[[dict[str, Any]],
     snapshot = _Snapshot(opt)
     try:
         torch_load(plan.torch_state)
+        keep_group_slot(opt.param_groups)  # torch's loader put the saved groups in place
         opt.layout.load_state(opt.state)
         opt._law.load(plan.control)
         if opt.retrace_buffers is not None:

@@ -158,6 +158,7 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
         self._amp = AmpScales()
         super().__init__(params, {"wd": wd, "lr": lr})  # checks each parameter (add_param_group)
         self._decay = checks.DecaySync(self.param_groups)  # wd vs a scheduled weight_decay
+        loading.keep_group_slot(self.param_groups)  # for DCP's flattened state dicts
         sharded = sharding_of(self.param_groups, flat, memory, reuse_grad_buffer)
         self.process_group = loss_group(sharded, process_group)
         trainable = self._trainable() or [self._first_param()]

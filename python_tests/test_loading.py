@@ -521,3 +521,44 @@ def test_param_names_load_as_torch_loads_them(setup: str, saved_named: bool) -> 
     for p, q in zip(loader_model.parameters(), saver_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert torch.equal(loader.control_state, saver.control_state)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["lists", "flat"])
+def test_a_flattened_distributed_checkpoint_round_trips(flat: bool, tmp_path: Any) -> None:
+    """torch.distributed.checkpoint with ``flatten_optimizer_state_dict=True``
+    (torchtitan's setting) rebuilds each param group from the live optimizer's keys on
+    load: ELRA's first group keeps a slot for its control state, so a flattened
+    checkpoint saved and loaded (one process) continues as the original does, bit for
+    bit; the slot survives a load and is no control state in torch's own state dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model = make_model()
+    opt = ELRA(model.parameters(), flat=flat)
+    run_steps(opt, model, range(4))
+    flattened = get_optimizer_state_dict(model, opt, options=options)
+    assert not any(key == "elra_control" for key in flattened)  # only under param_groups.*
+    dcp.save({"optim": flattened}, checkpoint_id=str(tmp_path / "ckpt"))
+
+    twin = make_model()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = ELRA(twin.parameters(), flat=flat)
+    state = {"optim": get_optimizer_state_dict(twin, twin_opt, options=options)}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
+    set_optimizer_state_dict(twin, twin_opt, state["optim"], options=options)
+    assert torch.equal(twin_opt.control_state, opt.control_state)
+    assert "elra_control" in twin_opt.param_groups[0]  # kept for the next flattened load
+    run_steps(opt, model, range(4, 8))
+    run_steps(twin_opt, twin, range(4, 8))
+    pairs = zip(model.parameters(), twin.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert opt.alpha == twin_opt.alpha
+
+    torch_only = torch.optim.Optimizer.state_dict(opt)  # the live slot, no control state
+    with pytest.raises(ValueError, match="no ELRA control state"):
+        twin_opt.load_state_dict(torch_only)

@@ -110,12 +110,14 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     try:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
+        flatten = StateDictOptions(flatten_optimizer_state_dict=True)  # torchtitan's
         model = _model()
         _shard_model(model)
         with warnings.catch_warnings():
@@ -125,28 +127,35 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         full = _full(model)
         # Checkpoint mid-run, continue, then load the checkpoint into a fresh pair.
         checkpoint = os.path.join(out_dir, "dcp")
-        dcp.save(
-            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-            checkpoint_id=checkpoint,
-        )
+        for suffix, options in (("", None), ("_flat", flatten)):
+            dcp.save(
+                {
+                    "model": get_model_state_dict(model),
+                    "optim": get_optimizer_state_dict(model, opt, options=options),
+                },
+                checkpoint_id=checkpoint + suffix,
+            )
         continued = _train(model, opt, range(STEPS, STEPS + 20), rank)
-        model2 = _model()
-        _shard_model(model2)
-        opt2 = ELRA(model2.parameters(), cycle_steps=10)
-        state = {
-            "model": get_model_state_dict(model2),
-            "optim": get_optimizer_state_dict(model2, opt2),
-        }
-        dcp.load(state, checkpoint_id=checkpoint)
-        set_model_state_dict(model2, state["model"])
-        set_optimizer_state_dict(model2, opt2, state["optim"])
-        reloaded = _train(model2, opt2, range(STEPS, STEPS + 20), rank)
+        reloads = {}
+        for suffix, options in (("", None), ("_flat", flatten)):
+            model2 = _model()
+            _shard_model(model2)
+            opt2 = ELRA(model2.parameters(), cycle_steps=10)
+            state = {
+                "model": get_model_state_dict(model2),
+                "optim": get_optimizer_state_dict(model2, opt2, options=options),
+            }
+            dcp.load(state, checkpoint_id=checkpoint + suffix)
+            set_model_state_dict(model2, state["model"])
+            set_optimizer_state_dict(model2, opt2, state["optim"], options=options)
+            reloads[suffix] = (_train(model2, opt2, range(STEPS, STEPS + 20), rank), _full(model2))
         results = {
             "decisions": decisions,
             "full": full,
             "alpha": opt.alpha,
             "continued": (continued, _full(model)),
-            "reloaded": (reloaded, _full(model2)),
+            "reloaded": reloads[""],
+            "reloaded_flattened": reloads["_flat"],
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -176,11 +185,16 @@ def test_fsdp2_takes_the_single_process_steps(fsdp_run) -> None:
             torch.testing.assert_close(result["full"][name], param.detach(), rtol=1e-4, atol=1e-5)
 
 
-def test_dcp_checkpoint_loads_on_the_same_ranks_and_continues_identically(fsdp_run) -> None:
+@pytest.mark.parametrize("kind", ["reloaded", "reloaded_flattened"])
+def test_dcp_checkpoint_loads_on_the_same_ranks_and_continues_identically(
+    fsdp_run, kind: str
+) -> None:
+    """Also with ``flatten_optimizer_state_dict=True`` (torchtitan's setting), whose
+    loader rebuilds the groups from the live optimizer's keys."""
     _, ranks = fsdp_run
     for result in ranks:
         decisions, full = result["continued"]
-        reloaded_decisions, reloaded = result["reloaded"]
+        reloaded_decisions, reloaded = result[kind]
         assert reloaded_decisions == decisions
         for name, value in full.items():
             assert torch.equal(reloaded[name], value), name
