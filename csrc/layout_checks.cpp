@@ -1,4 +1,4 @@
-// The per-parameter layout's per-step checks (elra_fused/layouts.py, ListLayout.gather)
+// The per-parameter layout's per-step checks (elra_fused/list_layout.py, ListLayout.gather)
 // for the common case, over every parameter in one call: at a few hundred parameters the
 // same checks in Python are most of a step's host time (~2-4 us per parameter: a dozen
 // attribute reads and calls each), here ~0.1 us.

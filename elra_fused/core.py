@@ -54,6 +54,27 @@ class Segment:
     weight: float = 1.0
 
 
+#: A param group list and an optimizer's per-parameter state, as the layouts take them.
+ParamGroups = list[dict[str, Any]]
+OptimizerState = dict[torch.Tensor, dict[str, Any]]
+
+
+class StepWork:
+    """What one step works on: the segments and the parameters that had no gradient
+    (``skipped``: what the layout's ``finish`` needs to fix them up)."""
+
+    __slots__ = ("segments", "skipped")
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+        self.skipped: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def decision_tensors(decision: Decision) -> Decision:
+    """The decision as 0-d float64 tensors (a host law gives floats)."""
+    return Decision(*(torch.as_tensor(v, dtype=torch.float64) for v in decision))
+
+
 def elra_step(
     segments: Sequence[Segment],
     loss: float | torch.Tensor,

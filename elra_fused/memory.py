@@ -321,7 +321,7 @@ def _storage_vector(tensor: torch.Tensor) -> torch.Tensor:
 class GradPrevList(GradCoefficients):
     """G_{t-1} of each parameter of one (device, wd) segment of the per-parameter layout.
 
-    Built anew each step by :class:`elra_fused.layouts.ListLayout` (:meth:`add` per
+    Built anew each step by :class:`elra_fused.list_layout.ListLayout` (:meth:`add` per
     parameter with a gradient): ``xs`` and ``grads`` are the parameters' own tensors
     (autograd's gradients: nothing is zero-filled or copied into a buffer). Two ways to
     keep G_{t-1}:

@@ -23,7 +23,7 @@ import torch
 from elra_fused import ELRA, control, ops
 from elra_fused.control_runner import ControlRunner
 from elra_fused.core import elra_step
-from elra_fused.layouts import ListLayout
+from elra_fused.list_layout import ListLayout
 from elra_fused.memory import POINT_MODES, PointCoefficients
 
 #: Injected failures: loss spikes (retraced by the f_0 / 5 sigma rules) and a NaN gradient.

@@ -14,7 +14,7 @@ from _lockstep import (
     run_steps,
 )
 
-from elra_fused import ELRA, layouts, ops
+from elra_fused import ELRA, flat_layout, ops
 from elra_fused.control_math import FLOAT_MATH
 from elra_fused.control_runner import trusted_dot
 from elra_fused.memory import PointPrevStore, SwapGradPrevStore
@@ -187,7 +187,7 @@ def test_offload_refuses_cuda_graph_capture_by_device(monkeypatch: pytest.Monkey
     state = opt.control_state.clone()
     x_prev = opt.layout.stores[0].tensor.clone()
     monkeypatch.setattr(
-        layouts, "check_not_capturing", lambda device: check_not_capturing(torch.device("cuda"))
+        flat_layout, "check_not_capturing", lambda device: check_not_capturing(torch.device("cuda"))
     )
     opt.zero_grad()
     inputs, target = data()
