@@ -84,6 +84,11 @@ class FlatLayout:
         self.buffers.extend(buffers)
         for buffer in buffers:
             store = self._make_store(buffer, state)
+            if self.memory != "standard" and wd != 1.0:
+                # x_{t-1} = x / wd: the recovered G_{t-1} of a parameter without gradient
+                # so far is then 0 (x_{t-1} = x would read as the decay, (wd - 1) x / alpha:
+                # a parameter unfrozen mid-run would join with a large false G_{t-1}).
+                store.tensor.copy_(_x_prev_without_gradient(buffer.data, wd, store.tensor.dtype))
             self.stores.append(store)
             for index, param in enumerate(buffer.params):
                 state[param][store.state_key] = buffer.view(store.tensor, index)
@@ -93,7 +98,7 @@ class FlatLayout:
     def _adopt_unfrozen(self, param_groups: ParamGroups, state: OptimizerState) -> None:
         """Parameters unfrozen since the optimizer was built (``requires_grad_(True)``,
         e.g. a backbone unfrozen mid fine-tuning) move into new flat buffers of their
-        group, with a fresh previous-step store (G_{t-1} = 0, or x_{t-1} = x: as a
+        group, with a fresh previous-step store (G_{t-1} = 0, or x_{t-1} = x / wd: as a
         parameter that had no gradient so far)."""
         unfrozen = [entry for entry in self.frozen if entry[2].requires_grad]
         self.frozen = [entry for entry in self.frozen if not entry[2].requires_grad]
@@ -178,7 +183,7 @@ class FlatLayout:
                 # The kernel left x_{t-1} = x_t (the saved value) on an accept.
                 prev = entry.prev
                 entry.store.synchronize()  # offload: the host copy may still be in flight
-                lifted = (entry.saved.double() / entry.wd).to(prev.dtype)
+                lifted = _x_prev_without_gradient(entry.saved, entry.wd, prev.dtype)
                 keep = keep.to(prev.device)
                 prev.copy_(torch.where(keep, lifted.to(prev.device), prev))
 
@@ -215,3 +220,10 @@ class FlatLayout:
         """Offload: copies to the host may be in flight."""
         for store in self.stores:
             store.synchronize()
+
+
+def _x_prev_without_gradient(x: torch.Tensor, wd: float, dtype: torch.dtype) -> torch.Tensor:
+    """The x_{t-1} a point store keeps for a parameter that had no gradient: x / wd,
+    rounded once (from float64), so that the recovered G_{t-1} = (wd x_{t-1} - x) / alpha
+    is 0 up to that rounding (module docstring of :mod:`elra_fused.layouts`)."""
+    return (x.detach().double() / wd).to(dtype)

@@ -156,12 +156,24 @@ class GradCoefficients:
         """Nothing in flight: the tensors are always current."""
 
 
+def _over_step(value: Scalar, alpha_prev: Scalar) -> Scalar:
+    """``value / alpha_{t-1}``, and 0 where the last step was 0 long (taken at lr = 0, as
+    a warm-up schedule starts): x_t - wd x_{t-1} is then 0 and holds nothing of G_{t-1},
+    so the point stores recover G_{t-1} = 0 (the dot is 0, as after a parameter without
+    gradient) and a retrace has no line to move back along. A float for the host law, a
+    0-d tensor for the device law (no host read)."""
+    if isinstance(alpha_prev, torch.Tensor):
+        return torch.where(alpha_prev > 0, value / alpha_prev, 0.0)
+    return value / alpha_prev if alpha_prev > 0 else 0.0
+
+
 class PointCoefficients:
     """Coefficients of the stores that keep x_{t-1} (memory "recover" / "offload").
 
     dots: ``[wd, 1 / alpha_{t-1}]`` to recover G_{t-1} = (wd x_{t-1} - x_t) / alpha_{t-1}
     per element. update: a retrace steps along (wd x_{t-1} - x_t) = alpha_{t-1} G_{t-1},
-    so its back coefficient is (alpha_{t-1} - alpha_t) / alpha_{t-1}.
+    so its back coefficient is (alpha_{t-1} - alpha_t) / alpha_{t-1}. (alpha_{t-1} is the
+    step taken, lr alpha; after a step of 0 both are 0: :func:`_over_step`.)
 
     The recovered G_{t-1} is only as exact as x_t: writing x_t rounded each element by up
     to u |x_t,i| (u: the unit roundoff of x's dtype), so the recovered <G_{t-1}, G_t> is off
@@ -180,7 +192,7 @@ class PointCoefficients:
     needs_alpha_prev = True
 
     def dots_coeffs(self, wd: float, alpha_prev: Scalar, device: torch.device) -> torch.Tensor:
-        return coefficient_tensor([wd, 1.0 / alpha_prev], device)
+        return coefficient_tensor([wd, _over_step(1.0, alpha_prev)], device)
 
     def update_coeffs(
         self,
@@ -190,7 +202,7 @@ class PointCoefficients:
         device: torch.device,
         scales: GradScales | None = None,
     ) -> torch.Tensor:
-        back = decision.back / alpha_prev
+        back = _over_step(decision.back, alpha_prev)
         step = decision.alpha if scales is None else decision.alpha * scales.inv
         return coefficient_tensor([decision.accept, wd, step, back], device)
 

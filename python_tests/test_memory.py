@@ -320,3 +320,64 @@ def test_recovered_dot_error_is_within_its_estimate(dtype: torch.dtype) -> None:
         if alpha == 1e-1 and dtype == torch.float32:
             assert trusted == pytest.approx(exact, rel=1e-2)
     assert trusted == 0.0, "at alpha 1e-7 the steps are below x's resolution"
+
+
+@pytest.mark.parametrize("memory", ["recover", "offload"])
+def test_point_modes_take_a_warm_up_from_lr_zero(memory: str) -> None:
+    """A schedule that starts at lr = 0 (linear warm-up): the point stores recover G_{t-1}
+    from x_t - wd x_{t-1}, which a step of 0 leaves 0, so they take G_{t-1} = 0 then
+    (it divided by the step taken: ZeroDivisionError on the host law, NaN weights on
+    the device law). The lr = 0 step moves nothing, every weight stays finite, the loss
+    falls, and the host and device laws agree bit for bit."""
+    runs = []
+    for host in (True, False):
+        model = make_model()
+        opt = build(model, memory, wd=0.999)
+        opt.host_control = host
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 4))
+        inputs, target = data()
+        start = [p.detach().clone() for p in model.parameters()]
+        losses = []
+        for step_index in range(30):
+            opt.zero_grad()
+            loss = forward_backward(model, inputs, target, step_index)
+            opt.step(loss)
+            if step_index == 0:  # lr = 0: no move (an accept at lr 0 still decays by wd)
+                assert all(
+                    torch.equal(p.detach(), (0.999 * s).to(s.dtype))
+                    for p, s in zip(model.parameters(), start, strict=True)
+                )
+            schedule.step()
+            losses.append(float(loss.detach()))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert losses[-1] < 0.5 * losses[1]
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("memory", ["recover", "offload"])
+def test_a_parameter_unfrozen_later_joins_point_modes_without_a_false_grad_prev(
+    memory: str,
+) -> None:
+    """wd != 1: a parameter frozen at construction and unfrozen mid-run joins a point
+    store with x_{t-1} = x / wd, so the G_{t-1} recovered for it is 0 (as the standard
+    mode's fresh G_{t-1}); x_{t-1} = x read as the decay, (wd - 1) x / alpha, and pulled
+    alpha far below the standard mode's."""
+    gen = torch.Generator().manual_seed(0)
+    inputs, target = torch.randn(32, 4, generator=gen), torch.randn(32, 2, generator=gen)
+    alphas = {}
+    for mode in ("standard", memory):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        frozen = model[0].weight
+        frozen.requires_grad_(False)
+        opt = ELRA(model.parameters(), backend=BACKEND, memory=mode, wd=0.9, flat=True)
+        for step_index in range(4):
+            if step_index == 3:
+                frozen.requires_grad_(True)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(inputs), target)
+            loss.backward()
+            opt.step(loss)
+        alphas[mode] = opt.alpha
+    assert alphas[memory] == pytest.approx(alphas["standard"], rel=1e-3)
