@@ -59,6 +59,9 @@ PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
           (prev->scalar_type() != param.scalar_type() && prev->scalar_type() != state_dtype)) {
         return false;
       }
+      // A gradient in the parameter's own memory (w.grad = w.detach(), or a view of it):
+      // the loop copies it.
+      if (g.is_alias_of(param)) return false;
       // A second step without backward: the gradient is last step's G_{t-1} itself.
       return g.const_data_ptr() != prev->const_data_ptr();
     }();

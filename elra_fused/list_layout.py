@@ -38,6 +38,15 @@ def _storage_ptr(tensor: torch.Tensor, sharded: bool) -> int:
     return (_torch_compat.local_shard(tensor) if sharded else tensor).data_ptr()
 
 
+def _same_storage(tensor: torch.Tensor, param: torch.Tensor, sharded: bool) -> bool:
+    """Whether ``tensor`` lives in ``param``'s storage (a DTensor: its local shard's), as a
+    gradient assigned as the parameter itself or a view of it does: the update would
+    read G_t while writing x."""
+    if sharded:
+        tensor, param = _torch_compat.local_shard(tensor), _torch_compat.local_shard(param)
+    return tensor.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+
+
 #: Types the one-call check takes for a parameter, its gradient and its G_{t-1}
 #: (:meth:`ListLayout._gather_plain`; None: no gradient or no G_{t-1} yet).
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, type(None))
@@ -168,11 +177,14 @@ class ListLayout:
                         grad_prev is not None
                         and _storage_ptr(grad, sharded) == _storage_ptr(grad_prev, sharded)
                     )
+                    or _same_storage(grad, param, sharded)
                 ):
-                    # Rare: a gradient assigned by hand, or a second step without backward
-                    # (the gradient is still last step's tensor, now G_{t-1}). One copy
-                    # in the parameter's dtype and strides keeps it apart. (Autograd's own
-                    # gradients follow the parameter's strides, channels_last included.)
+                    # Rare: a gradient assigned by hand (in another dtype or order, or the
+                    # parameter's own memory: w.grad = w.detach()), or a second step
+                    # without backward (the gradient is still last step's tensor, now
+                    # G_{t-1}). One copy in the parameter's dtype and strides keeps it
+                    # apart. (Autograd's own gradients follow the parameter's strides,
+                    # channels_last included.)
                     grad = torch.empty_like(param).copy_(grad)
                     param.grad = grad
                 if grad_prev is not None and grad_prev.numel() != param.numel():

@@ -390,3 +390,23 @@ def test_the_one_call_check_declines_a_sharded_model_that_needs_the_loop(
         with pytest.raises(RuntimeError, match="modified in place"):
             opt.step(0.1)
         assert all(torch.equal(p.to_local(), b) for p, b in zip(params, before, strict=True))
+
+
+@pytest.mark.parametrize("alias", ["itself", "view"])
+def test_a_gradient_in_the_parameters_own_memory_is_copied(alias: str) -> None:
+    """``w.grad = w.detach()`` (or a view of it) gives the update a G_t that its own
+    write of x would change: the layout copies it first -- the one-call check declines,
+    the loop copies -- and the step equals the one with a copied gradient (it was a
+    kernel's "x and grad share memory" after the law ran)."""
+    results = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(4, 3))
+        opt = ELRA([weight], backend=BACKENDS[0], flat=False)
+        for step_index in range(3):
+            grad = weight.detach() if alias == "itself" else weight.detach().view(3, 4).t().t()
+            grad = grad.view(4, 3)
+            weight.grad = grad if share else grad.clone()
+            opt.step(1.0 / (step_index + 1))
+        results.append(weight.detach().clone())
+    assert torch.equal(results[0], results[1])
