@@ -24,7 +24,8 @@ from .amp import AmpScales
 from .buffers import RetraceBuffers
 from .control import ControlConfig
 from .control_runner import ControlRunner
-from .core import elra_step
+from .core import plan_step
+from .interrupts import uninterrupted
 from .layouts import FlatLayout, Layout, ListLayout, default_flat
 from .losses import LossArg, LossRecord, judged_loss, without_grad_scale
 from .offload import DEFAULT_CHUNK
@@ -238,11 +239,9 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
 
     @property
     def host_control(self) -> bool:
-        """Run the control law on Python floats (same code, same bits; see
-        :class:`elra_fused.control_runner.ControlRunner`) instead of 0-d tensor ops. True for
-        CPU parameters, where the device is the host; False keeps the law in device
-        tensors, which is what a GPU needs (no host sync, CUDA-graph capture). True on a
-        GPU works but reads the values back every step."""
+        """Run the control law on Python floats (same bits as 0-d tensor ops; see
+        :class:`elra_fused.control_runner.ControlRunner`): True for CPU parameters; False
+        (device tensors: no host sync, CUDA-graph capture) is what a GPU needs."""
         return self._law.host
 
     @host_control.setter
@@ -318,36 +317,50 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
         return (mean, std * scale) if closed > 0 and count > 0 else None
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
-        """Record one micro-batch's loss (as backpropagated: with the 1/N of gradient
-        accumulation); a ``step()`` without a loss judges the sum of those recorded
-        since the last step (:mod:`elra_fused.losses`). No host read."""
+        """Record one micro-batch's loss (as back-propagated, with accumulation's 1/N): a
+        ``step()`` without a loss judges their sum (:mod:`elra_fused.losses`). No host read."""
         self._losses.add(loss)
 
     @step_entry
     @torch.no_grad()
     def step(self, closure: LossArg = None, loss: LossArg = None) -> Any:  # type: ignore[override]
-        """One ELRA step. A step that fails changes nothing: weights, state, recorded losses.
-
-        Args:
-            closure: torch's closure (re-evaluates the model, returns the loss), or the
-                loss f_t itself (0-d tensor or number).
-            loss: the loss f_t, by keyword. Without either, the sum of the losses given
-                to :meth:`record_loss` since the last step (:mod:`elra_fused.losses`).
-
-        Returns:
-            The loss that was passed or that the closure returned.
-        """
-        recorded = self._losses.snapshot()
-        try:
-            return self._step(closure, loss)
+        """One ELRA step; returns the loss passed or the closure's. ``closure``: torch's
+        closure, or the loss f_t itself; ``loss``: f_t by keyword; without either, the sum
+        of the :meth:`record_loss` losses since the last step (:mod:`elra_fused.losses`).
+        A step that fails changes nothing (weights, state, recorded losses), and one that
+        has begun to write completes before a Ctrl-C is raised (:mod:`elra_fused.interrupts`)."""
+        recorded, committed = self._losses.snapshot(), self._law.state.clone()
+        try:  # up to the first write, a failure leaves everything as it was
+            plan = self._plan(closure, loss)
         except BaseException:
             self._losses.restore(recorded)  # a closure's own records would count twice
+            self._law.state.copy_(committed)
             raise
+        if plan is None:
+            return None  # the closure skipped the batch (Lightning: training_step -> None)
+        returned, work, decision, updates, scales = plan
+        with uninterrupted():  # from the first write on, a Ctrl-C waits for the step's end
+            try:
+                updates.apply(self._kernels)  # each kernel checks its tensors, then writes
+            except BaseException:
+                if updates.applied == 0:  # nothing written yet
+                    self._losses.restore(recorded)
+                    self._law.state.copy_(committed)
+                raise
+            self.layout.finish(work, decision)
+            self._amp.after_step(scales, decision)
+            if self.retrace_buffers is not None:
+                self.retrace_buffers.apply(self._law.state[control.LAST_RETRACED])
+            self._losses.clear()
+            self._steps_in_cycle += 1
+            if self.cycle_steps is not None and self._steps_in_cycle >= self.cycle_steps:
+                self.end_cycle()
+        return returned
 
-    def _step(self, closure: LossArg, loss: LossArg) -> Any:
+    def _plan(self, closure: LossArg, loss: LossArg) -> tuple | None:  # up to the first write
         loss, returned, factors = judged_loss(closure, loss, self._losses)
         if loss is None and callable(closure):
-            return None  # the closure skipped the batch (Lightning: training_step -> None)
+            return None
         checks.check_loss(loss)
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
         loss = without_grad_scale(loss, factors, grad_scale)
@@ -357,21 +370,8 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
             self.retrace_buffers.check()  # a replaced buffer fails before anything moves
         loss_value = self._law.loss_value(loss, self.process_group)
         work = self.layout.gather(self.param_groups, self.state)  # every check runs here
-        committed = self._law.state.clone()  # a kernel failing after the law ran undoes it
-        try:
-            decision = elra_step(work.segments, loss_value, self._law, self._kernels, lr, scales)
-            self.layout.finish(work, decision)
-            self._amp.after_step(scales, decision)
-        except BaseException:
-            self._law.state.copy_(committed)
-            raise
-        if self.retrace_buffers is not None:
-            self.retrace_buffers.apply(self._law.state[control.LAST_RETRACED])
-        self._losses.clear()
-        self._steps_in_cycle += 1
-        if self.cycle_steps is not None and self._steps_in_cycle >= self.cycle_steps:
-            self.end_cycle()
-        return returned
+        plan = plan_step(work.segments, loss_value, self._law, self._kernels, lr, scales)
+        return (returned, work, *plan, scales)
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
