@@ -63,9 +63,18 @@ def check_backend_name(backend: str, known: Iterable[str]) -> None:
         )
 
 
-def check_memory(memory: str, state_dtype: Any, flat: bool | None, reuse_grad_buffer: bool) -> None:
-    """The memory mode and what goes with it (``flat=None``: not chosen yet). The flags
-    must be bools: ``reuse_grad_buffer="no"`` would otherwise switch reuse on."""
+def check_memory(
+    memory: str,
+    state_dtype: Any,
+    flat: bool | None,
+    reuse_grad_buffer: bool,
+    offload_chunk: Any = None,
+) -> None:
+    """The memory mode and what goes with it (``flat=None``: not chosen yet), all before
+    anything is built. The flags must be bools: ``reuse_grad_buffer="no"`` would
+    otherwise switch reuse on."""
+    if offload_chunk is not None:
+        check_offload_chunk(offload_chunk)
     if flat is not None and not isinstance(flat, bool):
         raise TypeError(f"ELRA: flat must be True, False or None (auto), got {flat!r}")
     if not isinstance(reuse_grad_buffer, bool):
@@ -88,6 +97,12 @@ def check_memory(memory: str, state_dtype: Any, flat: bool | None, reuse_grad_bu
             "ELRA: reuse_grad_buffer swaps the flat gradient and G_{t-1} buffers: it "
             "needs flat=True and memory='standard'"
         )
+
+
+def check_offload_chunk(chunk: Any) -> None:
+    """``memory="offload"``'s staging chunk: a positive number of elements."""
+    if isinstance(chunk, bool) or not (isinstance(chunk, int) and chunk > 0):
+        raise ValueError(f"ELRA: offload_chunk must be a positive int, got {chunk!r}")
 
 
 def check_process_group(process_group: Any) -> None:

@@ -68,7 +68,6 @@ class FlatLayout:
 
     def add_group(self, group_index: int, group: dict[str, Any], state: OptimizerState) -> None:
         """Move the group's trainable parameters into flat buffers, one store each."""
-        checks.check_state_dtype(group_index, group["params"], self.state_dtype)
         self._add_buffers(
             build_flat_buffers([group], checks.describe, group_offset=group_index),
             state,
@@ -81,7 +80,10 @@ class FlatLayout:
         )
 
     def _add_buffers(self, buffers: list[FlatBuffer], state: OptimizerState, wd: float) -> None:
-        self.buffers.extend(buffers)
+        """Make every buffer's store first (what allocates), then register buffers, stores
+        and state entries: a failure while allocating leaves the layout as it was (the
+        parameters keep their values in the new buffers, and a retry builds anew)."""
+        stores = []
         for buffer in buffers:
             store = self._make_store(buffer, state)
             if self.memory != "standard" and wd != 1.0:
@@ -89,11 +91,14 @@ class FlatLayout:
                 # so far is then 0 (x_{t-1} = x would read as the decay, (wd - 1) x / alpha:
                 # a parameter unfrozen mid-run would join with a large false G_{t-1}).
                 store.tensor.copy_(_x_prev_without_gradient(buffer.data, wd, store.tensor.dtype))
-            self.stores.append(store)
+            stores.append(store)
+        for buffer, store in zip(buffers, stores, strict=True):
             for index, param in enumerate(buffer.params):
                 state[param][store.state_key] = buffer.view(store.tensor, index)
             if wd != 1.0:  # grad None and G = 0 differ only by the decay (module docstring)
                 buffer.track_touched(assume_touched=False)  # as built: .grad None or not
+        self.buffers.extend(buffers)
+        self.stores.extend(stores)
 
     def _adopt_unfrozen(self, param_groups: ParamGroups, state: OptimizerState) -> None:
         """Parameters unfrozen since the optimizer was built (``requires_grad_(True)``,
@@ -101,7 +106,6 @@ class FlatLayout:
         group, with a fresh previous-step store (G_{t-1} = 0, or x_{t-1} = x / wd: as a
         parameter that had no gradient so far)."""
         unfrozen = [entry for entry in self.frozen if entry[2].requires_grad]
-        self.frozen = [entry for entry in self.frozen if not entry[2].requires_grad]
         for group_index in sorted({entry[0] for entry in unfrozen}):
             members = [(index, param) for g, index, param in unfrozen if g == group_index]
             buffers = build_flat_buffers(
@@ -110,6 +114,10 @@ class FlatLayout:
                 group_offset=group_index,
             )
             self._add_buffers(buffers, state, param_groups[group_index]["wd"])
+            # Out of the frozen list once adopted: a failure above leaves them there, and
+            # the next step adopts them again (not a parameter that is never trained).
+            adopted = {id(param) for _, param in members}
+            self.frozen = [entry for entry in self.frozen if id(entry[2]) not in adopted]
 
     def _make_store(self, buffer: FlatBuffer, state: OptimizerState) -> PrevStore:
         if self.memory == "recover":

@@ -64,6 +64,7 @@ class Layout(Protocol):
     """What the optimizer needs of a layout (both kinds below implement it)."""
 
     is_flat: bool
+    state_dtype: torch.dtype | None
 
     def add_group(self, group_index: int, group: dict[str, Any], state: OptimizerState) -> None: ...
 

@@ -112,12 +112,13 @@ class ListLayout:
         replaces these by the gradients themselves. Built now rather than at the first
         step so that the state exists before any step, as torch.distributed.checkpoint
         expects of an optimizer (it would otherwise call ``step()`` to make it)."""
-        checks.check_state_dtype(group_index, group["params"], self.state_dtype)
-        for param in group["params"]:
-            if param.requires_grad and GRAD_PREV_KEY not in state[param]:
-                state[param][GRAD_PREV_KEY] = torch.zeros_like(
-                    param, dtype=self.state_dtype or param.dtype
-                )
+        fresh = {  # all allocated before any state entry is made: a failure adds none
+            param: torch.zeros_like(param, dtype=self.state_dtype or param.dtype)
+            for param in group["params"]
+            if param.requires_grad and GRAD_PREV_KEY not in state.get(param, {})
+        }
+        for param, grad_prev in fresh.items():
+            state[param][GRAD_PREV_KEY] = grad_prev
 
     def gather(self, param_groups: ParamGroups, state: OptimizerState) -> StepWork:
         """One segment per (device, wd, replicas: :mod:`elra_fused.sharding`); grad-less

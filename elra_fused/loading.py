@@ -191,6 +191,22 @@ def _check_memory(memory: str, extra: Mapping[str, Any]) -> None:
         )
 
 
+def saved_entry(opt: ELRA) -> dict[str, Any]:
+    """What ``ELRA.state_dict()`` saves under :data:`STATE_KEY` beyond torch's ``state``
+    and ``param_groups`` -- the entry :func:`validate_state_dict` checks."""
+    buffers = opt.retrace_buffers
+    return {
+        "control": opt._law.state.detach().clone(),
+        "steps_in_cycle": opt._steps_in_cycle,
+        "config": opt.config.as_dict(),
+        "backend": opt.backend,
+        "flat": opt.flat,
+        "memory": opt.memory,
+        "buffers": None if buffers is None else buffers.state_dict(),
+        "grad_prev_inv_scale": opt._amp.state_dict(),
+    }
+
+
 def keep_group_slot(param_groups: list[dict[str, Any]]) -> None:
     """Give the first live param group a :data:`STATE_KEY` entry (a placeholder; the
     state dicts ``ELRA.state_dict()`` returns hold the real entry there).

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
 from .memory import PointCoefficients
 from .ops import KernelSet
 
@@ -67,8 +68,7 @@ class OffloadedPrev(PointCoefficients):
     """x_{t-1} of one flat buffer in host memory, streamed through two staging chunks."""
 
     def __init__(self, x: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> None:
-        if not (isinstance(chunk, int) and chunk > 0):
-            raise ValueError(f"ELRA: offload_chunk must be a positive int, got {chunk!r}")
+        checks.check_offload_chunk(chunk)
         self.device = x.device
         self.on_gpu = x.device.type == "cuda"
         # pin_memory() needs a CUDA device; on the CPU path a plain tensor is the host.

@@ -149,7 +149,7 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
             max_retraces=max_retraces,
             max_grad_norm=max_grad_norm,
         )
-        checks.check_memory(memory, state_dtype, flat, reuse_grad_buffer)
+        checks.check_memory(memory, state_dtype, flat, reuse_grad_buffer, offload_chunk)
         config = checks.grad_norm_for_state(control.with_preset(config, preset), state_dtype)
         self.cycle_steps = cycle_steps
         self.memory = memory
@@ -175,8 +175,7 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
             if flat
             else ListLayout(state_dtype, self.backend, ops.SUPPORTED_DTYPES)
         )
-        for group_index, group in enumerate(self.param_groups):
-            self._add_to_layout(group_index, group)
+        self._add_to_layout(range(len(self.param_groups)))
         if compile_control is None:
             compile_control = self._device.type == "cuda"
         self._law = ControlRunner(
@@ -208,21 +207,26 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
         try:
             checks.check_new_group(self.param_groups)  # its parameters, and group 0's lr
             if hasattr(self, "layout"):  # a group added after construction
-                self._add_to_layout(group_index, self.param_groups[-1])
-        except ValueError:
+                self._add_to_layout(range(group_index, group_index + 1))
+        except BaseException:  # also an allocation failing in the layout, or a Ctrl-C
             self.param_groups.pop()
             raise
 
-    def _add_to_layout(self, group_index: int, group: dict[str, Any]) -> None:
-        checks.check_group_params(
-            group["params"],
-            group_index,
-            backend=self.backend,
-            supported_dtypes=ops.SUPPORTED_DTYPES,
-            device=self._device,
-            flat=self.layout.is_flat,
-        )
-        self.layout.add_group(group_index, group, self.state)
+    def _add_to_layout(self, group_indices: range) -> None:
+        """Check every group, then lay them out: nothing moves unless all can be taken."""
+        for index in group_indices:
+            params = self.param_groups[index]["params"]
+            checks.check_group_params(
+                params,
+                index,
+                backend=self.backend,
+                supported_dtypes=ops.SUPPORTED_DTYPES,
+                device=self._device,
+                flat=self.layout.is_flat,
+            )
+            checks.check_state_dtype(index, params, self.layout.state_dtype)
+        for index in group_indices:
+            self.layout.add_group(index, self.param_groups[index], self.state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. Flat buffers: one fill each, ``.grad`` views kept (autograd
@@ -378,16 +382,7 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
         self._decay.sync(self.param_groups, strict=False)  # a scheduled weight_decay: one
         self.layout.synchronize()  # offload: copies to the host may be in flight
         sd = super().state_dict()
-        sd[key := loading.STATE_KEY] = {
-            "control": self._law.state.detach().clone(),
-            "steps_in_cycle": self._steps_in_cycle,
-            "config": self.config.as_dict(),
-            "backend": self.backend,
-            "flat": self.flat,
-            "memory": self.memory,
-            "buffers": None if self.retrace_buffers is None else self.retrace_buffers.state_dict(),
-            "grad_prev_inv_scale": self._amp.state_dict(),
-        }
+        sd[key := loading.STATE_KEY] = loading.saved_entry(self)
         sd["param_groups"][0][key] = sd[key]  # for DCP (loading._lift_mirror)
         return sd
 

@@ -361,3 +361,29 @@ def test_a_parameter_resized_after_construction_is_named() -> None:
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
     with pytest.raises(TypeError, match="bool tensor"):
         opt.step(torch.tensor(True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "bad_group"),
+    [
+        ({"flat": True}, True),  # group 1 holds a float64 parameter the cpp kernels refuse
+        ({"memory": "offload", "offload_chunk": 0}, False),
+        ({"memory": "recover"}, True),
+    ],
+)
+def test_a_refused_constructor_leaves_the_model_as_it_was(kwargs: dict, bad_group: bool) -> None:
+    """Every group and option is checked before the flat layout moves any parameter into
+    its buffers: a refused constructor leaves each parameter's storage and its None
+    gradient as they were (group 0 was moved before group 1 was refused)."""
+    if "cpp" not in elra_fused.ops.available_backends("cpu"):
+        pytest.skip("needs a backend that refuses float64")
+    model, _, _ = mlp_setup()
+    params = list(model.parameters())
+    groups = [{"params": params}]
+    if bad_group:
+        groups.append({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.float64))]})
+    pointers = [p.data_ptr() for p in params]
+    with pytest.raises(ValueError, match="float64|offload_chunk"):
+        elra_fused.ELRA(groups, backend="cpp", **kwargs)
+    assert [p.data_ptr() for p in params] == pointers
+    assert all(p.grad is None for p in params)

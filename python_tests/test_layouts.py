@@ -429,3 +429,64 @@ def test_lists_and_flat_train_the_same_with_an_unused_head(variant: str) -> None
         assert other_decisions == decisions
         for mine, theirs in zip(params, expected, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _fail_once(target: object, name: str, patch: pytest.MonkeyPatch) -> None:
+    """``target.name`` raises an out-of-memory error on its first call, then works."""
+    original = getattr(target, name)
+    failed = []
+
+    def flaky(*args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise torch.OutOfMemoryError("injected")
+        return original(*args, **kwargs)
+
+    patch.setattr(target, name, flaky)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "lists"])
+def test_an_allocation_failing_while_a_group_is_added_leaves_no_trace(flat: bool) -> None:
+    """add_param_group whose layout runs out of memory: the group is not kept (not only
+    for a ValueError), no state entry is left for its parameters, and adding it again
+    works -- the optimizer trains on with it."""
+    model = make_model()
+    params = list(model.parameters())
+    opt = ELRA(params[:2], flat=flat)
+    run_steps(opt, model, range(2))
+    with pytest.MonkeyPatch.context() as patch:
+        _fail_once(torch, "zeros_like", patch)
+        with pytest.raises(torch.OutOfMemoryError, match="injected"):
+            opt.add_param_group({"params": params[2:]})
+    assert len(opt.param_groups) == 1
+    assert all(not opt.state.get(p) for p in params[2:])
+    opt.state_dict()  # no entry for a parameter that no group holds
+    opt.add_param_group({"params": params[2:]})
+    before = [p.detach().clone() for p in params[2:]]
+    run_steps(opt, model, range(2, 4))
+    assert all(not torch.equal(p, b) for p, b in zip(params[2:], before, strict=True))
+
+
+def test_an_allocation_failing_while_an_unfrozen_parameter_joins_retries_next_step() -> None:
+    """Flat layout: a parameter unfrozen mid-run joins a new buffer at the next step; if
+    making its store runs out of memory, that step fails before anything is written and
+    the parameter is still waiting -- the next step adopts it and trains it (it was left
+    neither frozen nor in a buffer, or the layout kept a buffer without its store)."""
+    from elra_fused.flat_layout import FlatLayout
+
+    model = make_model()
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    opt = ELRA(model.parameters(), flat=True)
+    run_steps(opt, model, range(2))
+    frozen.requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.MonkeyPatch.context() as patch:
+        _fail_once(FlatLayout, "_make_store", patch)
+        with pytest.raises(torch.OutOfMemoryError, match="injected"):
+            run_steps(opt, model, range(2, 3))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    value = frozen.detach().clone()
+    run_steps(opt, model, range(3, 5))
+    assert not torch.equal(frozen.detach(), value)
+    assert len(opt.layout.buffers) == len(opt.layout.stores)
