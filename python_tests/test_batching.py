@@ -113,6 +113,80 @@ def test_bad_arguments() -> None:
         GroupedBatches([], 0)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"m0": True}, "m0"),  # a bool is not a count
+        ({"m_min": True}, "m_min"),
+        ({"m_max": True}, "m_max"),
+        ({"cascade_period": True}, "cascade_period"),
+        ({"gradient_decay": "no"}, "gradient_decay"),  # a non-empty string is truthy
+        ({"growth": float("inf")}, "growth"),  # overflowed m at the first change
+        ({"growth": float("nan")}, "growth"),
+        ({"growth": "2"}, "growth"),
+    ],
+)
+def test_controller_refuses_arguments_of_the_wrong_kind(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchSizeController(**{"m0": 2, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("sizer", "kwargs", "error"),
+    [
+        (0.5, {}, TypeError),  # failed only at iteration, with an AttributeError
+        ("2", {}, TypeError),
+        (True, {}, ValueError),
+        (2, {"cycle_samples": True}, ValueError),
+        (2, {"skip_short_last": "yes"}, ValueError),
+        (2, {"batch_len": 5}, TypeError),
+    ],
+)
+def test_grouped_batches_checks_its_arguments_at_construction(
+    sizer: object, kwargs: dict, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="GroupedBatches"):
+        GroupedBatches([torch.zeros(4, 2)] * 3, sizer, **kwargs)
+
+
+def _state_after_two_changes() -> dict:
+    controller = BatchSizeController(m0=2)
+    for mean in (1.0, 1.0):
+        controller.observe(mean, 0.9)  # noisy: both cycles grow m
+    return controller.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"exponent": 5, "changes": "x"}, "changes"),  # exponent was set before the error
+        ({"changes": -1}, "changes"),
+        ({"changes": True}, "changes"),
+        ({"exponent": 1e9}, "exponent"),  # not an int, and |exponent| > changes
+        ({"exponent": 3}, "exponent"),  # two changes move it by two at most
+        ({"exponent": 2.5}, "exponent"),
+        ({"exponent": 10**6, "changes": 10**6}, "overflows"),  # the next .m overflowed
+        ({"means": ["1.0"]}, "means"),
+        ({"means": None}, "means"),
+        ({"exponent": None}, "exponent"),
+    ],
+)
+def test_controller_load_checks_the_whole_state_before_changing_anything(
+    change: dict, message: str
+) -> None:
+    controller = BatchSizeController(m0=2)
+    controller.observe(1.0, 0.9)
+    before, m_before = controller.state_dict(), controller.m
+    with pytest.raises(ValueError, match=message):
+        controller.load_state_dict({**_state_after_two_changes(), **change})
+    assert controller.state_dict() == before and controller.m == m_before
+    with pytest.raises(ValueError, match="lacks"):
+        controller.load_state_dict({"exponent": 0, "changes": 0})
+    assert controller.state_dict() == before
+    controller.load_state_dict(_state_after_two_changes())  # a good state still loads
+    assert controller.m == 5
+
+
 def test_controller_state_round_trip() -> None:
     controller = BatchSizeController(m0=2)
     for mean in (1.0, 1.0, 1.0, 0.5):
@@ -310,3 +384,10 @@ def test_dynamic_batch_size_refuses_an_optimizer_that_closes_cycles_itself() -> 
     opt = ELRA([torch.nn.Parameter(torch.ones(2))], cycle_steps=5)
     with pytest.raises(ValueError, match="cycle_steps=None"):
         DynamicBatchSize(opt, m0=2)
+
+
+def test_dynamic_batch_size_refuses_a_controller_of_another_type() -> None:
+    """An int passed as the controller failed only at the first read of m."""
+    opt = ELRA([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(TypeError, match="controller must be a BatchSizeController"):
+        DynamicBatchSize(opt, controller=2)  # type: ignore[arg-type]

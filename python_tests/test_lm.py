@@ -236,3 +236,96 @@ def test_byte_tokens_round_trip_and_windows() -> None:
     assert torch.equal(targets, tokens[1 : 1 + len(targets)])
     with pytest.raises(ValueError):
         corpus.windows(tokens[:5], 8)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--corpus-root", "{tmp}/missing"], "does not exist"),
+        (["--corpus-root", "{tmp}/a_file"], "is not a directory"),
+        (["--corpus-bytes", "0"], "--corpus-bytes: must be an integer >= 1"),
+        (["--val-every", "1"], "--val-every: must be an integer >= 2"),
+        (["--cycle-tokens", "0"], "--cycle-tokens: must be an integer >= 1"),
+        (["--cycle-tokens", "-8"], "--cycle-tokens: must be an integer >= 1"),
+        (["--cycle-tokens", "8"], "--cycle-tokens 8 must be at least --seq-len (16)"),
+        (["--val-tokens", "-100"], "--val-tokens: must be an integer >= 1"),
+        (["--threads", "-3"], "--threads: must be an integer >= 0"),
+        (["--warmup-steps", "-2"], "--warmup-steps: must be an integer >= -1"),
+        (["--memory-cap", "banana"], "not a memory size"),
+        (["--memory-cap", "0"], "not a memory size"),
+        (["--optimizers", "elra,adamw,elra"], "elra listed more than once"),
+        (["--hidden", "6", "--heads", "2"], "must be even"),  # rotary needs pairs
+        (["--plot", "{tmp}/lm.txt"], "format is taken from its extension"),
+        (["--json", "{tmp}/a_file/lm.json"], "is a file, not a directory"),
+    ],
+)
+def test_bad_flags_are_argument_errors(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each gave a traceback, or was silently accepted, instead of a usage error."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args([*TINY, *(flag.format(tmp=tmp_path) for flag in flags)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m elra_fused lm") and message in err
+
+
+def test_a_corpus_too_small_for_the_job_names_the_smallest_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The validation split was empty and the job died in torch.frombuffer; now it stops
+    before training and says which --corpus-bytes would do -- and that one does."""
+    write_tree(tmp_path / "tree")
+    (tmp_path / "empty").mkdir()
+    base = [*TINY, "--corpus-root", str(tmp_path / "tree"), "--val-every", "5"]
+    base += ["--json", str(tmp_path / "lm.json"), "--plot", str(tmp_path / "lm.png")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--corpus-bytes", "100"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: python -m elra_fused lm")
+    assert "0 validation bytes" in err and "use --corpus-bytes" in err
+    smallest = int(err.split("use --corpus-bytes ")[1].split()[0])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--corpus-root", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2 and "no .py file under" in capsys.readouterr().err
+    assert not (tmp_path / "lm.json").exists()
+    args = cli.parse_args([*base, "--corpus-bytes", str(smallest)])
+    _, train_seqs, val_seqs = cli.job_sequences(args)
+    assert len(val_seqs) == 1 and len(train_seqs) >= 2 * args.elra_batch
+    with pytest.raises(corpus.CorpusError):
+        cli.job_sequences(cli.parse_args([*base, "--corpus-bytes", str(smallest - 1)]))
+    too_much = [*base, "--seq-len", "512", "--cycle-tokens", "512", "--val-tokens", "512"]
+    with pytest.raises(corpus.CorpusError, match="more than all .py files there hold"):
+        cli.job_sequences(cli.parse_args(too_much))
+
+
+def test_minimum_corpus_bytes_is_the_smallest_cap_that_gives_both_splits(tmp_path: Path) -> None:
+    write_tree(tmp_path)
+    for train_bytes, val_bytes in ((1, 1), (300, 1), (1, 200), (1700, 400), (0, 0)):
+        cap = corpus.minimum_corpus_bytes(tmp_path, 5, train_bytes, val_bytes)
+        assert cap is not None
+        enough = corpus.load_corpus(tmp_path, max(cap, 1), 5)
+        assert len(enough.train) >= train_bytes and len(enough.val) >= val_bytes
+        if cap > 1:
+            short = corpus.load_corpus(tmp_path, cap - 1, 5)
+            assert len(short.train) < train_bytes or len(short.val) < val_bytes
+    assert corpus.minimum_corpus_bytes(tmp_path, 5, 10**9, 1) is None
+    assert corpus.encode(b"").shape == (0,)  # an empty split encodes, and windows() says why
+    with pytest.raises(ValueError, match="too few for seq_len"):
+        corpus.windows(corpus.encode(b""), 8)
+
+
+def test_the_tables_are_printed_before_the_files_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def failing_plot(*args: object) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(cli, "plot", failing_plot)
+    out_json, out_png = tmp_path / "lm.json", tmp_path / "lm.png"
+    with pytest.raises(OSError, match="No space"):
+        cli.main(
+            [*TINY, "--optimizers", "adamw_small", "--json", str(out_json), "--plot", str(out_png)]
+        )
+    assert "val@100%" in capsys.readouterr().out

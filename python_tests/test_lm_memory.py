@@ -154,3 +154,12 @@ def test_a_fit_that_does_not_grow_with_the_model_raises() -> None:
     shrunk = [dataclasses.replace(p, peak_bytes=p.peak_bytes - 40 * p.params) for p in points]
     with pytest.raises(ValueError, match="bytes per parameter"):
         memory_cap.fit_memory_costs(shrunk, costs.layers)
+
+
+@pytest.mark.parametrize("text", ["banana", "0", "-5GB", "0.5b", "nan", "inf", "1e400GiB", "GB"])
+def test_parse_bytes_refuses_what_is_not_a_size(text: str) -> None:
+    """'banana' raised a bare float() error; 0 and negative caps were accepted."""
+    with pytest.raises(ValueError, match="not a memory size"):
+        memory_cap.parse_bytes(text)
+    assert memory_cap.parse_bytes(" 512 MiB ") == 512 * 2**20
+    assert memory_cap.parse_bytes("1e9") == 10**9

@@ -70,3 +70,11 @@ def test_optimizer_state_bytes_counts_each_storage_once() -> None:
     model(torch.ones(1, 4)).sum().backward()
     adam.step()
     assert sum(optimizer_state_bytes(adam)) >= 2 * n * 4
+
+
+def test_summary_of_elra_runs_without_a_step_has_no_final_batch() -> None:
+    """No step taken: the table says so instead of failing on an empty median."""
+    stepless = [RunResult("elra", 0, test_acc=[0.1], train_loss=[2.3], epoch_seconds=[0.1])]
+    (row,) = summarize({"elra": stepless})
+    assert row["final_bs"] is None
+    assert "final bs -" in format_table([row])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from elra_fused import ELRA, control
+from elra_fused import train as train_module
 from elra_fused.train import (
     OPTIMIZERS,
     ShuffledBatches,
@@ -18,6 +19,7 @@ from elra_fused.train import (
     cosine_tail,
     load_dataset,
     main,
+    parse_args,
     state_bytes,
     train_run,
 )
@@ -119,3 +121,59 @@ def test_module_entry_point_rejects_unknown_optimizer() -> None:
     )
     assert completed.returncode == 2
     assert "adamw" in completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--baseline-batch-size", "0"], "--baseline-batch-size: must be an integer >= 1"),
+        (["--baseline-batch-size", "-3"], "--baseline-batch-size: must be an integer >= 1"),
+        (["--threads", "-4"], "--threads: must be an integer >= 0"),
+        (["--epochs", "0"], "--epochs: must be an integer >= 1"),
+        (["--optimizers", "elra,adam,elra"], "elra listed more than once"),
+        (["--batch-size", "100000"], "exceeds the 1347 training images"),
+        (["--m0", "1000"], "exceeds the 1347 training images"),
+        (["--optimizers", "sgd", "--baseline-batch-size", "2000"], "sgd would take no step"),
+        (["--device", "banana"], "expected cpu, cuda or cuda:<index>"),
+        (["--plot", "{tmp}/curves.xyz"], "format is taken from its extension"),
+        (["--json", "{tmp}/a_file/results.json"], "is a file, not a directory"),
+    ],
+)
+def test_bad_arguments_stop_the_job_before_it_runs(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each of these trained first and then failed, or reported a run without steps."""
+    (tmp_path / "a_file").write_text("")
+    argv = ["--dataset", "digits", *(a.format(tmp=tmp_path) for a in argv)]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m elra_fused") and message in err
+
+
+def test_cuda_without_a_gpu_is_an_argument_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert parse_args(["--device", "cpu"]).device == torch.device("cpu")
+
+
+def test_the_table_is_printed_before_the_files_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A write that fails at the end (disk full, say) must not lose the results table."""
+
+    def failing_plot(*args: object) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(train_module, "plot", failing_plot)
+    argv = ["--dataset", "digits", "--optimizers", "sgd", "--epochs", "1", "--seeds", "1"]
+    argv += ["--no-progress", "--threads", "0", "--json", str(tmp_path / "r.json")]
+    with pytest.raises(OSError, match="No space"):
+        main([*argv, "--plot", str(tmp_path / "r.png")])
+    assert "best test acc" in capsys.readouterr().out

@@ -1,4 +1,12 @@
-"""The command line and the job: ``python -m elra_fused lm``."""
+"""The command line and the job: ``python -m elra_fused lm``.
+
+Every flag is checked before the job trains (exit code 2 with argparse's ``usage: ...
+error: ...``): counts below their minimum, an optimizer listed twice, a head width that
+rotary positions cannot split into pairs, a memory cap that is not a size, ``--json`` /
+``--plot`` files that could not be written at the end, and a corpus too small for one
+validation sequence or the largest batch (with the smallest ``--corpus-bytes`` that
+would do). The tables are printed before the files are written.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +21,27 @@ from typing import Any
 
 import torch
 
-from .corpus import DEFAULT_CORPUS_BYTES, DEFAULT_VAL_EVERY, encode, load_corpus, windows
+from ..cli_args import int_at_least, job_outputs_problem, name_list
+from .corpus import (
+    DEFAULT_CORPUS_BYTES,
+    DEFAULT_VAL_EVERY,
+    Corpus,
+    CorpusError,
+    corpus_root_problem,
+    encode,
+    load_corpus,
+    minimum_corpus_bytes,
+    windows,
+)
 from .device import DEVICES, cuda_unavailable_reason, describe, device_name, job_device
 from .memory import BOOSTER_BYTES_PER_PARAM
-from .memory_cap import DEFAULT_MEMORY_CAP, format_memory_cap, memory_cap_estimate
+from .memory_cap import (
+    DEFAULT_MEMORY_CAP,
+    format_memory_cap,
+    memory_cap_estimate,
+    parse_bytes,
+    sequences_to_measure,
+)
 from .model import VOCAB, build_model
 from .protocol import (
     ADAMW_BETAS,
@@ -52,7 +77,28 @@ WARMUP_WHOLE_RUN = -1
 RESULTS_DIR = Path("benchmarks") / "results" / "lm"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def corpus_root_flag(text: str) -> Path:
+    """An argparse ``type=`` for ``--corpus-root``: an existing directory."""
+    root = Path(text)
+    if problem := corpus_root_problem(root):
+        raise argparse.ArgumentTypeError(problem)
+    return root
+
+
+def memory_size_flag(text: str) -> str:
+    """An argparse ``type=`` for ``--memory-cap``: a size :func:`parse_bytes` reads
+    (``16GiB``, ``8GB``, ``1e9``); the text is kept, as written, for the report."""
+    try:
+        parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's flags, each value checked on its own (:func:`parse_args` adds the checks
+    between flags)."""
+    at_least_one = int_at_least(1)
     parser = argparse.ArgumentParser(
         prog="python -m elra_fused lm",
         description="Train a small Llama-style byte-level language model on the Python "
@@ -60,22 +106,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "equal token budgets.",
     )
     add = parser.add_argument
-    add("--hidden", type=int, default=DEFAULT_HIDDEN, help="model width")
-    add("--layers", type=int, default=DEFAULT_LAYERS, help="decoder layers")
-    add("--heads", type=int, default=DEFAULT_HEADS, help="attention heads")
-    add("--seq-len", type=int, default=DEFAULT_SEQ, help="tokens (bytes) per sequence")
-    add("--tokens", type=int, default=DEFAULT_TOKENS, help="training tokens per optimizer")
-    add("--corpus-bytes", type=int, default=DEFAULT_CORPUS_BYTES, help="corpus byte cap")
-    add("--corpus-root", type=Path, default=None, help="default: the stdlib of this Python")
-    add("--val-every", type=int, default=DEFAULT_VAL_EVERY, help="every n-th file validates")
-    add("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS, help="validation tokens used")
-    add("--evals", type=int, default=DEFAULT_EVALS, help="evaluation checkpoints (x4)")
-    add("--elra-batch", type=int, default=DEFAULT_ELRA_BATCH, help="ELRA micro-batch (seqs)")
-    add("--adamw-batch", type=int, default=DEFAULT_ADAMW_BATCH, help="AdamW's large batch")
-    add("--cycle-tokens", type=int, default=DEFAULT_CYCLE_TOKENS, help="ELRA control cycle")
+    add("--hidden", type=at_least_one, default=DEFAULT_HIDDEN, help="model width")
+    add("--layers", type=at_least_one, default=DEFAULT_LAYERS, help="decoder layers")
+    add("--heads", type=at_least_one, default=DEFAULT_HEADS, help="attention heads")
+    add("--seq-len", type=at_least_one, default=DEFAULT_SEQ, help="tokens (bytes) per sequence")
+    add("--tokens", type=at_least_one, default=DEFAULT_TOKENS, help="training tokens per optimizer")
+    add("--corpus-bytes", type=at_least_one, default=DEFAULT_CORPUS_BYTES, help="corpus byte cap")
+    add(
+        "--corpus-root",
+        type=corpus_root_flag,
+        default=None,
+        help="a directory of .py files (default: the stdlib of this Python)",
+    )
+    add(
+        "--val-every",
+        type=int_at_least(2),
+        default=DEFAULT_VAL_EVERY,
+        help="every n-th file validates",
+    )
+    add(
+        "--val-tokens",
+        type=at_least_one,
+        default=DEFAULT_VAL_TOKENS,
+        help="validation tokens used (at least --seq-len)",
+    )
+    add("--evals", type=at_least_one, default=DEFAULT_EVALS, help="evaluation checkpoints (x4)")
+    add(
+        "--elra-batch",
+        type=at_least_one,
+        default=DEFAULT_ELRA_BATCH,
+        help="ELRA micro-batch (seqs)",
+    )
+    add("--adamw-batch", type=at_least_one, default=DEFAULT_ADAMW_BATCH, help="AdamW's large batch")
+    add(
+        "--cycle-tokens",
+        type=at_least_one,
+        default=DEFAULT_CYCLE_TOKENS,
+        help="ELRA control cycle (at least --seq-len)",
+    )
     add(
         "--warmup-steps",
-        type=int,
+        type=int_at_least(WARMUP_WHOLE_RUN),
         default=WARMUP_WHOLE_RUN,
         help="steps of ELRA's warm-up floor alpha*|G| >= 0.1 (default -1: the whole run)",
     )
@@ -93,18 +164,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also evaluate ELRA at the mean of its iterates since the previous checkpoint "
         "(paper 3.7; evaluation only, reported as elra_boosted; default on)",
     )
-    add("--seeds", type=int, default=1, help="seeds 0..n-1 (medians reported)")
+    add("--seeds", type=at_least_one, default=1, help="seeds 0..n-1 (medians reported)")
     add(
         "--optimizers",
+        type=name_list(OPTIMIZERS),
         default=",".join(available_optimizers()),
-        help=f"subset of {','.join(OPTIMIZERS)} (default: those installed)",
+        help=f"subset of {','.join(OPTIMIZERS)}, each at most once (default: those installed)",
     )
-    add("--memory-cap", default=DEFAULT_MEMORY_CAP, help="cap for the largest-model estimate")
+    add(
+        "--memory-cap",
+        type=memory_size_flag,
+        default=DEFAULT_MEMORY_CAP,
+        help="cap for the largest-model estimate (e.g. 16GiB, 8GB, 1e9)",
+    )
     add("--json", type=Path, default=RESULTS_DIR / "lm.json")
-    add("--plot", type=Path, default=RESULTS_DIR / "lm.png")
+    add("--plot", type=Path, default=RESULTS_DIR / "lm.png", help="format from the extension")
     add(
         "--threads",
-        type=int,
+        type=int_at_least(0),
         default=1,
         help="torch CPU threads (default 1: fastest for "
         "these tiny models and least sensitive to other load; 0 = torch's default)",
@@ -118,23 +195,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "torch.cuda.max_memory_allocated)",
     )
     add("--no-progress", action="store_true", help="no tqdm progress bars")
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """The job's arguments, checked (each flag, then the flags against each other), with
+    the derived values: the token budget rounded to whole batches and checkpoints, and
+    the warm-up length of "the whole run". A bad value exits through ``parser.error``."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.device == "cuda" and (reason := cuda_unavailable_reason()):
         parser.error(reason)
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(OPTIMIZERS))
-    if unknown or not names:
-        parser.error(f"--optimizers: unknown {unknown}; choose from {','.join(OPTIMIZERS)}")
-    if "schedulefree" in names and not schedule_free_installed():
+    if "schedulefree" in args.optimizers and not schedule_free_installed():
         parser.error(f"--optimizers: {SCHEDULE_FREE_NOTE}")
-    args.optimizers = names
-    positive = ("hidden", "layers", "heads", "seq_len", "tokens", "elra_batch", "adamw_batch")
-    if any(getattr(args, k) < 1 for k in positive) or args.seeds < 1:
-        parser.error("sizes, batches, --tokens and --seeds must be >= 1")
-    if args.evals < 4 or args.evals % 4:
+    if args.evals % 4:
         parser.error("--evals must be a positive multiple of 4 (25/50/100 % are checkpoints)")
     if args.hidden % args.heads:
         parser.error("--hidden must be a multiple of --heads")
+    if (args.hidden // args.heads) % 2:
+        parser.error(
+            f"--hidden / --heads = {args.hidden // args.heads} must be even: rotary "
+            "positions rotate the head's features in pairs"
+        )
+    for flag, tokens in (("--val-tokens", args.val_tokens), ("--cycle-tokens", args.cycle_tokens)):
+        if tokens < args.seq_len:
+            parser.error(
+                f"{flag} {tokens} must be at least --seq-len ({args.seq_len}): one sequence"
+            )
+    if problem := job_outputs_problem(args.json, args.plot):
+        parser.error(problem)
     # Equal budgets: a whole number of the largest fixed batch, and of every checkpoint.
     unit = math.lcm(args.adamw_batch, args.elra_batch) * args.seq_len * args.evals
     args.tokens = max(unit, args.tokens // unit * unit)
@@ -143,16 +234,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def job_sequences(args: argparse.Namespace) -> tuple[Corpus, torch.Tensor, torch.Tensor]:
+    """The corpus and its training and validation windows (on the CPU), checked to be
+    large enough for the job: every optimizer's batch and the memory-cap measurements
+    (:func:`~.memory_cap.sequences_to_measure`) need that many training sequences, the
+    validation at least one. Otherwise a :class:`CorpusError` says what is short and the
+    smallest ``--corpus-bytes`` that would do."""
+    corpus = load_corpus(args.corpus_root, args.corpus_bytes, args.val_every)
+    sequences = max(sequences_to_measure(name, args) for name in args.optimizers)
+    # n windows of seq_len + 1 bytes share one byte with their neighbour.
+    train_needed, val_needed = sequences * args.seq_len + 1, args.seq_len + 1
+    if len(corpus.train) < train_needed or len(corpus.val) < val_needed:
+        have = (
+            f"--corpus-bytes {args.corpus_bytes} from {corpus.root} gives {len(corpus.train)} "
+            f"training and {len(corpus.val)} validation bytes (every {args.val_every}th file "
+            f"validates); the job needs at least {train_needed} training bytes ({sequences} "
+            f"sequences of --seq-len {args.seq_len} for its largest batch and the memory-cap "
+            f"measurements) and {val_needed} validation bytes (one sequence)"
+        )
+        minimum = minimum_corpus_bytes(args.corpus_root, args.val_every, train_needed, val_needed)
+        if minimum is None:
+            raise CorpusError(
+                f"{have}, more than all .py files there hold: use a larger --corpus-root, "
+                "a smaller --val-every, or smaller --seq-len / batches"
+            )
+        raise CorpusError(f"{have}: use --corpus-bytes {minimum} or more")
+    train_seqs = windows(encode(corpus.train), args.seq_len)
+    val_seqs = windows(encode(corpus.val), args.seq_len)
+    return corpus, train_seqs, val_seqs[: max(1, args.val_tokens // args.seq_len)]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the job; returns (and writes) the JSON payload."""
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    try:
+        corpus, train_seqs, val_seqs = job_sequences(args)
+    except CorpusError as error:
+        parser.error(str(error))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = job_device(args)
-    corpus = load_corpus(args.corpus_root, args.corpus_bytes, args.val_every)
-    train_seqs = windows(encode(corpus.train), args.seq_len)
-    val_seqs = windows(encode(corpus.val), args.seq_len)
-    val_seqs = val_seqs[: max(1, args.val_tokens // args.seq_len)]
     # Once, before any run: every batch is then a gather on the device.
     train_seqs, val_seqs = train_seqs.to(device), val_seqs.to(device)
     n_params = sum(
@@ -267,10 +389,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "retraces": elra.retraces,
             "steps": elra.steps,
         }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=1) + "\n")
-    plot(runs, args.plot, f"byte LM, {n_params} params, {args.tokens} tokens")
-    print(f"wrote {args.json} and {args.plot}")
     if "elra" in first:
         elra = first["elra"]
         print(
@@ -284,5 +402,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     print(format_memory_cap(payload["memory_cap"]))
     print()
-    print(format_table(results, runs, settings))
+    print(format_table(results, runs, settings), flush=True)  # before the files: never lost
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    plot(runs, args.plot, f"byte LM, {n_params} params, {args.tokens} tokens")
+    print(f"wrote {args.json} and {args.plot}")
     return payload

@@ -1,5 +1,11 @@
 """The corpus and its tokens: the interpreter's stdlib sources, split train/validation
-by file, byte-level tokens, windows and seeded batches."""
+by file, byte-level tokens, windows and seeded batches.
+
+A corpus that cannot serve the job -- a root that is missing or holds no ``.py`` file, or
+a ``--corpus-bytes`` cap too small for a validation sequence or the largest batch -- is a
+:class:`CorpusError` that says what is missing and, where the files allow it, the smallest
+cap that would do (:func:`minimum_corpus_bytes`); the job reports it as an argument error.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,11 @@ DEFAULT_VAL_EVERY = 10
 EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 )
+
+
+class CorpusError(ValueError):
+    """The corpus root or the byte cap cannot give the job its data (see the module
+    docstring); the message names the flag to change."""
 
 
 @dataclass
@@ -42,6 +53,21 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def corpus_root_problem(root: Path) -> str | None:
+    """Why ``root`` cannot be a corpus root (missing, or not a directory), or None."""
+    if not root.exists():
+        return f"corpus root {root} does not exist"
+    if not root.is_dir():
+        return f"corpus root {root} is not a directory"
+    return None
+
+
+def is_validation_file(index: int, val_every: int) -> bool:
+    """Whether the ``index``-th file (0-based, sorted order) is validation: every
+    ``val_every``-th file, i.e. the 10th, 20th, ... for ``val_every=10``."""
+    return (index + 1) % val_every == 0
+
+
 def corpus_files(root: Path) -> list[Path]:
     """``.py`` files under ``root``, sorted by relative path (deterministic on any
     machine), without installed packages and test directories."""
@@ -63,20 +89,27 @@ def load_corpus(
     if max_bytes < 1 or val_every < 2:
         raise ValueError("load_corpus: max_bytes must be >= 1 and val_every >= 2")
     root = stdlib_root() if root is None else Path(root)
+    if problem := corpus_root_problem(root):
+        raise CorpusError(problem)
+    files = corpus_files(root)
+    if not files:
+        raise CorpusError(
+            f"no .py file under {root} (left out: {', '.join(sorted(EXCLUDED_DIRS))} directories)"
+        )
     digest = hashlib.sha256()
     train: list[bytes] = []
     val: list[bytes] = []
     train_files: list[str] = []
     val_files: list[str] = []
     total = 0
-    for index, path in enumerate(corpus_files(root)):
+    for index, path in enumerate(files):
         if total >= max_bytes:
             break
         data = path.read_bytes()[: max_bytes - total]
         total += len(data)
         digest.update(data)
         name = path.relative_to(root).as_posix()
-        if (index + 1) % val_every == 0:
+        if is_validation_file(index, val_every):
             val.append(data)
             val_files.append(name)
         else:
@@ -87,8 +120,39 @@ def load_corpus(
     )
 
 
+def minimum_corpus_bytes(
+    root: Path | None, val_every: int, train_bytes: int, val_bytes: int
+) -> int | None:
+    """The smallest ``max_bytes`` for which :func:`load_corpus` (same ``root`` and
+    ``val_every``) gives at least ``train_bytes`` training and ``val_bytes`` validation
+    bytes; None when all files together hold fewer. Read from file sizes, nothing loaded.
+
+    Each side grows monotonically with the cap (files are taken in order, the last one
+    cut), so the answer is the larger of the caps at which each side is reached."""
+    root = stdlib_root() if root is None else Path(root)
+    needed = {False: train_bytes, True: val_bytes}  # keyed by "is validation"
+    held = {False: 0, True: 0}
+    reached_at: dict[bool, int | None] = {side: 0 if needed[side] <= 0 else None for side in needed}
+    total = 0
+    for index, path in enumerate(corpus_files(root)):
+        if all(cap is not None for cap in reached_at.values()):
+            break
+        side = is_validation_file(index, val_every)
+        size = path.stat().st_size
+        if reached_at[side] is None and held[side] + size >= needed[side]:
+            reached_at[side] = total + needed[side] - held[side]
+        held[side] += size
+        total += size
+    if any(cap is None for cap in reached_at.values()):
+        return None
+    return max(cap for cap in reached_at.values() if cap is not None)
+
+
 def encode(data: bytes) -> torch.Tensor:
-    """Bytes -> int64 token ids in [0, 256): the byte-level tokenizer (no vocabulary file)."""
+    """Bytes -> int64 token ids in [0, 256): the byte-level tokenizer (no vocabulary file).
+    Empty bytes give an empty tensor (``torch.frombuffer`` refuses an empty buffer)."""
+    if not data:
+        return torch.zeros(0, dtype=torch.int64)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
 
 

@@ -16,17 +16,21 @@ import torch
 DEVICES = ("cpu", "cuda")
 
 
-def cuda_unavailable_reason() -> str | None:
-    """Why ``--device cuda`` cannot run here, or None when it can."""
-    if torch.cuda.is_available():
-        return None
-    built = torch.version.cuda
-    return (
-        "--device cuda: CUDA is not available here (torch "
-        f"{torch.__version__}, {'built with CUDA ' + built if built else 'a CPU-only build'}"
-        ", torch.cuda.is_available() is False); run with --device cpu or on a machine "
-        "with an NVIDIA GPU"
-    )
+def cuda_unavailable_reason(index: int | None = None) -> str | None:
+    """Why ``--device cuda`` (``cuda:<index>`` with ``index``) cannot run here, or None
+    when it can. Both jobs turn the reason into an argument error before anything runs."""
+    if not torch.cuda.is_available():
+        built = torch.version.cuda
+        return (
+            "--device cuda: CUDA is not available here (torch "
+            f"{torch.__version__}, {'built with CUDA ' + built if built else 'a CPU-only build'}"
+            ", torch.cuda.is_available() is False); run with --device cpu or on a machine "
+            "with an NVIDIA GPU"
+        )
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        return f"--device cuda:{index}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+    return None
 
 
 def job_device(args: object) -> torch.device:

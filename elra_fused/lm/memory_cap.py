@@ -55,14 +55,32 @@ MAX_HIDDEN = 1 << 16
 
 
 def parse_bytes(text: str) -> int:
-    """'16GiB', '512MiB', '8GB', '1e9' -> bytes."""
+    """'16GiB', '512MiB', '8GB', '1e9' -> bytes (a whole number, at least 1).
+
+    ValueError, naming the accepted forms, for anything else: text that is not a number
+    with an optional unit, a size below one byte, infinity or NaN (a cap must be a size).
+    """
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
     units |= {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
     lowered = text.strip().lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if lowered.endswith(unit):
-            return int(float(lowered[: -len(unit)]) * units[unit])
-    return int(float(lowered))
+    unit = next((u for u in sorted(units, key=len, reverse=True) if lowered.endswith(u)), "")
+    try:
+        number = float(lowered[: len(lowered) - len(unit)])
+    except ValueError:
+        number = math.nan
+    size = number * units.get(unit, 1)
+    if not (math.isfinite(size) and size >= 1):
+        raise ValueError(
+            f"not a memory size of at least one byte: {text!r}; use e.g. 16GiB, 512MiB, 8GB "
+            "or 1e9 (bytes)"
+        )
+    return int(size)
+
+
+def sequences_to_measure(name: str, args: argparse.Namespace) -> int:
+    """Training sequences :func:`cap_entry` needs for optimizer ``name``: its own batch
+    (the check at 4x the width) and twice ELRA's micro-batch (the fit's second point)."""
+    return max(batch_of(name, args), 2 * args.elra_batch)
 
 
 @dataclass(frozen=True)
@@ -143,7 +161,7 @@ def cap_entry(
     """Measure, fit and search one optimizer (or ELRA memory mode); the JSON entry."""
     batch = batch_of(name, args)
     widths = (args.hidden, 2 * args.hidden)
-    if len(sequences) < max(batch, 2 * args.elra_batch):
+    if len(sequences) < sequences_to_measure(name, args):
         raise ValueError(f"memory cap: {len(sequences)} sequences are too few to measure")
     points = [
         measure_step_memory(name, args, hidden, sequences[:seqs], elra_mode)
