@@ -316,6 +316,18 @@ class RetraceBuffers:
         return f"RetraceBuffers({len(self)} buffers, {self.nbytes} bytes)"
 
     # ------------------------------------------------------------------ state dict
+    def source(self) -> tuple[torch.nn.Module | list[torch.Tensor], bool]:
+        """(module or tensors, all_buffers): the arguments that build an equal
+        :class:`RetraceBuffers` over other objects -- a deep copy's (``copying.py``), whose
+        storage addresses differ. Tensors come back in their source order (their names
+        are their indices; a tensor given twice left a gap, filled with a repeat)."""
+        if self._module is not None:
+            return self._module, self._all_buffers
+        assert self._source is not None
+        entries = {int(entry.name): entry.tensor for entry in self._source}
+        first = entries[min(entries)]
+        return [entries.get(index, first) for index in range(max(entries) + 1)], False
+
     def state_dict(self) -> dict[str, Any]:
         """The remembered values by buffer name (plain tensors: loadable with
         ``torch.load(weights_only=True)``)."""

@@ -266,18 +266,20 @@ def _check_group_wd(index: int, wd: Any) -> None:
 
 def _unchanged(value: Any, before: Any) -> bool:
     """``value`` is what a setting held before (the same object, or an equal number)."""
-    numbers = (int, float)
     return value is before or (
-        isinstance(value, numbers) and isinstance(before, numbers) and value == before
+        isinstance(value, _NUMBERS) and isinstance(before, _NUMBERS) and value == before
     )
 
 
 def _same_decay(wd: Any, weight_decay: Any) -> bool:
     """Do ``wd`` and ``weight_decay`` say the same (as a group built from one holds)?"""
-    numbers = (int, float)
     return (
-        isinstance(wd, numbers) and isinstance(weight_decay, numbers) and (wd == 1.0 - weight_decay)
+        isinstance(wd, _NUMBERS) and isinstance(weight_decay, _NUMBERS) and wd == 1.0 - weight_decay
     )
+
+
+#: The Python numbers a group setting holds (a tensor or a str is never "the same").
+_NUMBERS = (int, float)
 
 
 def step_settings(param_groups: list[dict[str, Any]], decay: DecaySync) -> float | torch.Tensor:

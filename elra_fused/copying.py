@@ -116,7 +116,7 @@ def _recipe(opt: ELRA) -> dict[str, Any]:
         "groups": opt.param_groups,
         "args": opt._constructor_args,
         "kwargs": kwargs,
-        "buffers": _buffers_source(opt.retrace_buffers),
+        "buffers": None if opt.retrace_buffers is None else opt.retrace_buffers.source(),
         "state_dict": state_dict,
         # Detached: a factor may be part of the autograd graph, which neither deepcopy
         # nor pickle takes; it is only compared with the GradScaler's scale.
@@ -132,21 +132,6 @@ def _recipe(opt: ELRA) -> dict[str, Any]:
             "restart_warned": law.restart_warned,
         },
     }
-
-
-def _buffers_source(buffers: RetraceBuffers | None) -> tuple[Any, bool] | None:
-    """(module or tensors, all_buffers) a :class:`RetraceBuffers` was built from, for
-    building a new one over the copied objects (its own fields hold storage addresses,
-    which a copy does not share). Read from its private fields: it offers no accessor."""
-    if buffers is None:
-        return None
-    if buffers._module is not None:
-        return buffers._module, buffers._all_buffers
-    # Tensors are named by their index in the source ("0", "1", ...; a repeated tensor
-    # left a gap): rebuild the same names, filling a gap with a repeat again.
-    entries = {int(entry.name): entry.tensor for entry in buffers._source}
-    first = entries[min(entries)]
-    return [entries.get(index, first) for index in range(max(entries) + 1)], False
 
 
 def _construction_group(group: dict[str, Any]) -> dict[str, Any]:

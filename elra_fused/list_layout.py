@@ -303,11 +303,11 @@ class ListLayout:
                 [grads[i] for i in indices],
                 [prevs[i] for i in indices],
                 [states[i] for i in indices],
-                [
+                (
                     [local_params[i] for i in indices],
                     [local_grads[i] for i in indices],
                     [local_prevs[i] for i in indices],
-                ]
+                )
                 if sharded
                 else None,
             )
