@@ -205,7 +205,7 @@ class FlatLayout:
         for buffer in self.buffers:
             buffer.zero_grad(set_to_none)
 
-    def load_state(self, state: OptimizerState) -> None:
+    def load_state(self, state: OptimizerState, param_groups: ParamGroups) -> None:
         """torch rebuilt the per-parameter state as new tensors: copy the values back into
         the stores' flat buffers and restore the views."""
         for buffer, store in zip(self.buffers, self.stores, strict=True):
@@ -217,8 +217,9 @@ class FlatLayout:
                     view.copy_(loaded)
                 elif isinstance(store, GradPrevStore):
                     view.zero_()  # never had a gradient: G_{t-1} = 0
-                else:
-                    view.copy_(param.detach())  # x_{t-1} = x_t: recovered G_{t-1} ~ 0
+                else:  # x_{t-1} = x_t / wd: the recovered G_{t-1} is 0 (as _add_buffers)
+                    wd = param_groups[buffer.group_index]["wd"]
+                    view.copy_(_x_prev_without_gradient(param, wd, view.dtype))
                 state[param][store.state_key] = view
             if isinstance(store, SwapGradPrevStore):
                 # The loader replaced the state entries the store re-points each step.

@@ -338,7 +338,7 @@ class ListLayout:
                 if param.grad is not None:
                     param.grad = None if set_to_none else torch.zeros_like(param.grad)
 
-    def load_state(self, state: OptimizerState) -> None:
+    def load_state(self, state: OptimizerState, param_groups: ParamGroups) -> None:
         """torch cast the loaded state to each parameter's dtype (a compact G_{t-1} goes
         back to state_dtype) and may have kept the caller's tensors: the layout takes its
         own contiguous copies, whose versions it then starts tracking."""

@@ -478,7 +478,7 @@ def apply_plan(opt: ELRA, plan: LoadPlan, torch_load: Callable[[dict[str, Any]],
     try:
         torch_load(plan.torch_state)
         keep_group_slot(opt.param_groups)  # torch's loader put the saved groups in place
-        opt.layout.load_state(opt.state)
+        opt.layout.load_state(opt.state, opt.param_groups)
         opt._law.load(plan.control)
         if opt.retrace_buffers is not None:
             if plan.buffers is None:  # the model's loaded buffers are the accepted state

@@ -381,3 +381,21 @@ def test_a_parameter_unfrozen_later_joins_point_modes_without_a_false_grad_prev(
             opt.step(loss)
         alphas[mode] = opt.alpha
     assert alphas[memory] == pytest.approx(alphas["standard"], rel=1e-3)
+
+
+@pytest.mark.parametrize("memory", ["recover", "offload"])
+def test_a_loaded_state_without_an_entry_gives_a_zero_recovered_grad_prev(memory: str) -> None:
+    """A state dict without the x_{t-1} of a parameter (saved before it was trained):
+    the point store takes x / wd for it, as for a parameter without gradient, so the
+    G_{t-1} recovered for it is 0, not the decay (wd - 1) x / alpha."""
+    model = make_model()
+    opt = build(model, memory, wd=0.9)
+    run_steps(opt, model, range(3))
+    saved = opt.state_dict()
+    first = next(iter(saved["state"]))
+    del saved["state"][first]
+    fresh = build(model, memory, wd=0.9)
+    fresh.load_state_dict(saved)
+    param = next(model.parameters())
+    expected = (param.detach().double() / 0.9).to(param.dtype)
+    assert torch.equal(fresh.state_dict()["state"][first]["x_prev"], expected)
