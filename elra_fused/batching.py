@@ -243,6 +243,14 @@ class BatchSizeController:
         if any(conditions) and math.isfinite(mean) and math.isfinite(sigma):
             self.changes += 1
             change = -1 if self.changes % self.cascade_period == 0 else 1
+            # At a bound the exponent stays (no wind-up): held at m_max, every up would
+            # otherwise raise it further, and the next down could not bring m below m_max.
+            if change < 0:
+                at_bound = m_before <= self.m_min
+            else:
+                at_bound = self.m_max is not None and m_before >= self.m_max
+            if at_bound:
+                change = 0
             self.exponent += change
         self.means.append(mean)
         decision = CycleDecision(

@@ -89,11 +89,16 @@ def test_floor_and_cap() -> None:
     controller = BatchSizeController(m0=3, m_min=2, cascade_period=1)
     sizes = [controller.observe(1.0, 1.0).m_after for _ in range(4)]
     assert sizes == [2, 2, 2, 2]
-    assert controller.exponent == -4
+    assert controller.exponent == -1  # held at the floor: no wind-up below it
     controller = BatchSizeController(m0=1, cascade_period=1)
     assert [controller.observe(1.0, 1.0).m_after for _ in range(3)] == [1, 1, 1]
     controller = BatchSizeController(m0=2, m_max=4)
     assert [controller.observe(1.0, 1.0).m_after for _ in range(5)] == [3, 4, 3, 4, 4]
+    # Many ups at the cap, then the cascade's down: m leaves the cap at once (a wound-up
+    # exponent would keep it there for as many downs as there were ups at the cap).
+    controller = BatchSizeController(m0=2, m_max=4, cascade_period=10)
+    sizes = [controller.observe(1.0, 1.0).m_after for _ in range(10)]
+    assert sizes == [3, 4, 4, 4, 4, 4, 4, 4, 4, 3]
 
 
 def test_round_half_up() -> None:
