@@ -159,6 +159,9 @@ def validate_state_dict(opt: ELRA, state_dict: Mapping[str, Any]) -> LoadPlan:
             f"finite positive 1-element tensor or None, got {inv_scale!r}"
         )
     buffers = None
+    if opt.retrace_buffers is None and extra.get("buffers"):
+        # The saved BatchNorm statistics of the last accepted step have nowhere to go.
+        config_changes = [*config_changes, "retrace buffers saved, none here (buffers=)"]
     if opt.retrace_buffers is not None:
         opt.retrace_buffers.check()  # a replaced buffer: RuntimeError, as in step()
         if extra.get("buffers") is not None:

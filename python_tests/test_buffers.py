@@ -415,3 +415,17 @@ def test_elra_with_a_replaced_buffer_fails_before_anything_moves() -> None:
         opt.load_state_dict(saved)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert torch.equal(opt.control_state, control_before)
+
+
+def test_saved_buffers_an_optimizer_without_buffers_cannot_take_are_named() -> None:
+    """A state saved with ``buffers=model`` loaded into an optimizer built without it:
+    the control state loads, and a warning says the saved BatchNorm statistics had
+    nowhere to go (they were dropped silently)."""
+    model = make_cnn()
+    opt = ELRA(model.parameters(), buffers=model)
+    opt.zero_grad()
+    opt.step(forward_backward(model, 0))
+    plain = ELRA(model.parameters())
+    with pytest.warns(UserWarning, match="retrace buffers saved, none here"):
+        plain.load_state_dict(opt.state_dict())
+    assert torch.equal(plain.control_state, opt.control_state)
