@@ -68,7 +68,9 @@ def sharding_of(
         raise ValueError(
             f"ELRA: {len(dtensors)} of {len(params)} parameters are DTensors (FSDP2 / tensor "
             "parallel) and the others plain tensors; the sums over the shards need every "
-            "parameter sharded: apply fully_shard to the root module too (or to none)"
+            "parameter sharded: apply fully_shard to the root module too (or to none). If "
+            "the plain ones are frozen (a frozen embedding or head), pass only the trainable "
+            "parameters: ELRA([p for p in model.parameters() if p.requires_grad])"
         )
     mesh = dtensors[0].device_mesh
     for param in dtensors:
