@@ -75,10 +75,8 @@ def check_memory(
     otherwise switch reuse on."""
     if offload_chunk is not None:
         check_offload_chunk(offload_chunk)
-    if flat is not None and not isinstance(flat, bool):
-        raise TypeError(f"ELRA: flat must be True, False or None (auto), got {flat!r}")
-    if not isinstance(reuse_grad_buffer, bool):
-        raise TypeError(f"ELRA: reuse_grad_buffer must be True or False, got {reuse_grad_buffer!r}")
+    check_flag("flat", flat, allow_none=True)
+    check_flag("reuse_grad_buffer", reuse_grad_buffer)
     if memory not in MEMORY_MODES:
         raise ValueError(f"ELRA: memory must be one of {MEMORY_MODES}, got {memory!r}")
     if state_dtype is not None and memory != "standard":
@@ -97,6 +95,16 @@ def check_memory(
             "ELRA: reuse_grad_buffer swaps the flat gradient and G_{t-1} buffers: it "
             "needs flat=True and memory='standard'"
         )
+
+
+def check_flag(name: str, value: Any, allow_none: bool = False) -> bool | None:
+    """A bool option (or None where it means "choose for me"): a truthy string or an int
+    is not a flag (``"no"`` would switch it on). Returns the value."""
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        raise TypeError(
+            f"ELRA: {name} must be True or False{' or None' if allow_none else ''}, got {value!r}"
+        )
+    return value
 
 
 def check_offload_chunk(chunk: Any) -> None:
@@ -131,8 +139,13 @@ def warn_without_process_group() -> None:
         )
 
 
+#: The first param group's slot for ELRA's control state (``loading.keep_group_slot``):
+#: groups taken from another ELRA (``ELRA(opt.param_groups)``) carry it, and drop it.
+STATE_KEY = "elra_control"
+
+
 def check_group_keys(param_group: dict[str, Any]) -> None:
-    unknown = set(param_group) - PER_GROUP_KEYS
+    unknown = set(param_group) - PER_GROUP_KEYS - {STATE_KEY}
     if unknown:
         raise ValueError(
             f"ELRA: param group keys {sorted(unknown)} are not supported; a group may set "
@@ -143,7 +156,7 @@ def check_group_keys(param_group: dict[str, Any]) -> None:
         check_wd(param_group["wd"])
     if "weight_decay" in param_group:
         check_weight_decay(param_group["weight_decay"])
-        if "wd" in param_group and param_group["wd"] != 1.0 - param_group["weight_decay"]:
+        if "wd" in param_group and not decays_agree(param_group["wd"], param_group["weight_decay"]):
             raise ValueError(
                 f"ELRA: a param group gives wd={param_group['wd']!r} and weight_decay="
                 f"{param_group['weight_decay']!r}; they are one setting (wd = 1 - "
@@ -214,7 +227,9 @@ class DecaySync:
     ``wd``. Each :meth:`sync` takes the one that changed since the last sync it saw for
     that group and writes the other to match, so a step decays by what was asked and the
     group -- and the state dict saved from it -- never holds two decays. Both changed
-    apart, or a group it has not seen (loaded, added) holding two decays, is an error.
+    apart is an error. The optimizer syncs without checking (``strict=False``) after a
+    load and after ``add_param_group``, whose group dicts are new: they are then seen
+    as loaded or added.
     """
 
     def __init__(self, param_groups: list[dict[str, Any]]) -> None:
@@ -236,7 +251,7 @@ class DecaySync:
                 wd_kept = known and _unchanged(wd, last[1])
                 decay_kept = known and _unchanged(weight_decay, last[2])
                 try:
-                    if _same_decay(wd, weight_decay):
+                    if decays_agree(wd, weight_decay):
                         pass
                     elif wd_kept and not decay_kept:
                         check_weight_decay(weight_decay)
@@ -271,11 +286,20 @@ def _unchanged(value: Any, before: Any) -> bool:
     )
 
 
-def _same_decay(wd: Any, weight_decay: Any) -> bool:
-    """Do ``wd`` and ``weight_decay`` say the same (as a group built from one holds)?"""
+def decays_agree(wd: Any, weight_decay: Any) -> bool:
+    """Do ``wd`` and ``weight_decay`` say the same, ``wd = 1 - weight_decay``? Up to the
+    rounding of that subtraction (``1 - (1 - 0.3)`` is not 0.3 in floats): a pair one was
+    computed from, or typed as decimals, agrees."""
     return (
-        isinstance(wd, _NUMBERS) and isinstance(weight_decay, _NUMBERS) and wd == 1.0 - weight_decay
+        isinstance(wd, _NUMBERS)
+        and isinstance(weight_decay, _NUMBERS)
+        and abs(wd - (1.0 - weight_decay)) <= DECAY_AGREEMENT
     )
+
+
+#: How far ``wd`` and ``1 - weight_decay`` may differ and still be one setting: a few
+#: float64 roundings of numbers <= 1 (decays that far apart are the same to any step).
+DECAY_AGREEMENT = 1e-12
 
 
 #: The Python numbers a group setting holds (a tensor or a str is never "the same").
@@ -313,6 +337,8 @@ def group_param_list(param_group: dict[str, Any], group_index: int) -> dict[str,
     checking that no tensor is listed twice: torch only warns, and a twice-listed tensor
     would be stepped twice per step (or alias itself in a flat buffer). torch's
     ``weight_decay`` becomes ``wd = 1 - weight_decay`` (the key stays)."""
+    if STATE_KEY in param_group:  # another ELRA's group: its slot is not a setting
+        param_group = {k: v for k, v in param_group.items() if k != STATE_KEY}
     if "weight_decay" in param_group and "wd" not in param_group:
         param_group = {**param_group, "wd": 1.0 - param_group["weight_decay"]}
     params = param_group.get("params")
@@ -405,11 +431,12 @@ def check_state_dtype(
     """G_{t-1} is kept in each parameter's dtype (``state_dtype=None``) or compact in
     bfloat16: the kernels read it in one of those (fp32 state for bf16 parameters, or
     fp16 state for fp32 ones, they do not take). A ``state_dtype`` equal to a
-    parameter's own dtype is the default for it."""
+    parameter's own dtype is the default for it. Frozen parameters too: one unfrozen later
+    joins with a G_{t-1} in ``state_dtype``."""
     if state_dtype is None or state_dtype == torch.bfloat16:
         return
     for param_index, param in enumerate(params):
-        if param.requires_grad and param.dtype != state_dtype:
+        if param.dtype != state_dtype:
             name = describe(group_index, param_index, param)
             raise ValueError(
                 f"ELRA: state_dtype={state_dtype} cannot hold G_{{t-1}} of {name} "

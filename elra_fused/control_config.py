@@ -139,9 +139,11 @@ class ControlConfig:
         gain = self.kappa_gain
         if not (isinstance(gain, (int, float)) and 0 <= gain < float("inf")):
             raise ValueError(f"ELRA: kappa_gain must be finite and >= 0, got {gain!r}")
-        if self.step_crop is not None and not self.step_crop > 0:
-            raise ValueError(f"ELRA: step_crop must be > 0 or None, got {self.step_crop!r}")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+        crop = self.step_crop
+        if crop is not None and (isinstance(crop, bool) or not crop > 0):
+            raise ValueError(f"ELRA: step_crop must be > 0 or None, got {crop!r}")
+        steps = self.warmup_steps
+        if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 0):
             raise ValueError(f"ELRA: warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if self.initial_retrace_factor is not None and not self.initial_retrace_factor >= 1:
             raise ValueError(
@@ -153,7 +155,8 @@ class ControlConfig:
         if not (isinstance(self.sigma_inflation, (int, float)) and 1.0 <= self.sigma_inflation):
             raise ValueError(f"ELRA: sigma_inflation must be >= 1, got {self.sigma_inflation!r}")
         limit = self.max_grad_norm
-        if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+        number = isinstance(limit, (int, float)) and not isinstance(limit, bool)
+        if limit is not None and not (number and limit > 0):
             raise ValueError(f"ELRA: max_grad_norm must be > 0 or None, got {limit!r}")
         step = self.retrace_min_step
         if not (isinstance(step, (int, float)) and 0.0 <= step < float("inf")):

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 #: The state dict entry of everything ELRA keeps beyond torch's ``state`` and
 #: ``param_groups``: the control state, the step within the cycle, the config, ...
-STATE_KEY = "elra_control"
+STATE_KEY = checks.STATE_KEY
 PREFIX = "ELRA.load_state_dict:"
 #: Param group keys torch's ``Optimizer`` writes itself: ``param_names`` (torch >= 2.6,
 #: for an optimizer built from ``model.named_parameters()``). torch's loader keeps the
@@ -481,6 +481,7 @@ def apply_plan(opt: ELRA, plan: LoadPlan, torch_load: Callable[[dict[str, Any]],
     try:
         torch_load(plan.torch_state)
         keep_group_slot(opt.param_groups)  # torch's loader put the saved groups in place
+        opt._decay.sync(opt.param_groups, strict=False)  # new group dicts: seen as loaded
         opt.layout.load_state(opt.state, opt.param_groups)
         opt._law.load(plan.control)
         if opt.retrace_buffers is not None:

@@ -176,7 +176,7 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
             else ListLayout(state_dtype, self.backend, ops.SUPPORTED_DTYPES)
         )
         self._add_to_layout(range(len(self.param_groups)))
-        if compile_control is None:
+        if checks.check_flag("compile_control", compile_control, allow_none=True) is None:
             compile_control = self._device.type == "cuda"
         self._law = ControlRunner(
             config, self._device, host=self._device.type == "cpu", compiled=compile_control
@@ -208,6 +208,7 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
             checks.check_new_group(self.param_groups)  # its parameters, and group 0's lr
             if hasattr(self, "layout"):  # a group added after construction
                 self._add_to_layout(range(group_index, group_index + 1))
+                self._decay.sync(self.param_groups, strict=False)  # its decay, as added
         except BaseException:  # also an allocation failing in the layout, or a Ctrl-C
             self.param_groups.pop()
             raise
@@ -250,7 +251,7 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
 
     @host_control.setter
     def host_control(self, value: bool) -> None:
-        self._law.host = bool(value)
+        self._law.host = checks.check_flag("host_control", value)
 
     @property
     def compile_control(self) -> bool:
@@ -259,7 +260,7 @@ class ELRA(copying.CopyableOptimizer, torch.optim.Optimizer):
 
     @compile_control.setter
     def compile_control(self, value: bool) -> None:
-        self._law.compiled = bool(value)
+        self._law.compiled = checks.check_flag("compile_control", value)
 
     @property
     def config(self) -> ControlConfig:

@@ -323,6 +323,10 @@ def test_a_group_with_another_lr_is_refused_when_added() -> None:
         ({"gamma_max": 0.5}, ValueError),
         ({"kappa_gain": float("inf")}, ValueError),
         ({"alpha0": True}, ValueError),
+        ({"warmup_steps": True}, ValueError),
+        ({"step_crop": True}, ValueError),
+        ({"max_grad_norm": True}, ValueError),
+        ({"compile_control": "no"}, TypeError),
     ],
 )
 def test_options_of_the_wrong_kind_are_refused(kwargs: dict, error: type) -> None:
@@ -387,3 +391,64 @@ def test_a_refused_constructor_leaves_the_model_as_it_was(kwargs: dict, bad_grou
         elra_fused.ELRA(groups, backend="cpp", **kwargs)
     assert [p.data_ptr() for p in params] == pointers
     assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("after", ["load_state_dict", "add_param_group", "deepcopy"])
+def test_a_scheduled_weight_decay_is_followed_after_a_load_an_add_or_a_copy(after: str) -> None:
+    """The groups' decay is followed from the first step after a resume, an added group
+    or a copy, whose group dicts are new (the edit was refused as two decays, forever)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = elra_fused.ELRA([{"params": [model.weight], "weight_decay": 0.01}])
+    loss = model(torch.randn(3, 4)).pow(2).mean()
+    loss.backward()
+    opt.step(loss)
+    if after == "load_state_dict":
+        fresh = elra_fused.ELRA([{"params": [model.weight], "weight_decay": 0.01}])
+        fresh.load_state_dict(opt.state_dict())
+        opt = fresh
+    elif after == "add_param_group":
+        opt.add_param_group({"params": [model.bias], "weight_decay": 0.01})
+    else:
+        model, opt = copy.deepcopy((model, opt))
+    for group in opt.param_groups:
+        group["weight_decay"] = 0.02  # the schedule's next value
+    opt.zero_grad()
+    loss = model(torch.randn(3, 4)).pow(2).mean()
+    loss.backward()
+    opt.step(loss)
+    assert all(group["wd"] == 1.0 - 0.02 for group in opt.param_groups)
+    opt.param_groups[0]["wd"] = 0.3  # ELRA's own key: weight_decay follows, and the
+    opt.step(loss)  # state (1 - (1 - 0.3) is not 0.3 in floats) still loads
+    elra_fused.ELRA(opt.param_groups).load_state_dict(opt.state_dict())
+
+
+def test_groups_of_another_elra_build_a_new_one() -> None:
+    """``ELRA(opt.param_groups)``: the first group's control-state slot is not a setting
+    (it was refused as an unknown key)."""
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    opt = elra_fused.ELRA([{"params": params[:1]}, {"params": params[1:], "wd": 0.9}])
+    again = elra_fused.ELRA(opt.param_groups)
+    assert [g["wd"] for g in again.param_groups] == [1.0, 0.9]
+
+
+def test_state_dtype_covers_frozen_parameters() -> None:
+    """A frozen parameter may be unfrozen later, when its G_{t-1} is made in state_dtype:
+    a dtype the kernels cannot take for it is refused at construction (a bf16 part
+    unfrozen later failed every step in the kernel)."""
+    frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16), requires_grad=False)
+    with pytest.raises(ValueError, match="state_dtype"):
+        elra_fused.ELRA([torch.nn.Parameter(torch.ones(3)), frozen], state_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", ["compile_control", "host_control"])
+def test_law_switches_are_bools(name: str) -> None:
+    """compile_control / host_control take True or False ("no" would switch them on)."""
+    opt = elra_fused.ELRA([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(TypeError, match=name):
+        setattr(opt, name, "no")
+    if name == "compile_control":
+        with pytest.raises(TypeError, match=name):
+            elra_fused.ELRA([torch.nn.Parameter(torch.ones(2))], compile_control=0)
