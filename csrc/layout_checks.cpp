@@ -63,7 +63,9 @@ PlainListStep plain_list_step(const std::vector<at::Tensor>& params,
       // the loop copies it.
       if (g.is_alias_of(param)) return false;
       // A second step without backward: the gradient is last step's G_{t-1} itself.
-      return g.const_data_ptr() != prev->const_data_ptr();
+      // (Empty tensors all have a null address: nothing to keep apart; an FSDP2 rank
+      // whose local shard of a parameter is empty stays on the one-call path.)
+      return g.numel() == 0 || g.const_data_ptr() != prev->const_data_ptr();
     }();
     if (!plain) {
       out.first_not_plain = static_cast<int64_t>(i);

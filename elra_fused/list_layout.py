@@ -174,11 +174,16 @@ class ListLayout:
                 if (
                     grad.dtype != dtype
                     or not _same_order(grad, param, contiguous)
-                    or (
-                        grad_prev is not None
-                        and _storage_ptr(grad, sharded) == _storage_ptr(grad_prev, sharded)
+                    or (  # (empty tensors share the null address: nothing to keep apart)
+                        grad.numel() > 0
+                        and (
+                            (
+                                grad_prev is not None
+                                and _storage_ptr(grad, sharded) == _storage_ptr(grad_prev, sharded)
+                            )
+                            or _same_storage(grad, param, sharded)
+                        )
                     )
-                    or _same_storage(grad, param, sharded)
                 ):
                     # Rare: a gradient assigned by hand (in another dtype or order, or the
                     # parameter's own memory: w.grad = w.detach()), or a second step

@@ -199,6 +199,8 @@ PLAIN_CASES = {
     "frozen group first": dict(groups=[(0.9, [0]), (1.0, [1, 2]), (0.9, [3])], frozen=[0]),
     "compact state": dict(state_dtype=torch.bfloat16),
     "view gradients": dict(view_grads=True),
+    # an empty parameter (an FSDP2 rank's empty local shard looks the same): null address
+    "zero-size parameter": dict(empty=True),
 }
 
 
@@ -213,6 +215,8 @@ def test_the_one_call_check_gathers_what_the_full_loop_gathers(
     if BACKENDS[0] == "reference":
         pytest.skip("the one-call check is part of the C++ extension")
     model = make_model()
+    if spec.get("empty"):
+        model.register_parameter("empty", torch.nn.Parameter(torch.zeros(0)))
     params = list(model.parameters())
     for i in spec.get("frozen", []):
         params[i].requires_grad_(False)
@@ -225,6 +229,8 @@ def test_the_one_call_check_gathers_what_the_full_loop_gathers(
     forward_backward(model, *data(), 3)
     for i in spec.get("unused", []):
         params[i].grad = None
+    if spec.get("empty"):
+        model.empty.grad = torch.zeros(0)
     if spec.get("view_grads"):
         trainable = [p for p in params if p.grad is not None]
         buffer = torch.cat([p.grad.reshape(-1) for p in trainable])
