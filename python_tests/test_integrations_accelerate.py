@@ -157,3 +157,18 @@ def test_accelerate_save_state_resumes_bit_identically(tmp_path: Any) -> None:
     resumed, resumed_opt = _epochs_with_state(1, load_from=tmp_path / "state")
     assert same_parameters(full, resumed), max_difference(full, resumed)
     assert resumed_opt.alpha == full_opt.alpha
+
+
+def test_backward_refuses_a_loss_elra_cannot_record_before_back_propagating() -> None:
+    """A loss ELRA could not judge (not a scalar) fails before accelerator.backward, so
+    no gradient is written by a call that then fails; another optimizer is left alone."""
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    model, opt = accelerator.prepare(model, ELRA(model.parameters()))
+    loss = model(torch.ones(4, 3))  # (4, 2): forgot the reduction
+    with pytest.raises(ValueError, match="scalar"):
+        backward(accelerator, loss, opt)
+    assert all(p.grad is None for p in model.parameters())
+    adam = torch.optim.Adam(model.parameters())
+    backward(accelerator, loss.sum(), adam)  # not an ELRA: only the backward
+    assert all(p.grad is not None for p in model.parameters())

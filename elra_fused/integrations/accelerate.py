@@ -25,6 +25,7 @@ from typing import Any
 import accelerate
 import torch
 
+from .. import checks
 from . import end_cycle, record_loss, unwrap_elra
 
 __all__ = ["backward", "record_loss", "end_cycle", "unwrap_elra"]
@@ -41,5 +42,7 @@ def backward(
     DeepSpeed divides by its own accumulation steps inside ``backward``, which accelerate
     sets to the same number, so the recorded loss is right there too.
     """
+    if unwrap_elra(optimizer) is not None:  # a loss ELRA cannot record: before backward
+        checks.check_loss(loss, caller="elra_fused.integrations.accelerate.backward")
     accelerator.backward(loss, **kwargs)
     record_loss(optimizer, loss.detach() / accelerator.gradient_accumulation_steps)
