@@ -240,8 +240,9 @@ class DecaySync:
     def sync(self, param_groups: list[dict[str, Any]], strict: bool = True) -> None:
         """Reconcile the two keys of every group and check each decay (a step: before
         anything moves). ``strict=False`` (``state_dict``): reconcile what can be, raise
-        nothing -- saving never fails; loading checks what was saved."""
-        seen = []
+        nothing -- saving never fails; loading checks what was saved. Every group is
+        checked before any is written: a refused decay leaves all groups as they were."""
+        writes: list[tuple[dict[str, Any], str, float]] = []
         for index, group in enumerate(param_groups):
             wd = group["wd"]
             if "weight_decay" in group:
@@ -255,10 +256,11 @@ class DecaySync:
                         pass
                     elif wd_kept and not decay_kept:
                         check_weight_decay(weight_decay)
-                        wd = group["wd"] = 1.0 - weight_decay
+                        wd = 1.0 - weight_decay
+                        writes.append((group, "wd", wd))
                     elif decay_kept:
                         _check_group_wd(index, wd)
-                        group["weight_decay"] = 1.0 - wd
+                        writes.append((group, "weight_decay", 1.0 - wd))
                     else:
                         check_group_keys({"wd": wd, "weight_decay": weight_decay})
                 except ValueError:
@@ -266,8 +268,9 @@ class DecaySync:
                         raise
             if strict:
                 _check_group_wd(index, wd)
-            seen.append((group, group["wd"], group.get("weight_decay")))
-        self.seen = seen
+        for group, key, value in writes:
+            group[key] = value
+        self.seen = [(group, group["wd"], group.get("weight_decay")) for group in param_groups]
 
 
 def _check_group_wd(index: int, wd: Any) -> None:
@@ -457,22 +460,24 @@ def not_dense(name: str, param: torch.Tensor) -> ValueError:
 
 # ------------------------------------------------------------------ gradients
 def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Reject gradients ELRA cannot use, naming the parameter; changes nothing."""
+    """Reject gradients ELRA cannot use in any layout, naming the parameter; changes
+    nothing: another layout than strided (sparse COO, CSR, ...), complex, another shape,
+    another device."""
     if grad.is_sparse:
         raise ValueError(f"ELRA: {name} has a sparse gradient; ELRA needs dense gradients")
+    if grad.layout != torch.strided:
+        raise ValueError(f"ELRA: {name} has a {grad.layout} gradient; ELRA needs dense gradients")
     if grad.is_complex():
         raise ValueError(f"ELRA: {name} has a complex gradient; ELRA supports real parameters only")
     if grad.shape != param.shape:
         raise ValueError(f"ELRA: {name} has a gradient of shape {tuple(grad.shape)}")
+    if grad.device != param.device:
+        raise ValueError(f"ELRA: {name} is on {param.device} but its gradient on {grad.device}")
 
 
 def reject_list_grad(name: str, param: torch.Tensor, backend: str) -> None:
     """Raise the error that fits a gradient the per-parameter layout cannot take."""
-    check_grad(name, param, param.grad)  # sparse, complex, wrong shape
-    if param.grad.device != param.device:
-        raise ValueError(
-            f"ELRA: {name} is on {param.device} but its gradient on {param.grad.device}"
-        )
+    check_grad(name, param, param.grad)  # layout, complex, shape, device
     raise ValueError(
         f"ELRA: {name} now has dtype {param.dtype}, which backend {backend!r} does "
         "not support (float32, bfloat16, float16)"

@@ -215,16 +215,11 @@ def check_gradient(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
     """Whether a flat buffer can take ``grad`` (allocated outside it) as ``param``'s
     gradient, else the clear error that names the parameter; changes nothing.
 
-    The checks every layout shares (:func:`elra_fused.checks.check_grad`: sparse, complex,
-    shape), then what copying into the buffer needs: a dense (strided) layout -- the
-    shared check knows sparse COO, not CSR / CSC / BSR --, the parameter's device and a
-    floating dtype (another one is cast by the copy, as the per-parameter layout does).
+    The checks every layout shares (:func:`elra_fused.checks.check_grad`: layout,
+    complex, shape, device), then what copying into the buffer needs: a floating dtype
+    (another one is cast by the copy, as the per-parameter layout does).
     """
     check_grad(name, param, grad)
-    if grad.layout != torch.strided:
-        raise ValueError(f"ELRA: {name} has a {grad.layout} gradient; ELRA needs dense gradients")
-    if grad.device != param.device:
-        raise ValueError(f"ELRA: {name} is on {param.device} but its gradient on {grad.device}")
     if not grad.is_floating_point():
         raise ValueError(
             f"ELRA: {name} has a gradient of dtype {grad.dtype}; ELRA needs floating-point "
